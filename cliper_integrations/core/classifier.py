@@ -1,0 +1,269 @@
+"""The token-level preference classifier: log p_cls(c | prefix, x) for candidate next tokens x.
+
+One head, two sources of the prefix's hidden state:
+
+* ``shared``: the base model's own final hidden state, tapped from the forward pass that decoding
+  already runs, so no second transformer runs (the fast path);
+* ``separate``: any Hugging Face causal LM that shares the base model's tokenizer (the paper's setup:
+  a small model steering a large one), run incrementally on exactly the tokens being generated.
+
+The head combines the prefix state h with the candidate's input embedding e(x)::
+
+    log p_cls(· | prefix, x) = log_softmax(W_out · LayerNorm(GELU(W_h h + W_e e(x) + b)))
+
+Saved as ``classifier.safetensors`` (head only) plus ``classifier.json`` (config); never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from cliper_integrations.core.errors import ModelResolutionError, VocabularyMismatchError
+from cliper_integrations.core.models import LoadedModel, load_model
+
+CONFIG_FILE = "classifier.json"
+WEIGHTS_FILE = "classifier.safetensors"
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 of the token -> id mapping: equal fingerprints mean token ids mean the same thing."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+class ClassifierConfig(BaseModel):
+    """Everything needed to rebuild a classifier next to its safetensors weights."""
+
+    kind: Literal["shared", "separate"]
+    classes: list[str] = Field(min_length=2)
+    hidden_size: int
+    embedding_size: int
+    head_size: int = 256
+    tokenizer_fingerprint: str
+    backbone: str | None = Field(default=None, description="model spec of a separate backbone")
+    base_model: str | None = Field(default=None, description="name of the model it was trained to steer")
+    format_version: int = 1
+
+
+class PreferenceHead(nn.Module):
+    """The small MLP that scores (prefix state, candidate embedding) pairs for every class."""
+
+    def __init__(self, hidden_size: int, embedding_size: int, head_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.prefix_proj = nn.Linear(hidden_size, head_size)
+        self.candidate_proj = nn.Linear(embedding_size, head_size, bias=False)
+        self.norm = nn.LayerNorm(head_size)
+        self.out = nn.Linear(head_size, num_classes)
+
+    def forward(self, prefix_hidden: torch.Tensor, projected_candidates: torch.Tensor) -> torch.Tensor:
+        """``prefix_hidden`` [..., H] and projected candidates [..., N, D] -> class log-probs [..., N, K]."""
+        joint = self.prefix_proj(prefix_hidden).unsqueeze(-2) + projected_candidates
+        return torch.log_softmax(self.out(self.norm(nn.functional.gelu(joint))).float(), dim=-1)
+
+
+_TAP_LOCAL = threading.local()
+_TAPPED_MODELS: set[int] = set()
+_TAP_LOCK = threading.Lock()
+
+
+def _capture_lm_head_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    if getattr(_TAP_LOCAL, "active", False):
+        _TAP_LOCAL.hidden = args[0][:, -1, :]
+
+
+@dataclass
+class BackboneState:
+    """Per-call state of one decoding run: the separate backbone's cache and how far it has read."""
+
+    incremental: bool = True
+    cache: DynamicCache | None = None
+    consumed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class PreferenceClassifier(nn.Module):
+    """Scores candidate next tokens for every preference class; see the module docstring."""
+
+    def __init__(self, config: ClassifierConfig, backbone: PreTrainedModel, head: PreferenceHead | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.head = head or PreferenceHead(
+            config.hidden_size, config.embedding_size, config.head_size, len(config.classes)
+        )
+        self._projected_vocab: tuple[tuple[int, ...], torch.Tensor] | None = None
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(False)
+
+    @classmethod
+    def create(
+        cls,
+        base: LoadedModel,
+        classes: list[str],
+        kind: Literal["shared", "separate"] = "shared",
+        backbone: LoadedModel | None = None,
+        head_size: int = 256,
+        seed: int = 0,
+    ) -> PreferenceClassifier:
+        """A freshly initialised classifier for ``base`` (train it before use)."""
+        if kind == "separate" and backbone is None:
+            raise ValueError("A separate-backbone classifier needs a backbone model")
+        source = base if kind == "shared" else backbone
+        assert source is not None
+        check_vocabulary(tokenizer_fingerprint(source.tokenizer), base.tokenizer)
+        torch.manual_seed(seed)
+        config = ClassifierConfig(
+            kind=kind,
+            classes=list(classes),
+            hidden_size=source.model.config.hidden_size,
+            embedding_size=source.model.get_input_embeddings().embedding_dim,
+            head_size=head_size,
+            tokenizer_fingerprint=tokenizer_fingerprint(base.tokenizer),
+            backbone=None if kind == "shared" else source.spec,
+            base_model=base.name,
+        )
+        return cls(config, source.model)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config.classes
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    # --- prefix state -------------------------------------------------------------------------
+
+    @contextmanager
+    def tap(self, model: PreTrainedModel):
+        """While active in this thread, remember the base model's final hidden state of each forward.
+
+        The hook is registered once per model and writes to thread-local storage, so concurrent calls
+        in other threads neither see nor disturb this call's state.
+        """
+        with _TAP_LOCK:
+            if id(model) not in _TAPPED_MODELS:
+                model.get_output_embeddings().register_forward_pre_hook(_capture_lm_head_input)
+                _TAPPED_MODELS.add(id(model))
+        _TAP_LOCAL.active, _TAP_LOCAL.hidden = True, None
+        try:
+            yield
+        finally:
+            _TAP_LOCAL.active, _TAP_LOCAL.hidden = False, None
+
+    def prefix_hidden(self, state: BackboneState, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's final hidden state after reading ``input_ids`` (left-padded) [B, H]."""
+        if self.kind == "shared" and state.incremental and getattr(_TAP_LOCAL, "active", False):
+            tapped = _TAP_LOCAL.hidden
+            if tapped is None or tapped.shape[0] != input_ids.shape[0]:
+                raise RuntimeError("No hidden state was tapped from the base model for this step")
+            return tapped.float()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if not state.incremental:
+            return self._backbone_last_hidden(input_ids, attention_mask, position_ids, None)
+        if state.cache is None:
+            state.cache = DynamicCache(config=self.backbone.config)
+        new = slice(state.consumed, input_ids.shape[1])
+        hidden = self._backbone_last_hidden(input_ids[:, new], attention_mask, position_ids[:, new], state.cache)
+        state.consumed = input_ids.shape[1]
+        return hidden
+
+    @torch.no_grad()
+    def _backbone_last_hidden(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        outputs = self.backbone.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        return outputs.last_hidden_state[:, -1, :].float()
+
+    # --- scoring ------------------------------------------------------------------------------
+
+    def _candidate_table(self) -> torch.Tensor:
+        return self.backbone.get_input_embeddings().weight
+
+    def _projected_vocabulary(self) -> torch.Tensor:
+        """W_e e(x) for the whole vocabulary, cached until the head's weights change."""
+        weight = self.head.candidate_proj.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._projected_vocab is None or self._projected_vocab[0] != key:
+            with torch.no_grad():
+                self._projected_vocab = (key, self.head.candidate_proj(self._candidate_table().float()))
+        return self._projected_vocab[1]
+
+    def log_probs(self, prefix_hidden: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """log p_cls(c | prefix, x): [B, N, K] for candidate ids [B, N], or [B, V, K] when None."""
+        if candidates is None:
+            projected = self._projected_vocabulary().unsqueeze(0)
+        else:
+            projected = self.head.candidate_proj(self._candidate_table()[candidates].float())
+        return self.head(prefix_hidden.float(), projected)
+
+    def sequence_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """For each position t, log p_cls(c | tokens ≤ t, token t+1): [B, T-1, K] (training and measuring)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            hidden = self.backbone.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).last_hidden_state.float()
+        return self.token_log_probs(hidden[:, :-1], input_ids[:, 1:])
+
+    def token_log_probs(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """Class log-probs for observed (hidden state, next token) pairs: [..., K]."""
+        projected = self.head.candidate_proj(self._candidate_table()[next_ids].float()).unsqueeze(-2)
+        return self.head(hidden, projected).squeeze(-2)
+
+    # --- persistence --------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.head.state_dict().items()}
+        save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        (folder / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, base: LoadedModel, backbone: LoadedModel | None = None) -> PreferenceClassifier:
+        """Load a saved classifier to steer ``base``; refuse one built for another vocabulary."""
+        folder = Path(folder)
+        config_path = folder / CONFIG_FILE
+        if not config_path.is_file():
+            raise ModelResolutionError(f"No classifier at {folder} (missing {CONFIG_FILE})")
+        config = ClassifierConfig.model_validate_json(config_path.read_text())
+        check_vocabulary(config.tokenizer_fingerprint, base.tokenizer)
+        if config.kind == "shared":
+            source = base.model
+        else:
+            backbone = backbone or load_model(config.backbone or "")
+            check_vocabulary(config.tokenizer_fingerprint, backbone.tokenizer)
+            source = backbone.model
+        head = PreferenceHead(config.hidden_size, config.embedding_size, config.head_size, len(config.classes))
+        head.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        if source.config.hidden_size != config.hidden_size:
+            raise VocabularyMismatchError(
+                f"Classifier expects hidden size {config.hidden_size}, backbone has {source.config.hidden_size}"
+            )
+        return cls(config, source, head).eval()
+
+
+def check_vocabulary(fingerprint: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    if fingerprint != tokenizer_fingerprint(tokenizer):
+        raise VocabularyMismatchError(
+            "The classifier was trained for a different tokenizer than the base model's; "
+            "token ids would mean different things. Train a classifier for this model with `cliper train`."
+        )

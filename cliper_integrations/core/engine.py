@@ -1,0 +1,422 @@
+"""``CLIPerEngine``: one loaded model + classifier serving batched, streamed, per-row-guided generation.
+
+Heavy objects (model, tokenizer, classifier) are loaded once and shared; everything that belongs to a
+call (weights, the classifier's cache, stop state) lives in that call, so threads never share state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from cliper_integrations.core.classifier import PreferenceClassifier
+from cliper_integrations.core.errors import (
+    CLIPerError,
+    InvalidWeightError,
+    NoClassifierError,
+    PromptTooLongError,
+)
+from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
+from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, load_model
+from cliper_integrations.core.preferences import DEFAULT_CLASSES, validate_weights
+from cliper_integrations.core.prompting import Message, as_messages, render_chat, with_preference_request
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLASSIFIER = "default"
+PACKAGED_CLASSIFIERS = Path(__file__).resolve().parent.parent / "classifiers"
+
+
+class WeightsSource(Protocol):
+    """Anything that maps a user id to guidance weights (``PreferenceMemory`` does)."""
+
+    def weights(self, user_id: str) -> dict[str, float] | None: ...
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt and how to answer it. ``weights`` override the user's stored preferences."""
+
+    prompt: str | Sequence[Message]
+    weights: Mapping[str, float] | None = None
+    user_id: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    guidance: bool = True
+    preference_prompt: bool = False
+    tools: Sequence[Mapping[str, Any]] | None = None
+
+    def sampling_key(self) -> tuple:
+        return (self.temperature > 0, self.temperature, self.top_p, self.seed)
+
+
+@dataclass
+class GenerationResult:
+    """The answer to one request, with what was used to produce it."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: Literal["stop", "length", "error"] = "stop"
+    weights: dict[str, float] = field(default_factory=dict)
+    weights_source: str = "none"
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    error: CLIPerError | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class _PreparedRow:
+    request: GenerationRequest
+    result: GenerationResult
+    prompt_ids: list[int]
+
+
+class _RowStopCriteria(StoppingCriteria):
+    """Per-row ``max_new_tokens`` and stop strings of any token length; remembers where each row stopped."""
+
+    def __init__(self, tokenizer, prompt_length: int, rows: list[_PreparedRow]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.max_new = [row.request.max_new_tokens for row in rows]
+        self.stops = [tuple(s for s in row.request.stop if s) for row in rows]
+        # A token holds at least one character, so this many trailing tokens cover any stop string.
+        self.windows = [max((len(s) for s in stops), default=0) + 2 for stops in self.stops]
+        self.stopped_at: list[int | None] = [None] * len(rows)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_length
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, stops in enumerate(self.stops):
+            if self.stopped_at[row] is not None:
+                done[row] = True
+                continue
+            hit = generated >= self.max_new[row]
+            if stops and not hit:
+                tail = self.tokenizer.decode(input_ids[row, -min(self.windows[row], generated):])
+                hit = any(stop in tail for stop in stops)
+            if hit:
+                self.stopped_at[row] = generated
+                done[row] = True
+        return done
+
+
+class _TokenQueueStreamer(BaseStreamer):
+    """Receives generated token ids (batch of one) and hands them to the consuming thread."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[list[int] | None] = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first sends the prompt
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class TextStream:
+    """Iterates text deltas as they are produced; ``result`` is set once iteration has finished.
+
+    The concatenated deltas always equal ``result.text``, stop strings and end tokens included.
+    """
+
+    def __init__(self, engine: CLIPerEngine, request: GenerationRequest) -> None:
+        self._engine = engine
+        self._request = request
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        row = self._engine._prepare(self._request)
+        if row.result.error is not None:
+            raise row.result.error
+        streamer = _TokenQueueStreamer()
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                self._engine._run_group([row], streamer=streamer)
+            except BaseException as error:  # re-raised in the consuming thread
+                outcome["error"] = error
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        tokens: list[int] = []
+        emitted = ""
+        stops = [s for s in self._request.stop if s]
+        holdback = max((len(s) for s in stops), default=1) - 1
+        eos = set(self._engine.eos_token_ids)
+        while (chunk := streamer.queue.get()) is not None:
+            if any(token in eos for token in chunk):
+                continue
+            tokens.extend(chunk)
+            text = self._engine.decode(tokens)
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            safe = text[:cut] if cut >= 0 else text[: max(len(text) - holdback, 0)]
+            if safe.endswith("\ufffd"):  # half of a multi-byte character
+                continue
+            if len(safe) > len(emitted):
+                yield safe[len(emitted) :]
+                emitted = safe
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        self.result = row.result
+        if row.result.error is not None:
+            raise row.result.error
+        if row.result.text.startswith(emitted) and len(row.result.text) > len(emitted):
+            yield row.result.text[len(emitted) :]
+
+
+class CLIPerEngine:
+    """Loads a base model and its preference classifier once and generates guided answers.
+
+    Args:
+        model: ``"embedded"`` (default), a Hugging Face id, a local folder, a ``.gguf`` file, or a
+            ``LoadedModel``.
+        classifier: ``"default"`` (the packaged classifier for the model, if any), a folder saved by
+            ``PreferenceClassifier.save``, a ``PreferenceClassifier``, or None for no guidance.
+        memory: where per-user weights come from when a request names a user and no weights.
+        top_k: candidates the classifier scores per step (None: the whole vocabulary).
+        overflow: prompts longer than the context window are ``"truncate"``-d from the left (with a
+            warning in the result) or ``"refuse"``-d with ``PromptTooLongError``.
+        max_batch_size: rows per ``generate`` call.
+    """
+
+    def __init__(
+        self,
+        model: str | LoadedModel = EMBEDDED_SPEC,
+        classifier: str | Path | PreferenceClassifier | None = DEFAULT_CLASSIFIER,
+        memory: WeightsSource | None = None,
+        top_k: int | None = 32,
+        overflow: Literal["truncate", "refuse"] = "truncate",
+        max_batch_size: int = 16,
+    ) -> None:
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        self.classifier = self._resolve_classifier(classifier)
+        self.memory = memory
+        self.top_k = top_k
+        self.overflow = overflow
+        self.max_batch_size = max_batch_size
+        tokenizer = self.loaded.tokenizer
+        eos = self.loaded.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id]
+        self.eos_token_ids: list[int] = [int(token) for token in eos if token is not None]
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.classifier.classes) if self.classifier else DEFAULT_CLASSES
+
+    def _resolve_classifier(self, spec: str | Path | PreferenceClassifier | None) -> PreferenceClassifier | None:
+        if spec is None or isinstance(spec, PreferenceClassifier):
+            return spec
+        if str(spec) == DEFAULT_CLASSIFIER:
+            folder = default_classifier_path(self.loaded)
+            return PreferenceClassifier.load(folder, self.loaded) if folder else None
+        return PreferenceClassifier.load(spec, self.loaded)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # --- public API --------------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> GenerationResult:
+        """Answer one prompt; raises the request's error if it was refused."""
+        request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(prompt, **options)
+        result = self.generate_batch([request])[0]
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Answer many requests, each with its own weights, batching rows that sample alike.
+
+        A bad request gets a result with ``error`` set; the other rows are answered as usual.
+        """
+        rows = [self._prepare(request) for request in requests]
+        groups: dict[tuple, list[_PreparedRow]] = {}
+        for row in rows:
+            if row.result.error is None:
+                groups.setdefault(row.request.sampling_key(), []).append(row)
+        for group in groups.values():
+            for start in range(0, len(group), self.max_batch_size):
+                self._run_group(group[start : start + self.max_batch_size])
+        return [row.result for row in rows]
+
+    def stream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> TextStream:
+        """Stream one answer as text deltas; see ``TextStream``."""
+        request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(prompt, **options)
+        return TextStream(self, request)
+
+    async def agenerate(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> GenerationResult:
+        """``generate`` in a worker thread, so the event loop keeps running."""
+        return await asyncio.to_thread(self.generate, prompt, **options)
+
+    async def astream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> AsyncIterator[str]:
+        """``stream`` whose blocking steps run in a worker thread."""
+        iterator = iter(self.stream(prompt, **options))
+        done = object()
+        while (delta := await asyncio.to_thread(next, iterator, done)) is not done:
+            yield delta
+
+    def resolve_weights(self, weights: Mapping[str, float] | None, user_id: str | None) -> tuple[dict[str, float], str]:
+        """The weights a request runs with and where they came from: explicit, memory, or none."""
+        if weights is not None:
+            return validate_weights(weights, self.classes), "explicit"
+        if user_id is not None and self.memory is not None:
+            stored = self.memory.weights(user_id)
+            if stored:
+                return validate_weights(stored, self.classes), "memory"
+            return {}, "none: no stored preferences for this user"
+        return {}, "none"
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _prepare(self, request: GenerationRequest) -> _PreparedRow:
+        result = GenerationResult()
+        row = _PreparedRow(request, result, [])
+        try:
+            if request.max_new_tokens < 1:
+                raise InvalidWeightError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+            if not (request.temperature >= 0 and math.isfinite(request.temperature)):
+                raise InvalidWeightError(f"temperature must be finite and >= 0, got {request.temperature}")
+            weights, source = self.resolve_weights(request.weights, request.user_id)
+            messages = as_messages(request.prompt)
+            if request.preference_prompt:
+                messages = with_preference_request(messages, weights)
+            if not request.guidance:
+                weights, source = {}, "none: guidance off for this call"
+            if any(weights.values()) and self.classifier is None:
+                raise NoClassifierError(
+                    f"Guidance weights were given, but there is no preference classifier for "
+                    f"{self.loaded.name}. Train one with `cliper data generate` and `cliper train`, "
+                    "then pass it with --classifier PATH (or classifier=PATH)."
+                )
+            result.weights, result.weights_source = weights, source
+            text = render_chat(self.tokenizer, messages, request.tools)
+            row.prompt_ids = self._fit_context(self.tokenizer(text, add_special_tokens=False)["input_ids"], row)
+        except CLIPerError as error:
+            result.error, result.finish_reason = error, "error"
+        return row
+
+    def _fit_context(self, ids: list[int], row: _PreparedRow) -> list[int]:
+        limit = self.loaded.context_window - row.request.max_new_tokens
+        if len(ids) <= limit:
+            return ids
+        if self.overflow == "refuse" or limit < 1:
+            raise PromptTooLongError(
+                f"The prompt has {len(ids)} tokens; with max_new_tokens={row.request.max_new_tokens} "
+                f"only {max(limit, 0)} fit the context window of {self.loaded.context_window}"
+            )
+        message = f"Prompt truncated from the left: {len(ids)} tokens, kept the last {limit}"
+        warnings.warn(message, stacklevel=4)
+        row.result.warnings.append(message)
+        return ids[-limit:]
+
+    def _run_group(self, rows: list[_PreparedRow], streamer: BaseStreamer | None = None) -> None:
+        """One ``generate`` call for rows that share sampling settings."""
+        started = time.perf_counter()
+        width = max(len(row.prompt_ids) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):  # left padding
+            input_ids[index, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
+            attention_mask[index, width - len(row.prompt_ids) :] = 1
+        first = rows[0].request
+        stop_criteria = _RowStopCriteria(self.tokenizer, width, rows)
+        processors = []
+        weights = self._weight_matrix(rows)
+        if weights is not None:
+            assert self.classifier is not None
+            processors.append(
+                ClassifierGuidedLogitsProcessor(
+                    self.classifier, weights, attention_mask, top_k=self.top_k, always_include=self.eos_token_ids
+                )
+            )
+        sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
+        tap = self.classifier.tap(self.model) if processors and self.classifier.kind == "shared" else nullcontext()
+        with tap, torch.inference_mode():
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max(row.request.max_new_tokens for row in rows),
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([stop_criteria]),
+                pad_token_id=self.pad_token_id,
+                eos_token_id=self.eos_token_ids,
+                streamer=streamer,
+                **(sampling if first.temperature > 0 else {"do_sample": False}),
+            )
+        seconds = time.perf_counter() - started
+        for index, row in enumerate(rows):
+            self._finish(row, output[index, width:].tolist(), stop_criteria.stopped_at[index], seconds)
+            row.result.prompt_tokens = len(row.prompt_ids)
+
+    def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
+        if self.classifier is None or not any(any(row.result.weights.values()) for row in rows):
+            return None
+        order = {name: index for index, name in enumerate(self.classifier.classes)}
+        matrix = torch.zeros((len(rows), len(order)))
+        for index, row in enumerate(rows):
+            for name, value in row.result.weights.items():
+                matrix[index, order[name]] = value
+        return matrix
+
+    def _finish(self, row: _PreparedRow, generated: list[int], stopped_at: int | None, seconds: float) -> None:
+        """Cut the row at its end token, stop point or stop string, and fill in its result."""
+        end = len(generated) if stopped_at is None else stopped_at
+        eos_hit = next((i for i, token in enumerate(generated[:end]) if token in self.eos_token_ids), None)
+        tokens = generated[: eos_hit + 1] if eos_hit is not None else generated[:end]
+        text = self.decode(tokens)
+        stops = [s for s in row.request.stop if s and s in text]
+        if stops:
+            text = text[: min(text.find(s) for s in stops)]
+        result = row.result
+        result.text = text
+        result.completion_tokens = len(tokens)
+        result.finish_reason = "stop" if eos_hit is not None or stops else "length"
+        result.seconds = seconds
+
+
+def default_classifier_path(loaded: LoadedModel) -> Path | None:
+    """The packaged classifier for ``loaded``, if one ships with the package."""
+    folder = PACKAGED_CLASSIFIERS / loaded.name
+    return folder if (folder / "classifier.json").is_file() else None

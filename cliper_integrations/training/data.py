@@ -1,0 +1,116 @@
+"""Build the classifier's training data the paper's way: ask the base model for each class in plain words.
+
+Each (instruction, class) pair is answered by the base model with the class's request appended; the
+classifier is later trained on (instruction *without* the request, response), so at inference it must
+recognise the style from the text alone. Generation is batched per class, seeded and resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.preferences import DEFAULT_CLASSES
+from cliper_integrations.core.prompting import with_preference_request
+
+REFUSAL = re.compile(
+    r"^\W*(i'?m sorry|i am sorry|sorry, but|i can(?:no|')t (?:assist|help|comply|provide|do)|"
+    r"i cannot (?:assist|help|comply|provide|fulfill)|as an ai\b|i'm unable to|i am unable to)",
+    re.IGNORECASE,
+)
+
+
+def is_refusal(text: str) -> bool:
+    """True for answers that decline the task instead of doing it in the requested style."""
+    return bool(REFUSAL.search(text.strip())) or not text.strip()
+
+
+def instruction_text(record: dict) -> str:
+    """The user turn for an Alpaca record: the instruction, then its input if any."""
+    extra = (record.get("input") or "").strip()
+    return f"{record['instruction'].strip()}\n\n{extra}" if extra else record["instruction"].strip()
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+@dataclass
+class DataGenerationConfig:
+    instructions: Path
+    output: Path
+    num_instructions: int = 300
+    classes: Sequence[str] = DEFAULT_CLASSES
+    max_new_tokens: int = 160
+    batch_size: int = 16
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+
+
+def select_instructions(config: DataGenerationConfig) -> list[dict]:
+    """A seeded random choice of instructions, the same on every run (so resuming continues it)."""
+    records = list(read_jsonl(config.instructions))
+    random.Random(config.seed).shuffle(records)
+    return records[: config.num_instructions]
+
+
+def generate_dataset(engine: CLIPerEngine, config: DataGenerationConfig) -> Counter:
+    """Append one JSON line per (instruction, class) to ``config.output``, skipping pairs already there.
+
+    Returns counts of what was written this run: ``written``, ``refusals``, ``truncated``.
+    """
+    done = set()
+    if config.output.exists():
+        done = {(row["id"], row["class"]) for row in read_jsonl(config.output)}
+    chosen = select_instructions(config)
+    todo = [(record, name) for record in chosen for name in config.classes if (record["id"], name) not in done]
+    counts: Counter = Counter()
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    with config.output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="Generating", unit="resp") as bar:
+        for start in range(0, len(chosen), config.batch_size):
+            chunk = chosen[start : start + config.batch_size]
+            for name in config.classes:
+                batch = [record for record in chunk if (record["id"], name) not in done]
+                if not batch:
+                    continue
+                requests = [
+                    GenerationRequest(
+                        with_preference_request([{"role": "user", "content": instruction_text(r)}], {name: 1.0}),
+                        max_new_tokens=config.max_new_tokens,
+                        temperature=config.temperature,
+                        top_p=config.top_p,
+                        seed=config.seed * 100_003 + start * 7 + config.classes.index(name),
+                        guidance=False,
+                    )
+                    for r in batch
+                ]
+                for record, result in zip(batch, engine.generate_batch(requests), strict=True):
+                    row = {
+                        "id": record["id"],
+                        "instruction": record["instruction"],
+                        "input": record.get("input") or "",
+                        "class": name,
+                        "response": result.text,
+                        "new_tokens": result.completion_tokens,
+                        "truncated": result.finish_reason == "length",
+                        "refusal": is_refusal(result.text),
+                        "model": engine.loaded.name,
+                    }
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    counts.update(written=1, refusals=int(row["refusal"]), truncated=int(row["truncated"]))
+                out.flush()
+                bar.update(len(batch))
+                bar.set_postfix(refusals=counts["refusals"])
+    return counts

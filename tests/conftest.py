@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.tiny import build_tokenizer, tiny_classifier, tiny_loaded
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def base(tokenizer):
+    return tiny_loaded("tiny-base", seed=0, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def shared_classifier(base):
+    return tiny_classifier(base, "shared")
+
+
+@pytest.fixture(scope="session")
+def separate_backbone(tokenizer):
+    return tiny_loaded("tiny-backbone", seed=7, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def separate_classifier(base, separate_backbone):
+    return tiny_classifier(base, "separate", backbone=separate_backbone, seed=2)
+
+
+@pytest.fixture(params=["shared", "separate"])
+def classifier(request, shared_classifier, separate_classifier):
+    return shared_classifier if request.param == "shared" else separate_classifier
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Keep every test's cache (models, memory databases) out of the user's folders."""
+    monkeypatch.setenv("CLIPER_CACHE_DIR", str(tmp_path / "cache"))

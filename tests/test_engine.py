@@ -1,0 +1,204 @@
+"""CLIPerEngine on tiny random models: batching, per-row weights, streaming, stops, threads, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.errors import (
+    ClassNotInClassifierError,
+    EmptyPromptError,
+    InvalidWeightError,
+    NoClassifierError,
+    PromptTooLongError,
+    UnknownClassError,
+)
+from tests.tiny import tiny_loaded
+
+PROMPTS = ["Explain rain to a child", "Hi", "What is the capital of France?"]
+
+
+@pytest.fixture
+def engine(base, classifier):
+    return CLIPerEngine(base, classifier=classifier, top_k=8)
+
+
+def texts(results):
+    return [r.text for r in results]
+
+
+def test_zero_weights_reproduce_unguided_output(base, engine):
+    plain = CLIPerEngine(base, classifier=None)
+    for options in ({}, {"temperature": 0.9, "top_p": 0.8, "seed": 3}):
+        unguided = plain.generate_batch([GenerationRequest(p, max_new_tokens=12, **options) for p in PROMPTS])
+        zero = engine.generate_batch(
+            [GenerationRequest(p, weights={"concise": 0, "friendly": 0}, max_new_tokens=12, **options) for p in PROMPTS]
+        )
+        assert texts(zero) == texts(unguided)
+        assert [r.completion_tokens for r in zero] == [r.completion_tokens for r in unguided]
+
+
+def test_guidance_changes_output_and_reports_weights(engine):
+    unguided = engine.generate(PROMPTS[0], max_new_tokens=12)
+    guided = engine.generate(PROMPTS[0], weights={"P2A": 8}, max_new_tokens=12)
+    assert guided.text != unguided.text
+    assert guided.weights == {"concise": 8.0} and guided.weights_source == "explicit"
+
+
+def test_rows_of_a_batch_do_not_affect_each_other(engine):
+    first = engine.generate_batch(
+        [GenerationRequest(PROMPTS[0], weights={"expert": 6}, max_new_tokens=10),
+         GenerationRequest(PROMPTS[1], weights={"friendly": 6}, max_new_tokens=10)]
+    )
+    second = engine.generate_batch(
+        [GenerationRequest(PROMPTS[0], weights={"expert": 6}, max_new_tokens=10),
+         GenerationRequest(PROMPTS[1], weights={"unfriendly": 9, "concise": 3}, max_new_tokens=10)]
+    )
+    assert first[0].text == second[0].text
+    assert first[1].text != second[1].text
+
+
+def test_left_padding_changes_nothing(engine):
+    weights = {"elementary": 5}
+    alone = engine.generate(PROMPTS[1], weights=weights, max_new_tokens=10)
+    batched = engine.generate_batch(
+        [GenerationRequest(PROMPTS[1], weights=weights, max_new_tokens=10),
+         GenerationRequest(PROMPTS[0] * 4, weights={"expert": 2}, max_new_tokens=10)]
+    )
+    assert batched[0].text == alone.text
+
+
+def test_sampling_with_a_seed_is_reproducible(engine):
+    options = {"weights": {"informative": 3}, "temperature": 0.8, "top_p": 0.9, "seed": 11, "max_new_tokens": 12}
+    assert engine.generate(PROMPTS[0], **options).text == engine.generate(PROMPTS[0], **options).text
+
+
+def test_streamed_text_equals_generated_text(engine):
+    for options in ({"weights": {"concise": 4}}, {"stop": ["e"]}, {"stop": ["the capital", "zz"]}, {}):
+        whole = engine.generate(PROMPTS[2], max_new_tokens=16, **options)
+        stream = engine.stream(PROMPTS[2], max_new_tokens=16, **options)
+        assert "".join(stream) == whole.text
+        assert stream.result.completion_tokens == whole.completion_tokens
+
+
+def test_stop_strings_of_any_token_length(base, engine):
+    reference = engine.generate(PROMPTS[0], max_new_tokens=24).text
+    assert len(reference) > 12
+    for stop in (reference[8], reference[5:9], reference[6:14]):
+        result = engine.generate(PROMPTS[0], max_new_tokens=24, stop=[stop])
+        assert result.text == reference[: reference.find(stop)]
+        assert result.finish_reason == "stop"
+        assert result.completion_tokens < 24
+
+
+def test_max_new_tokens_and_usage(base, engine):
+    results = engine.generate_batch(
+        [GenerationRequest(PROMPTS[0], max_new_tokens=3), GenerationRequest(PROMPTS[0], max_new_tokens=9)]
+    )
+    prompt_tokens = len(base.tokenizer(f"<|im_start|>user\n{PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    assert results[0].completion_tokens <= 3 and results[1].completion_tokens <= 9
+    assert results[0].prompt_tokens == results[1].prompt_tokens == prompt_tokens
+    if results[0].finish_reason == "length":
+        assert results[0].completion_tokens == 3
+    assert results[0].total_tokens == results[0].prompt_tokens + results[0].completion_tokens
+
+
+def test_concurrent_calls_from_threads_match_sequential(engine):
+    requests = [GenerationRequest(p, weights=w, max_new_tokens=10)
+                for p in PROMPTS for w in ({}, {"expert": 4}, {"friendly": 3, "concise": 2})]
+    sequential = [engine.generate(r).text for r in requests]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda r: engine.generate(r).text, requests))
+    assert concurrent == sequential
+
+
+def test_async_generate_and_stream(engine):
+    async def run():
+        whole = await engine.agenerate(PROMPTS[0], weights={"expert": 2}, max_new_tokens=10)
+        parts = [delta async for delta in engine.astream(PROMPTS[0], weights={"expert": 2}, max_new_tokens=10)]
+        return whole.text, "".join(parts)
+
+    whole, streamed = asyncio.run(run())
+    assert whole == streamed
+
+
+@pytest.mark.parametrize(
+    ("weights", "error"),
+    [
+        ({"verbose": 1}, UnknownClassError),
+        ({"concise": -1}, InvalidWeightError),
+        ({"concise": math.nan}, InvalidWeightError),
+        ({"concise": math.inf}, InvalidWeightError),
+        ({"concise": "lots"}, InvalidWeightError),
+    ],
+)
+def test_bad_weights_fail_their_row_only(engine, weights, error):
+    good = GenerationRequest(PROMPTS[0], weights={"expert": 2}, max_new_tokens=8)
+    results = engine.generate_batch([good, GenerationRequest(PROMPTS[1], weights=weights), good])
+    assert isinstance(results[1].error, error) and results[1].finish_reason == "error"
+    assert results[0].error is None and results[0].text == results[2].text == engine.generate(good).text
+    with pytest.raises(error):
+        engine.generate(PROMPTS[1], weights=weights)
+
+
+def test_empty_prompt_is_refused(engine):
+    for prompt in ("", "   ", []):
+        with pytest.raises(EmptyPromptError):
+            engine.generate(prompt)
+
+
+def test_weight_for_a_class_the_classifier_lacks(base):
+    from cliper_integrations.core.classifier import PreferenceClassifier
+
+    two_class = PreferenceClassifier.create(base, ["concise", "informative"], head_size=8)
+    engine = CLIPerEngine(base, classifier=two_class)
+    with pytest.raises(ClassNotInClassifierError, match="concise, informative"):
+        engine.generate(PROMPTS[0], weights={"friendly": 1})
+    assert engine.generate(PROMPTS[0], weights={"P2A": 1}, max_new_tokens=4).weights == {"concise": 1.0}
+
+
+def test_guidance_without_classifier_says_how_to_get_one(base):
+    engine = CLIPerEngine(base, classifier=None)
+    with pytest.raises(NoClassifierError, match="cliper train"):
+        engine.generate(PROMPTS[0], weights={"concise": 1})
+    assert engine.generate(PROMPTS[0], weights={"concise": 0}, max_new_tokens=4).error is None
+
+
+def test_overlong_prompt_truncates_from_the_left_or_is_refused(tokenizer, shared_classifier):
+    small = tiny_loaded("tiny-small-context", seed=0, tokenizer=tokenizer, context=64)
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    engine = CLIPerEngine(small, classifier=None)
+    with pytest.warns(UserWarning, match="truncated from the left"):
+        result = engine.generate(long_prompt, max_new_tokens=8)
+    assert result.prompt_tokens == 56 and result.warnings
+    refusing = CLIPerEngine(small, classifier=None, overflow="refuse")
+    results = refusing.generate_batch([GenerationRequest(long_prompt), GenerationRequest("Hi", max_new_tokens=4)])
+    assert isinstance(results[0].error, PromptTooLongError)
+    assert results[1].error is None
+
+
+def test_preference_prompt_writes_the_request_into_the_prompt(engine):
+    plain = engine.generate(PROMPTS[0], weights={"concise": 1}, max_new_tokens=2)
+    prompted = engine.generate(PROMPTS[0], weights={"concise": 1}, max_new_tokens=2, preference_prompt=True)
+    assert prompted.prompt_tokens > plain.prompt_tokens + 5
+
+
+def test_system_message_folded_when_template_has_no_system_role(base, shared_classifier):
+    from cliper_integrations.core.prompting import render_chat
+
+    tokenizer = base.tokenizer
+    original = tokenizer.chat_template
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    try:
+        text = render_chat(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    finally:
+        tokenizer.chat_template = original
+    assert "Be brief.\n\nHi" in text and "system" not in text

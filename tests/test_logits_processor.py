@@ -1,0 +1,148 @@
+"""Each required property of ClassifierGuidedLogitsProcessor, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
+from cliper_integrations.core.prompting import render_chat
+
+
+def prompt_batch(base, prompts):
+    """Left-padded ids and mask for chat prompts."""
+    tokenizer = base.tokenizer
+    ids = [tokenizer(render_chat(tokenizer, [{"role": "user", "content": p}]))["input_ids"] for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return input_ids, mask
+
+
+def next_scores(base, input_ids, mask):
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return base.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+
+
+def weights(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+class Recorder:
+    """Wraps a processor in ``generate`` and keeps each step's inputs and outputs."""
+
+    def __init__(self, processor):
+        self.processor, self.steps = processor, []
+
+    def __call__(self, input_ids, scores):
+        out = self.processor(input_ids, scores)
+        self.steps.append((input_ids.clone(), scores.clone(), out.clone()))
+        return out
+
+
+def test_zero_weights_return_the_unguided_logits_exactly(base, classifier):
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Hi"])
+    scores = next_scores(base, input_ids, mask)
+    processor = ClassifierGuidedLogitsProcessor(classifier, torch.zeros(2, 6), mask, top_k=None)
+    assert torch.equal(processor(input_ids, scores), scores)
+    mixed = ClassifierGuidedLogitsProcessor(classifier, weights([0] * 6, [0, 0, 3, 0, 0, 0]), mask, top_k=8)
+    out = mixed(input_ids, scores)
+    assert torch.equal(out[0], scores[0])
+    assert not torch.allclose(out[1], torch.log_softmax(scores[1], -1))
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_each_row_depends_only_on_its_own_weights(base, classifier, top_k):
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Hi there", "Paris?"])
+    scores = next_scores(base, input_ids, mask)
+    first = ClassifierGuidedLogitsProcessor(
+        classifier, weights([2, 0, 0, 0, 0, 0], [0, 0, 5, 0, 0, 0], [0] * 6), mask, top_k=top_k
+    )(input_ids, scores)
+    second = ClassifierGuidedLogitsProcessor(
+        classifier, weights([2, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 9], [1, 1, 1, 1, 1, 1]), mask, top_k=top_k
+    )(input_ids, scores)
+    torch.testing.assert_close(first[0], second[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(first[1], second[1])
+    assert not torch.allclose(first[2], second[2])
+
+
+def test_guidance_follows_the_formula(base, classifier):
+    input_ids, mask = prompt_batch(base, ["Explain rain"])
+    scores = next_scores(base, input_ids, mask)
+    alpha = weights([0.5, 0, 2, 0, 1, 0])
+    out = ClassifierGuidedLogitsProcessor(classifier, alpha, mask, top_k=None, incremental=False)(input_ids, scores)
+    from cliper_integrations.core.classifier import BackboneState
+
+    hidden = classifier.prefix_hidden(BackboneState(incremental=False), input_ids, mask)
+    log_cls = classifier.log_probs(hidden)[:, : scores.shape[-1]]
+    expected = torch.log_softmax(torch.log_softmax(scores, -1) + (log_cls * alpha[:, None]).sum(-1), -1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(out.exp().sum(-1), torch.ones(1))
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_incremental_state_matches_recomputing_from_scratch(base, classifier, top_k):
+    input_ids, mask = prompt_batch(base, ["Explain rain to a child", "Hi"])
+    alpha = weights([1, 0, 2, 0, 0, 0], [0, 3, 0, 0, 0, 1])
+    incremental = Recorder(ClassifierGuidedLogitsProcessor(classifier, alpha, mask, top_k=top_k))
+    tap = classifier.tap(base.model) if classifier.kind == "shared" else torch.no_grad()
+    with tap:
+        base.model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+            logits_processor=[incremental], pad_token_id=base.tokenizer.pad_token_id, eos_token_id=[],
+        )
+    assert len(incremental.steps) == 8
+    scratch = ClassifierGuidedLogitsProcessor(classifier, alpha, mask, top_k=top_k, incremental=False)
+    for step_ids, step_scores, step_out in incremental.steps:
+        expected = scratch(step_ids, step_scores)
+        finite = torch.isfinite(expected)
+        assert torch.equal(finite, torch.isfinite(step_out))
+        torch.testing.assert_close(step_out[finite], expected[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_top_k_mode_agrees_with_full_vocabulary_on_the_candidates(base, classifier):
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Hi there"])
+    scores = next_scores(base, input_ids, mask)
+    alpha = weights([1, 0, 2, 0, 0, 0], [0, 0, 0, 4, 0, 0])
+    full = ClassifierGuidedLogitsProcessor(classifier, alpha, mask, top_k=None)(input_ids, scores)
+    top = ClassifierGuidedLogitsProcessor(classifier, alpha, mask, top_k=10, always_include=[3])(input_ids, scores)
+    for row in range(2):
+        candidates = torch.isfinite(top[row]).nonzero().squeeze(-1)
+        assert len(candidates) in (10, 11) and 3 in candidates.tolist()
+        assert set(scores[row].topk(10).indices.tolist()) <= set(candidates.tolist())
+        renormalized = torch.log_softmax(full[row, candidates], -1)
+        torch.testing.assert_close(top[row, candidates], renormalized, rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_masking_keeps_greedy_choice_for_small_weights(base, classifier):
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Hi there", "Paris?"])
+    scores = next_scores(base, input_ids, mask)
+    small = torch.full((3, 6), 1e-3)
+    full = ClassifierGuidedLogitsProcessor(classifier, small, mask, top_k=None)(input_ids, scores)
+    top = ClassifierGuidedLogitsProcessor(classifier, small, mask, top_k=4)(input_ids, scores)
+    assert torch.equal(full.argmax(-1), scores.argmax(-1))
+    assert torch.equal(top.argmax(-1), scores.argmax(-1))
+
+
+@pytest.mark.parametrize("alpha", [1e4, 1e30, 1e38])
+def test_no_row_becomes_all_inf_or_nan(base, classifier, alpha):
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Hi there"])
+    scores = next_scores(base, input_ids, mask)
+    scores[0, 5:] = float("-inf")  # an earlier processor left only five tokens in row 0
+    for top_k in (None, 8):
+        out = ClassifierGuidedLogitsProcessor(classifier, torch.full((2, 6), alpha), mask, top_k=top_k)(
+            input_ids, scores
+        )
+        assert not torch.isnan(out).any()
+        assert torch.isfinite(out).any(dim=-1).all()
+
+
+def test_rejects_malformed_weights(base, shared_classifier):
+    _, mask = prompt_batch(base, ["Hi"])
+    for bad in (torch.zeros(1, 5), torch.tensor([[float("nan")] * 6]), -torch.ones(1, 6)):
+        with pytest.raises(ValueError):
+            ClassifierGuidedLogitsProcessor(shared_classifier, bad, mask)

@@ -1,0 +1,82 @@
+"""Tiny, randomly initialised models and tokenizers built in-process: no downloads, seconds to make."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from cliper_integrations.core.classifier import PreferenceClassifier
+from cliper_integrations.core.models import LoadedModel, register_model
+from cliper_integrations.core.preferences import DEFAULT_CLASSES
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Explain photosynthesis to a child: plants eat sunlight and make sugar.",
+    "In thermodynamics, entropy quantifies the number of accessible microstates.",
+    "Keep it short. Thanks, friend! That was hilarious and warm.",
+    "Go away. Not interested. Answer: no.",
+    "Write a haiku about rain falling on the roof at night.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Python lists, dictionaries and sets are built-in containers.",
+    "END STOP ### Observation: done. 0123456789",
+]
+
+
+def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences, with a ChatML template."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS * 5, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, context: int = 256) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def tiny_loaded(spec: str = "tiny-base", seed: int = 0, tokenizer=None, context: int = 256) -> LoadedModel:
+    tokenizer = tokenizer or build_tokenizer()
+    loaded = LoadedModel(spec, spec, build_model(tokenizer, seed, context), tokenizer, "in-memory")
+    register_model(loaded)
+    return loaded
+
+
+def tiny_classifier(base: LoadedModel, kind: str = "shared", backbone: LoadedModel | None = None, seed: int = 1):
+    """A random classifier whose head is scaled up so that guidance visibly changes the output."""
+    classifier = PreferenceClassifier.create(
+        base, list(DEFAULT_CLASSES), kind=kind, backbone=backbone, head_size=16, seed=seed
+    )
+    with torch.no_grad():
+        classifier.head.out.weight.mul_(20)
+    return classifier.eval()
