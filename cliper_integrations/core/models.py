@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,7 @@ def _load_gguf(gguf_path: Path, key: str) -> tuple[PreTrainedModel, PreTrainedTo
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
             )
             bar.update(1)
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, IndexError, struct.error) as error:
         raise ModelResolutionError(f"{gguf_path} is not a GGUF file transformers can load: {error}") from error
     # transformers dequantizes GGUF tensors on load; drop the quantizer marker so they can be saved plainly.
     model.hf_quantizer = None

