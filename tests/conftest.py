@@ -36,6 +36,10 @@ def classifier(request, shared_classifier, separate_classifier):
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """Keep every test's cache (models, memory databases) out of the user's folders."""
-    monkeypatch.setenv("CLIPER_CACHE_DIR", str(tmp_path / "cache"))
+def isolated_cache(request, tmp_path, monkeypatch):
+    """Keep every test's cache (models, memory databases) out of the user's folders.
+
+    Tests on the embedded model keep the real cache, so its one-time assembly is paid once.
+    """
+    if request.node.get_closest_marker("embedded") is None:
+        monkeypatch.setenv("CLIPER_CACHE_DIR", str(tmp_path / "cache"))
