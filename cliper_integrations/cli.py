@@ -62,9 +62,11 @@ def generate(
     if (prompt is None) == (input is None):
         raise _fail(typer.BadParameter("give exactly one of --prompt and --input"))
     try:
-        prompts = [prompt] if prompt is not None else [
-            instruction_text(json.loads(line)) for line in input.read_text().splitlines() if line.strip()
-        ]
+        prompts = (
+            [prompt]
+            if prompt is not None
+            else [instruction_text(json.loads(line)) for line in input.read_text().splitlines() if line.strip()]
+        )
         weight_sets = [parse_weights(text) for text in weights] if weights else [None]
         engine = _engine(model, classifier)
         if user is not None:
@@ -75,8 +77,15 @@ def generate(
         raise _fail(error) from error
     requests = [
         GenerationRequest(
-            text, weights=weight_set, user_id=user, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, guidance=not no_guidance, preference_prompt=preference_prompt,
+            text,
+            weights=weight_set,
+            user_id=user,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            guidance=not no_guidance,
+            preference_prompt=preference_prompt,
         )
         for text in prompts
         for weight_set in weight_sets
@@ -86,8 +95,11 @@ def generate(
         failed |= result.error is not None
         if as_json:
             record = {
-                "prompt": request.prompt, "response": result.text, "new_tokens": result.completion_tokens,
-                "seconds": round(result.seconds, 3), "weights": result.weights,
+                "prompt": request.prompt,
+                "response": result.text,
+                "new_tokens": result.completion_tokens,
+                "seconds": round(result.seconds, 3),
+                "weights": result.weights,
             }
             if result.error is not None:
                 record["error"] = f"{type(result.error).__name__}: {result.error}"
@@ -130,8 +142,10 @@ def info(model: ModelOption = EMBEDDED_SPEC, classifier: ClassifierOption = "def
     import torch
     import transformers
 
-    typer.echo(f"cliper-integrations {version('cliper-integrations')}, torch {torch.__version__}, "
-               f"transformers {transformers.__version__}, Python {sys.version.split()[0]}")
+    typer.echo(
+        f"cliper-integrations {version('cliper-integrations')}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, Python {sys.version.split()[0]}"
+    )
     typer.echo(f"cache folder: {cache_dir()}")
     try:
         engine = _engine(model, classifier)
@@ -143,8 +157,9 @@ def info(model: ModelOption = EMBEDDED_SPEC, classifier: ClassifierOption = "def
         typer.echo("classifier: none (guidance unavailable; see `cliper train`)")
     else:
         config = engine.classifier.config
-        typer.echo(f"classifier: {config.kind} backbone, classes {', '.join(config.classes)}, "
-                   f"trained for {config.base_model}")
+        typer.echo(
+            f"classifier: {config.kind} backbone, classes {', '.join(config.classes)}, trained for {config.base_model}"
+        )
 
 
 @data_app.command("generate")
@@ -167,9 +182,14 @@ def data_generate(
         raise _fail(ValueError("evaluation sets are for measuring only, never for training data"))
     try:
         config = DataGenerationConfig(
-            instructions=instructions, output=output, num_instructions=num_instructions,
-            classes=tuple(canonical_class(name) for name in classes.split(",")), max_new_tokens=max_new_tokens,
-            batch_size=batch_size, temperature=temperature, seed=seed,
+            instructions=instructions,
+            output=output,
+            num_instructions=num_instructions,
+            classes=tuple(canonical_class(name) for name in classes.split(",")),
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            temperature=temperature,
+            seed=seed,
         )
         counts = generate_dataset(_engine(model, "none"), config)
     except CLIPerError as error:

@@ -40,7 +40,9 @@ def test_zero_weights_reproduce_unguided_output_token_for_token(embedded_engine)
 
 def test_guided_batch_with_different_weights_runs(embedded_engine):
     results = embedded_engine.generate_batch(
-        [GenerationRequest("Why is the sky blue?", weights={"concise": 3}, max_new_tokens=16),
-         GenerationRequest("Why is the sky blue?", weights={"informative": 3}, max_new_tokens=16)]
+        [
+            GenerationRequest("Why is the sky blue?", weights={"concise": 3}, max_new_tokens=16),
+            GenerationRequest("Why is the sky blue?", weights={"informative": 3}, max_new_tokens=16),
+        ]
     )
     assert all(r.error is None and r.text.strip() for r in results)

@@ -51,12 +51,16 @@ def test_guidance_changes_output_and_reports_weights(engine):
 
 def test_rows_of_a_batch_do_not_affect_each_other(engine):
     first = engine.generate_batch(
-        [GenerationRequest(PROMPTS[0], weights={"expert": 6}, max_new_tokens=10),
-         GenerationRequest(PROMPTS[1], weights={"friendly": 6}, max_new_tokens=10)]
+        [
+            GenerationRequest(PROMPTS[0], weights={"expert": 6}, max_new_tokens=10),
+            GenerationRequest(PROMPTS[1], weights={"friendly": 6}, max_new_tokens=10),
+        ]
     )
     second = engine.generate_batch(
-        [GenerationRequest(PROMPTS[0], weights={"expert": 6}, max_new_tokens=10),
-         GenerationRequest(PROMPTS[1], weights={"unfriendly": 9, "concise": 3}, max_new_tokens=10)]
+        [
+            GenerationRequest(PROMPTS[0], weights={"expert": 6}, max_new_tokens=10),
+            GenerationRequest(PROMPTS[1], weights={"unfriendly": 9, "concise": 3}, max_new_tokens=10),
+        ]
     )
     assert first[0].text == second[0].text
     assert first[1].text != second[1].text
@@ -66,8 +70,10 @@ def test_left_padding_changes_nothing(engine):
     weights = {"elementary": 5}
     alone = engine.generate(PROMPTS[1], weights=weights, max_new_tokens=10)
     batched = engine.generate_batch(
-        [GenerationRequest(PROMPTS[1], weights=weights, max_new_tokens=10),
-         GenerationRequest(PROMPTS[0] * 4, weights={"expert": 2}, max_new_tokens=10)]
+        [
+            GenerationRequest(PROMPTS[1], weights=weights, max_new_tokens=10),
+            GenerationRequest(PROMPTS[0] * 4, weights={"expert": 2}, max_new_tokens=10),
+        ]
     )
     assert batched[0].text == alone.text
 
@@ -99,7 +105,9 @@ def test_max_new_tokens_and_usage(base, engine):
     results = engine.generate_batch(
         [GenerationRequest(PROMPTS[0], max_new_tokens=3), GenerationRequest(PROMPTS[0], max_new_tokens=9)]
     )
-    prompt_tokens = len(base.tokenizer(f"<|im_start|>user\n{PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    prompt_tokens = len(
+        base.tokenizer(f"<|im_start|>user\n{PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    )
     assert results[0].completion_tokens <= 3 and results[1].completion_tokens <= 9
     assert results[0].prompt_tokens == results[1].prompt_tokens == prompt_tokens
     if results[0].finish_reason == "length":
@@ -108,8 +116,11 @@ def test_max_new_tokens_and_usage(base, engine):
 
 
 def test_concurrent_calls_from_threads_match_sequential(engine):
-    requests = [GenerationRequest(p, weights=w, max_new_tokens=10)
-                for p in PROMPTS for w in ({}, {"expert": 4}, {"friendly": 3, "concise": 2})]
+    requests = [
+        GenerationRequest(p, weights=w, max_new_tokens=10)
+        for p in PROMPTS
+        for w in ({}, {"expert": 4}, {"friendly": 3, "concise": 2})
+    ]
     sequential = [engine.generate(r).text for r in requests]
     with ThreadPoolExecutor(max_workers=4) as pool:
         concurrent = list(pool.map(lambda r: engine.generate(r).text, requests))

@@ -92,8 +92,13 @@ def test_incremental_state_matches_recomputing_from_scratch(base, classifier, to
     tap = classifier.tap(base.model) if classifier.kind == "shared" else torch.no_grad()
     with tap:
         base.model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-            logits_processor=[incremental], pad_token_id=base.tokenizer.pad_token_id, eos_token_id=[],
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=8,
+            do_sample=False,
+            logits_processor=[incremental],
+            pad_token_id=base.tokenizer.pad_token_id,
+            eos_token_id=[],
         )
     assert len(incremental.steps) == 8
     scratch = ClassifierGuidedLogitsProcessor(classifier, alpha, mask, top_k=top_k, incremental=False)

@@ -92,7 +92,9 @@ def test_classifier_for_another_vocabulary_is_refused(tmp_path, shared_classifie
     with pytest.raises(VocabularyMismatchError, match="different tokenizer"):
         PreferenceClassifier.load(folder, other)
     with pytest.raises(VocabularyMismatchError):
-        PreferenceClassifier.create(other, ["concise", "informative"], kind="separate", backbone=shared_classifier_base())
+        PreferenceClassifier.create(
+            other, ["concise", "informative"], kind="separate", backbone=shared_classifier_base()
+        )
 
 
 def shared_classifier_base():

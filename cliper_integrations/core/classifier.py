@@ -163,7 +163,9 @@ class PreferenceClassifier(nn.Module):
         finally:
             _TAP_LOCAL.active, _TAP_LOCAL.hidden = False, None
 
-    def prefix_hidden(self, state: BackboneState, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefix_hidden(
+        self, state: BackboneState, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The backbone's final hidden state after reading ``input_ids`` (left-padded) [B, H]."""
         if self.kind == "shared" and state.incremental and getattr(_TAP_LOCAL, "active", False):
             tapped = _TAP_LOCAL.hidden

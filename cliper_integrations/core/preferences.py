@@ -55,8 +55,9 @@ def canonical_class(name: str, known: Iterable[str] = DEFAULT_CLASSES) -> str:
     for candidate in known:
         if candidate.lower() == key.lower():
             return candidate
-    raise UnknownClassError(f"Unknown preference class {name!r}; known classes: {', '.join(known)} "
-                            f"(aliases {', '.join(ALIASES)})")
+    raise UnknownClassError(
+        f"Unknown preference class {name!r}; known classes: {', '.join(known)} (aliases {', '.join(ALIASES)})"
+    )
 
 
 def validate_weights(weights: Mapping[str, float], classes: Iterable[str] = DEFAULT_CLASSES) -> dict[str, float]:
