@@ -162,6 +162,48 @@ def info(model: ModelOption = EMBEDDED_SPEC, classifier: ClassifierOption = "def
         )
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="JSONL written by `cliper data generate`")] = Path(
+        "data/train_generations.jsonl"
+    ),
+    output: Annotated[Path, typer.Option(help="folder for classifier.safetensors, .json, metrics.json")] = Path(
+        "runs/classifier"
+    ),
+    model: ModelOption = EMBEDDED_SPEC,
+    backbone: Annotated[str | None, typer.Option(help="model spec of a separate backbone (default: shared)")] = None,
+    epochs: int = 40,
+    learning_rate: float = 2e-3,
+    head_size: int = 256,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+) -> None:
+    """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
+    from cliper_integrations.core.classifier import PreferenceClassifier
+    from cliper_integrations.core.models import load_model
+    from cliper_integrations.training.trainer import TrainConfig, train_classifier
+
+    config = TrainConfig(data=data, output=output, epochs=epochs, learning_rate=learning_rate,
+                         head_size=head_size, val_fraction=val_fraction, seed=seed)
+    try:
+        base = load_model(model)
+        classifier = None
+        if backbone is not None:
+            classifier = PreferenceClassifier.create(
+                base, list(config.classes), kind="separate", backbone=load_model(backbone), head_size=head_size,
+                seed=seed,
+            )
+        metrics = train_classifier(base, config, classifier)
+    except (CLIPerError, OSError) as error:
+        raise _fail(error) from error
+    validation = metrics["validation"]
+    typer.echo(f"validation: token accuracy {validation['token_accuracy']:.3f}, "
+               f"response accuracy {validation['response_accuracy']:.3f}")
+    for axis, values in validation["axes"].items():
+        typer.echo(f"  {axis:>9}: token {values['token_accuracy']:.3f}, response {values['response_accuracy']:.3f}")
+    typer.echo(f"saved to {output}")
+
+
 @data_app.command("generate")
 def data_generate(
     output: Annotated[Path, typer.Option(help="JSONL to append to")] = Path("data/train_generations.jsonl"),

@@ -1,0 +1,91 @@
+"""Data generation and classifier training on tiny models."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+from cliper_integrations.core.engine import CLIPerEngine
+from cliper_integrations.training.data import DataGenerationConfig, generate_dataset, is_refusal
+from cliper_integrations.training.trainer import TrainConfig, split_by_instruction, train_classifier
+
+STYLE_WORDS = {
+    "concise": ["Paris.", "No.", "Yes.", "Done."],
+    "informative": ["The quick brown fox jumps over the lazy dog in thermodynamics, entropy quantifies microstates."],
+}
+
+
+def test_refusals_are_detected():
+    assert is_refusal("I'm sorry, but I can't assist with that.")
+    assert is_refusal("I cannot help with that request.")
+    assert is_refusal("   ")
+    assert not is_refusal("Sorry to hear that! Here is a recipe: ...")
+    assert not is_refusal("The capital of France is Paris.")
+
+
+def test_data_generation_is_batched_seeded_and_resumable(tmp_path, base):
+    instructions = tmp_path / "instructions.jsonl"
+    instructions.write_text("".join(
+        json.dumps({"id": f"i{n}", "instruction": f"Say something about {word}", "input": ""}) + "\n"
+        for n, word in enumerate(["rain", "Paris", "foxes", "sets", "dogs"])
+    ))
+    engine = CLIPerEngine(base, classifier=None)
+    config = DataGenerationConfig(instructions, tmp_path / "out.jsonl", num_instructions=3,
+                                  classes=("concise", "friendly"), max_new_tokens=6, batch_size=2)
+    assert generate_dataset(engine, config)["written"] == 6
+    rows = [json.loads(line) for line in config.output.read_text().splitlines()]
+    assert {(r["id"], r["class"]) for r in rows} == {(i, c) for i in {r["id"] for r in rows} for c in config.classes}
+    assert all(r["new_tokens"] <= 6 and "refusal" in r for r in rows)
+    assert generate_dataset(engine, config)["written"] == 0  # resumed: nothing left to do
+    config.output.write_text("\n".join(config.output.read_text().splitlines()[:4]) + "\n")
+    assert generate_dataset(engine, config)["written"] == 2
+    again = tmp_path / "again.jsonl"
+    generate_dataset(engine, DataGenerationConfig(**{**config.__dict__, "output": again}))
+    assert sorted(again.read_text().splitlines()) == sorted(rows_as_lines(rows))
+
+
+def rows_as_lines(rows):
+    return [json.dumps(r, ensure_ascii=False) for r in rows]
+
+
+def test_split_keeps_each_instruction_on_one_side():
+    rows = [{"id": f"i{n}", "class": c} for n in range(20) for c in ("concise", "expert")]
+    train, val = split_by_instruction(rows, 0.25, seed=0)
+    assert {r["id"] for r in train}.isdisjoint({r["id"] for r in val})
+    assert len({r["id"] for r in val}) == 5
+
+
+def test_classifier_learns_a_separable_style(tmp_path, base):
+    rng = random.Random(0)
+    rows = []
+    for n in range(40):
+        for name in ("concise", "informative"):
+            words = STYLE_WORDS[name] * 2
+            rng.shuffle(words)
+            rows.append({"id": f"i{n}", "instruction": f"Question {n}?", "input": "", "class": name,
+                         "response": " ".join(words[:3]), "truncated": False, "refusal": False})
+    rows.append({**rows[0], "id": "i99", "response": "I'm sorry, but I can't assist.", "refusal": True})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = TrainConfig(data=data, output=tmp_path / "clf", classes=("concise", "informative"), epochs=60,
+                         head_size=32, learning_rate=1e-2, patience=10, dropout=0.0)
+    metrics = train_classifier(base, config)
+    assert metrics["data"]["refusals_dropped"] == 1
+    assert metrics["validation"]["response_accuracy"] >= 0.9
+    assert metrics["validation"]["axes"]["length"]["response_accuracy"] >= 0.9
+    assert (config.output / "classifier.safetensors").exists() and (config.output / "metrics.json").exists()
+    # the saved classifier steers: "concise" favours the short style's first token
+    from cliper_integrations.core.classifier import PreferenceClassifier
+
+    loaded = PreferenceClassifier.load(config.output, base)
+    first_tokens = torch.tensor([[base.tokenizer(w)["input_ids"][0] for w in ("Paris.", "The")]])
+    prompt = base.tokenizer(base.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Question 7?"}], tokenize=False, add_generation_prompt=True))["input_ids"]
+    from cliper_integrations.core.classifier import BackboneState
+
+    hidden = loaded.prefix_hidden(BackboneState(incremental=False), torch.tensor([prompt]),
+                                  torch.ones(1, len(prompt), dtype=torch.long))
+    scores = loaded.log_probs(hidden, first_tokens)[0]
+    assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
