@@ -1,0 +1,82 @@
+"""The `cliper` command on a tiny model saved to a folder (so the folder model spec is exercised too)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cliper_integrations.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, base):
+    folder = tmp_path_factory.mktemp("tiny-cli-model")
+    base.model.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def classifier_folder(tmp_path_factory, shared_classifier):
+    return str(shared_classifier.save(tmp_path_factory.mktemp("tiny-cli-classifier")))
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_generate_json_for_several_weight_sets(model_folder, classifier_folder):
+    result = run("generate", "--model", model_folder, "--classifier", classifier_folder, "--prompt", "Hi",
+                 "--weights", "concise=3", "--weights", "P1B=2,friendly=1", "--max-new-tokens", 6, "--json")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["weights"] for r in records] == [{"concise": 3.0}, {"expert": 2.0, "friendly": 1.0}]
+    assert all(set(r) == {"prompt", "response", "new_tokens", "seconds", "weights"} for r in records)
+    assert all(0 < r["new_tokens"] <= 6 for r in records)
+
+
+def test_generate_from_jsonl_input_and_row_errors(tmp_path, model_folder, classifier_folder):
+    lines = [{"prompt": "Hi"}, {"instruction": "Summarise", "input": "Foxes jump."}, {"instruction": ""}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n")
+    result = run("generate", "--model", model_folder, "--classifier", classifier_folder, "--input", path,
+                 "--max-new-tokens", 4, "--json", "--no-guidance", "--weights", "concise=1")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == ["Hi", "Summarise\n\nFoxes jump."]
+    assert all(r["weights"] == {} for r in records)
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    bad = run("generate", "--model", model_folder, "--input", path, "--json")
+    assert bad.exit_code == 2 and "EmptyPromptError" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("weights", "error"),
+    [("loud=1", "UnknownClassError"), ("concise=-2", "InvalidWeightError"), ("concise", "InvalidWeightError")],
+)
+def test_bad_weights_exit_with_a_clear_error(model_folder, classifier_folder, weights, error):
+    result = run("generate", "--model", model_folder, "--classifier", classifier_folder, "--prompt", "Hi",
+                 "--weights", weights)
+    assert result.exit_code == 2 and error in result.output
+
+
+def test_guidance_without_classifier(model_folder):
+    result = run("generate", "--model", model_folder, "--classifier", "none", "--prompt", "Hi", "--weights",
+                 "concise=1", "--max-new-tokens", 3)
+    assert result.exit_code == 1 and "NoClassifierError" in result.output and "cliper train" in result.output
+
+
+def test_info_and_bench(model_folder, classifier_folder):
+    info = run("info", "--model", model_folder, "--classifier", classifier_folder)
+    assert info.exit_code == 0, info.output
+    assert "shared backbone" in info.stdout and "cache folder" in info.stdout
+    bench = run("bench", "--model", model_folder, "--classifier", classifier_folder, "--max-new-tokens", 4,
+                "--repeats", 1, "--json")
+    assert bench.exit_code == 0, bench.output
+    figures = json.loads(bench.stdout.splitlines()[-1])
+    assert {"unguided_tok_s", "guided_tok_s", "ratio", "batch8_speedup", "peak_rss_mb"} <= set(figures)
+    assert figures["ratio"] == pytest.approx(figures["guided_tok_s"] / figures["unguided_tok_s"], rel=0.01)
