@@ -35,6 +35,16 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _record_prompt(record: dict) -> str:
+    """An input line's prompt; an unusable line becomes an empty prompt, refused on its own row."""
+    from cliper_integrations.core.prompting import instruction_text
+
+    try:
+        return instruction_text(record)
+    except CLIPerError:
+        return ""
+
+
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Option(help="the prompt")] = None,
@@ -57,7 +67,6 @@ def generate(
 ) -> None:
     """Answer prompts, guided by the given weights or by a user's stored preferences."""
     from cliper_integrations.core.engine import GenerationRequest
-    from cliper_integrations.core.prompting import instruction_text
 
     if (prompt is None) == (input is None):
         raise _fail(typer.BadParameter("give exactly one of --prompt and --input"))
@@ -65,7 +74,7 @@ def generate(
         prompts = (
             [prompt]
             if prompt is not None
-            else [instruction_text(json.loads(line)) for line in input.read_text().splitlines() if line.strip()]
+            else [_record_prompt(json.loads(line)) for line in input.read_text().splitlines() if line.strip()]
         )
         weight_sets = [parse_weights(text) for text in weights] if weights else [None]
         engine = _engine(model, classifier)

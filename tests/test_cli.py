@@ -50,8 +50,11 @@ def test_generate_from_jsonl_input_and_row_errors(tmp_path, model_folder, classi
     assert [r["prompt"] for r in records] == ["Hi", "Summarise\n\nFoxes jump."]
     assert all(r["weights"] == {} for r in records)
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    bad = run("generate", "--model", model_folder, "--input", path, "--json")
-    assert bad.exit_code == 2 and "EmptyPromptError" in bad.output
+    partly_bad = run("generate", "--model", model_folder, "--input", path, "--json", "--max-new-tokens", 3)
+    assert partly_bad.exit_code == 1
+    records = [json.loads(line) for line in partly_bad.stdout.splitlines()]
+    assert [("error" in r) for r in records] == [False, False, True]
+    assert "EmptyPromptError" in records[2]["error"] and records[0]["response"]
 
 
 @pytest.mark.parametrize(
