@@ -16,7 +16,9 @@ from cliper_integrations.core.preferences import DEFAULT_CLASSES, parse_weights
 
 app = typer.Typer(help="Classifier-guided personalization of a local LLM (CLIPer).", no_args_is_help=True)
 data_app = typer.Typer(help="Build the classifier's training data.", no_args_is_help=True)
+memory_app = typer.Typer(help="Per-user preference memory.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(memory_app, name="memory")
 
 ModelOption = Annotated[str, typer.Option("--model", help="embedded, a Hugging Face id, a folder or a .gguf file")]
 ClassifierOption = Annotated[
@@ -55,6 +57,7 @@ def generate(
         list[str] | None, typer.Option(help="NAME=ALPHA,...; repeat to answer once per weight set")
     ] = None,
     user: Annotated[str | None, typer.Option(help="take weights from this user's stored preferences")] = None,
+    db: Annotated[str | None, typer.Option(help="memory database URL (default: SQLite in the cache folder)")] = None,
     no_guidance: Annotated[bool, typer.Option("--no-guidance", help="decode without the classifier")] = False,
     preference_prompt: Annotated[
         bool, typer.Option("--preference-prompt", help="also write the preferences into the prompt")
@@ -79,9 +82,7 @@ def generate(
         weight_sets = [parse_weights(text) for text in weights] if weights else [None]
         engine = _engine(model, classifier)
         if user is not None:
-            from cliper_integrations.memory import PreferenceMemory
-
-            engine.memory = PreferenceMemory()
+            engine.memory = _memory(db)
     except (CLIPerError, OSError, json.JSONDecodeError) as error:
         raise _fail(error) from error
     requests = [
@@ -192,22 +193,35 @@ def train(
     from cliper_integrations.core.models import load_model
     from cliper_integrations.training.trainer import TrainConfig, train_classifier
 
-    config = TrainConfig(data=data, output=output, epochs=epochs, learning_rate=learning_rate,
-                         head_size=head_size, val_fraction=val_fraction, seed=seed)
+    config = TrainConfig(
+        data=data,
+        output=output,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        head_size=head_size,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
     try:
         base = load_model(model)
         classifier = None
         if backbone is not None:
             classifier = PreferenceClassifier.create(
-                base, list(config.classes), kind="separate", backbone=load_model(backbone), head_size=head_size,
+                base,
+                list(config.classes),
+                kind="separate",
+                backbone=load_model(backbone),
+                head_size=head_size,
                 seed=seed,
             )
         metrics = train_classifier(base, config, classifier)
     except (CLIPerError, OSError) as error:
         raise _fail(error) from error
     validation = metrics["validation"]
-    typer.echo(f"validation: token accuracy {validation['token_accuracy']:.3f}, "
-               f"response accuracy {validation['response_accuracy']:.3f}")
+    typer.echo(
+        f"validation: token accuracy {validation['token_accuracy']:.3f}, "
+        f"response accuracy {validation['response_accuracy']:.3f}"
+    )
     for axis, values in validation["axes"].items():
         typer.echo(f"  {axis:>9}: token {values['token_accuracy']:.3f}, response {values['response_accuracy']:.3f}")
     typer.echo(f"saved to {output}")
@@ -246,3 +260,115 @@ def data_generate(
     except CLIPerError as error:
         raise _fail(error) from error
     typer.echo(json.dumps(dict(counts)))
+
+
+DbOption = Annotated[str | None, typer.Option("--db", help="database URL (default: SQLite in the cache folder)")]
+
+
+def _memory(db: str | None):
+    from cliper_integrations.core.memory import PreferenceMemory
+
+    return PreferenceMemory(db)
+
+
+def _print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _memory_call(call):
+    try:
+        return call()
+    except CLIPerError as error:
+        raise _fail(error) from error
+
+
+@memory_app.command("show")
+def memory_show(user: str, db: DbOption = None) -> None:
+    """The user's profile and the weights it gives."""
+    memory = _memory(db)
+    profile = _memory_call(lambda: memory.get(user))
+    _print_json(
+        {"user_id": user, "known": memory.known(user), "profile": profile.model_dump(), "weights": profile.weights()}
+    )
+
+
+@memory_app.command("set")
+def memory_set(
+    user: str,
+    strengths: Annotated[str, typer.Argument(help="CLASS=STRENGTH,... with strengths in [0, 1]")] = "",
+    scale: float | None = None,
+    cap: float | None = None,
+    db: DbOption = None,
+) -> None:
+    """Change part of the profile; setting a pole clears its opposite."""
+    partial: dict = {}
+    for item in filter(None, (part.strip() for part in strengths.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            partial[name.strip()] = float(value)
+        except ValueError:
+            raise _fail(ValueError(f"Expected CLASS=STRENGTH, got {item!r}")) from None
+    partial.update({k: v for k, v in (("scale", scale), ("cap", cap)) if v is not None})
+    memory = _memory(db)
+    profile = _memory_call(lambda: memory.set(user, partial, reason="cli"))
+    _print_json({"profile": profile.model_dump(), "weights": profile.weights()})
+
+
+@memory_app.command("learn")
+def memory_learn(
+    user: str,
+    text: str,
+    db: DbOption = None,
+    embedding: Annotated[bool, typer.Option(help="use the offline embedding model")] = False,
+) -> None:
+    """Read preferences stated in plain words ("keep it short", "I'm a cardiologist")."""
+    from cliper_integrations.core.memory import PreferenceMemory
+
+    memory = PreferenceMemory(db, learner="embedding" if embedding else "keywords")
+    _print_json({"changed": _memory_call(lambda: memory.learn_from_text(user, text)), "weights": memory.weights(user)})
+
+
+@memory_app.command("feedback")
+def memory_feedback(
+    user: str,
+    response: Annotated[str, typer.Option(help="the response being rated")],
+    rating: Annotated[str, typer.Option(help="up, down, or a number in [-1, 1]")],
+    style: Annotated[str | None, typer.Option(help="CLASS=P,... measured style; default: measure it")] = None,
+    model: ModelOption = EMBEDDED_SPEC,
+    classifier: ClassifierOption = "default",
+    db: DbOption = None,
+) -> None:
+    """Move the profile towards (up) or away from (down) the style of a response."""
+    memory = _memory(db)
+    try:
+        value: float | str = float(rating)
+    except ValueError:
+        value = rating
+    measured = None
+    if style is not None:
+        measured = {k.strip(): float(v) for k, _, v in (p.partition("=") for p in style.split(",") if p.strip())}
+    else:
+        memory.style_measure = _memory_call(lambda: _engine(model, classifier)).measure_style
+    profile = _memory_call(lambda: memory.record_feedback(user, response, value, style=measured))
+    _print_json({"profile": profile.model_dump(), "weights": profile.weights()})
+
+
+@memory_app.command("history")
+def memory_history(user: str, db: DbOption = None) -> None:
+    """Every change to the user's profile: when, what and why."""
+    memory = _memory(db)
+    _print_json(_memory_call(lambda: memory.history(user)))
+
+
+@memory_app.command("export")
+def memory_export(user: str, db: DbOption = None) -> None:
+    """Everything stored about the user, as JSON."""
+    memory = _memory(db)
+    _print_json(_memory_call(lambda: memory.export(user)))
+
+
+@memory_app.command("forget")
+def memory_forget(user: str, db: DbOption = None) -> None:
+    """Delete every row stored for the user."""
+    memory = _memory(db)
+    _print_json({"user_id": user, "rows_deleted": _memory_call(lambda: memory.forget(user))})

@@ -30,8 +30,22 @@ def run(*args):
 
 
 def test_generate_json_for_several_weight_sets(model_folder, classifier_folder):
-    result = run("generate", "--model", model_folder, "--classifier", classifier_folder, "--prompt", "Hi",
-                 "--weights", "concise=3", "--weights", "P1B=2,friendly=1", "--max-new-tokens", 6, "--json")
+    result = run(
+        "generate",
+        "--model",
+        model_folder,
+        "--classifier",
+        classifier_folder,
+        "--prompt",
+        "Hi",
+        "--weights",
+        "concise=3",
+        "--weights",
+        "P1B=2,friendly=1",
+        "--max-new-tokens",
+        6,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["weights"] for r in records] == [{"concise": 3.0}, {"expert": 2.0, "friendly": 1.0}]
@@ -43,8 +57,21 @@ def test_generate_from_jsonl_input_and_row_errors(tmp_path, model_folder, classi
     lines = [{"prompt": "Hi"}, {"instruction": "Summarise", "input": "Foxes jump."}, {"instruction": ""}]
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n")
-    result = run("generate", "--model", model_folder, "--classifier", classifier_folder, "--input", path,
-                 "--max-new-tokens", 4, "--json", "--no-guidance", "--weights", "concise=1")
+    result = run(
+        "generate",
+        "--model",
+        model_folder,
+        "--classifier",
+        classifier_folder,
+        "--input",
+        path,
+        "--max-new-tokens",
+        4,
+        "--json",
+        "--no-guidance",
+        "--weights",
+        "concise=1",
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["prompt"] for r in records] == ["Hi", "Summarise\n\nFoxes jump."]
@@ -62,14 +89,26 @@ def test_generate_from_jsonl_input_and_row_errors(tmp_path, model_folder, classi
     [("loud=1", "UnknownClassError"), ("concise=-2", "InvalidWeightError"), ("concise", "InvalidWeightError")],
 )
 def test_bad_weights_exit_with_a_clear_error(model_folder, classifier_folder, weights, error):
-    result = run("generate", "--model", model_folder, "--classifier", classifier_folder, "--prompt", "Hi",
-                 "--weights", weights)
+    result = run(
+        "generate", "--model", model_folder, "--classifier", classifier_folder, "--prompt", "Hi", "--weights", weights
+    )
     assert result.exit_code == 2 and error in result.output
 
 
 def test_guidance_without_classifier(model_folder):
-    result = run("generate", "--model", model_folder, "--classifier", "none", "--prompt", "Hi", "--weights",
-                 "concise=1", "--max-new-tokens", 3)
+    result = run(
+        "generate",
+        "--model",
+        model_folder,
+        "--classifier",
+        "none",
+        "--prompt",
+        "Hi",
+        "--weights",
+        "concise=1",
+        "--max-new-tokens",
+        3,
+    )
     assert result.exit_code == 1 and "NoClassifierError" in result.output and "cliper train" in result.output
 
 
@@ -77,9 +116,43 @@ def test_info_and_bench(model_folder, classifier_folder):
     info = run("info", "--model", model_folder, "--classifier", classifier_folder)
     assert info.exit_code == 0, info.output
     assert "shared backbone" in info.stdout and "cache folder" in info.stdout
-    bench = run("bench", "--model", model_folder, "--classifier", classifier_folder, "--max-new-tokens", 4,
-                "--repeats", 1, "--json")
+    bench = run(
+        "bench",
+        "--model",
+        model_folder,
+        "--classifier",
+        classifier_folder,
+        "--max-new-tokens",
+        4,
+        "--repeats",
+        1,
+        "--json",
+    )
     assert bench.exit_code == 0, bench.output
     figures = json.loads(bench.stdout.splitlines()[-1])
     assert {"unguided_tok_s", "guided_tok_s", "ratio", "batch8_speedup", "peak_rss_mb"} <= set(figures)
     assert figures["ratio"] == pytest.approx(figures["guided_tok_s"] / figures["unguided_tok_s"], rel=0.01)
+
+
+def test_memory_commands_round_trip(tmp_path, model_folder, classifier_folder):
+    db = f"sqlite:///{tmp_path / 'memory.sqlite3'}"
+    assert run("memory", "set", "ann", "concise=0.5", "--db", db).exit_code == 0
+    learned = run("memory", "learn", "ann", "I'm a cardiologist, skip the basics.", "--db", db)
+    assert json.loads(learned.stdout)["changed"] == {"expert": 0.75}
+    shown = json.loads(run("memory", "show", "ann", "--db", db).stdout)
+    assert shown["weights"] == {"concise": 2.0, "expert": 3.0}
+    rated = run("memory", "feedback", "ann", "--response", "Paris.", "--rating", "up", "--model", model_folder,
+                "--classifier", classifier_folder, "--db", db)
+    assert rated.exit_code == 0, rated.output
+    bad = run("memory", "set", "ann", "concise=2", "--db", db)
+    assert bad.exit_code == 2 and "InvalidProfileError" in bad.output
+    history = json.loads(run("memory", "history", "ann", "--db", db).stdout)
+    assert [h["action"] for h in history] == ["set", "learn", "feedback"]
+    generated = run("generate", "--model", model_folder, "--classifier", classifier_folder, "--prompt", "Hi",
+                    "--user", "ann", "--db", db, "--max-new-tokens", 3, "--json")
+    assert json.loads(generated.stdout)["weights"] == json.loads(run("memory", "show", "ann", "--db", db).stdout)[
+        "weights"]
+    exported = json.loads(run("memory", "export", "ann", "--db", db).stdout)
+    assert len(exported["feedback"]) == 1
+    assert json.loads(run("memory", "forget", "ann", "--db", db).stdout)["rows_deleted"] == 5
+    assert json.loads(run("memory", "show", "ann", "--db", db).stdout)["known"] is False

@@ -213,3 +213,28 @@ def test_system_message_folded_when_template_has_no_system_role(base, shared_cla
     finally:
         tokenizer.chat_template = original
     assert "Be brief.\n\nHi" in text and "system" not in text
+
+
+def test_weights_come_from_memory_for_a_known_user(tmp_path, base, shared_classifier):
+    from cliper_integrations.core.memory import PreferenceMemory
+
+    memory = PreferenceMemory(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+    memory.set("ann", {"concise": 1.0})
+    engine = CLIPerEngine(base, classifier=shared_classifier, memory=memory, top_k=8)
+    from_memory = engine.generate(PROMPTS[0], user_id="ann", max_new_tokens=8)
+    assert from_memory.weights == {"concise": 4.0} and from_memory.weights_source == "memory"
+    assert from_memory.text == engine.generate(PROMPTS[0], weights={"concise": 4.0}, max_new_tokens=8).text
+    explicit = engine.generate(PROMPTS[0], user_id="ann", weights={"expert": 1}, max_new_tokens=4)
+    assert explicit.weights == {"expert": 1.0} and explicit.weights_source == "explicit"
+    stranger = engine.generate(PROMPTS[0], user_id="stranger", max_new_tokens=8)
+    assert stranger.weights == {} and "no stored preferences" in stranger.weights_source
+    assert stranger.text == engine.generate(PROMPTS[0], max_new_tokens=8).text
+
+
+def test_measure_style_gives_axis_probabilities(engine):
+    style = engine.measure_style("Paris is the capital of France.", prompt="What is the capital of France?")
+    assert set(style) == {"elementary", "expert", "concise", "informative", "friendly", "unfriendly"}
+    for first, second in (("elementary", "expert"), ("concise", "informative"), ("friendly", "unfriendly")):
+        assert abs(style[first] + style[second] - 1) < 1e-5
+    with pytest.raises(EmptyPromptError):
+        engine.measure_style("")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -83,8 +82,16 @@ def test_setting_a_pole_clears_its_opposite(memory):
 
 @pytest.mark.parametrize(
     "bad",
-    [{"concise": 1.5}, {"concise": -0.1}, {"concise": math.nan}, {"verbose": 0.5}, {"concise": "high"},
-     {"concise": None}, {"scale": -1}, {"cap": math.inf}],
+    [
+        {"concise": 1.5},
+        {"concise": -0.1},
+        {"concise": math.nan},
+        {"verbose": 0.5},
+        {"concise": "high"},
+        {"concise": None},
+        {"scale": -1},
+        {"cap": math.inf},
+    ],
 )
 def test_bad_profiles_are_refused_and_change_nothing(memory, bad):
     memory.set("ann", {"expert": 0.7})
@@ -101,7 +108,7 @@ def test_bad_full_profile_object_is_refused(memory):
 
 
 @pytest.mark.parametrize(
-    "user_id", ["alice'; DROP TABLE cliper_profiles;--", "x" * 512, "ユーザー😀", "Robert\"); --", " spaced "]
+    "user_id", ["alice'; DROP TABLE cliper_profiles;--", "x" * 512, "ユーザー😀", 'Robert"); --', " spaced "]
 )
 def test_user_ids_are_data(memory, user_id):
     memory.set("alice", {"concise": 0.4})
@@ -116,8 +123,12 @@ def test_user_ids_are_data(memory, user_id):
 
 @pytest.mark.parametrize("user_id", ["", "x" * 513, "nul\x00byte", None, 42])
 def test_unstorable_user_ids_are_refused(memory, user_id):
-    for call in (lambda: memory.get(user_id), lambda: memory.set(user_id, {"concise": 1}),
-                 lambda: memory.weights(user_id), lambda: memory.forget(user_id)):
+    for call in (
+        lambda: memory.get(user_id),
+        lambda: memory.set(user_id, {"concise": 1}),
+        lambda: memory.weights(user_id),
+        lambda: memory.forget(user_id),
+    ):
         with pytest.raises(InvalidUserIdError):
             call()
 
@@ -171,8 +182,14 @@ def test_feedback_is_bounded():
 def test_bad_feedback_is_refused(memory):
     memory.set("ann", {"concise": 0.5})
     before = memory.export("ann")
-    for rating, style in ((2, {"concise": 1}), (math.nan, {"concise": 1}), ("meh", {"concise": 1}),
-                          (1, {"concise": 1.5}), (1, {"loud": 0.5}), (1, None)):
+    for rating, style in (
+        (2, {"concise": 1}),
+        (math.nan, {"concise": 1}),
+        ("meh", {"concise": 1}),
+        (1, {"concise": 1.5}),
+        (1, {"loud": 0.5}),
+        (1, None),
+    ):
         with pytest.raises(InvalidProfileError):
             memory.record_feedback("ann", "text", rating, style=style)
     assert memory.export("ann") == before
@@ -190,8 +207,14 @@ def test_history_export_and_forget(memory):
     exported = json.loads(json.dumps(memory.export("ann")))
     assert exported["version"] == 3 and len(exported["feedback"]) == 1
     assert memory.forget("ann") > 0
-    assert memory.export("ann") == {"user_id": "ann", "profile": None, "weights": {}, "version": 0,
-                                    "history": [], "feedback": []}
+    assert memory.export("ann") == {
+        "user_id": "ann",
+        "profile": None,
+        "weights": {},
+        "version": 0,
+        "history": [],
+        "feedback": [],
+    }
     assert memory.get("bob").strengths == {"expert": 1.0}
 
 
@@ -222,8 +245,9 @@ def test_no_lost_update_across_threads(memory):
 def test_no_lost_update_across_processes(sql_url):
     PreferenceMemory(sql_url)  # create the tables before the writers race to
     workers = [
-        subprocess.Popen([sys.executable, "-m", "tests.memory_worker", sql_url, "multi", "1000"],
-                         stdout=subprocess.DEVNULL)
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.memory_worker", sql_url, "multi", "1000"], stdout=subprocess.DEVNULL
+        )
         for _ in range(2)
     ]
     assert [w.wait(timeout=600) for w in workers] == [0, 0]
@@ -236,8 +260,9 @@ def test_no_lost_update_across_processes(sql_url):
 @sql_backends
 def test_a_writer_killed_mid_write_leaves_a_consistent_database(sql_url):
     PreferenceMemory(sql_url)
-    worker = subprocess.Popen([sys.executable, "-m", "tests.memory_worker", sql_url, "victim", "100000"],
-                              stdout=subprocess.PIPE)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.memory_worker", sql_url, "victim", "100000"], stdout=subprocess.PIPE
+    )
     assert worker.stdout.readline().strip() == b"ready"
     memory = PreferenceMemory(sql_url)
     deadline = time.time() + 60

@@ -27,13 +27,21 @@ def test_refusals_are_detected():
 
 def test_data_generation_is_batched_seeded_and_resumable(tmp_path, base):
     instructions = tmp_path / "instructions.jsonl"
-    instructions.write_text("".join(
-        json.dumps({"id": f"i{n}", "instruction": f"Say something about {word}", "input": ""}) + "\n"
-        for n, word in enumerate(["rain", "Paris", "foxes", "sets", "dogs"])
-    ))
+    instructions.write_text(
+        "".join(
+            json.dumps({"id": f"i{n}", "instruction": f"Say something about {word}", "input": ""}) + "\n"
+            for n, word in enumerate(["rain", "Paris", "foxes", "sets", "dogs"])
+        )
+    )
     engine = CLIPerEngine(base, classifier=None)
-    config = DataGenerationConfig(instructions, tmp_path / "out.jsonl", num_instructions=3,
-                                  classes=("concise", "friendly"), max_new_tokens=6, batch_size=2)
+    config = DataGenerationConfig(
+        instructions,
+        tmp_path / "out.jsonl",
+        num_instructions=3,
+        classes=("concise", "friendly"),
+        max_new_tokens=6,
+        batch_size=2,
+    )
     assert generate_dataset(engine, config)["written"] == 6
     rows = [json.loads(line) for line in config.output.read_text().splitlines()]
     assert {(r["id"], r["class"]) for r in rows} == {(i, c) for i in {r["id"] for r in rows} for c in config.classes}
@@ -64,13 +72,30 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
         for name in ("concise", "informative"):
             words = STYLE_WORDS[name] * 2
             rng.shuffle(words)
-            rows.append({"id": f"i{n}", "instruction": f"Question {n}?", "input": "", "class": name,
-                         "response": " ".join(words[:3]), "truncated": False, "refusal": False})
+            rows.append(
+                {
+                    "id": f"i{n}",
+                    "instruction": f"Question {n}?",
+                    "input": "",
+                    "class": name,
+                    "response": " ".join(words[:3]),
+                    "truncated": False,
+                    "refusal": False,
+                }
+            )
     rows.append({**rows[0], "id": "i99", "response": "I'm sorry, but I can't assist.", "refusal": True})
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = TrainConfig(data=data, output=tmp_path / "clf", classes=("concise", "informative"), epochs=60,
-                         head_size=32, learning_rate=1e-2, patience=10, dropout=0.0)
+    config = TrainConfig(
+        data=data,
+        output=tmp_path / "clf",
+        classes=("concise", "informative"),
+        epochs=60,
+        head_size=32,
+        learning_rate=1e-2,
+        patience=10,
+        dropout=0.0,
+    )
     metrics = train_classifier(base, config)
     assert metrics["data"]["refusals_dropped"] == 1
     assert metrics["validation"]["response_accuracy"] >= 0.9
@@ -81,11 +106,15 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
 
     loaded = PreferenceClassifier.load(config.output, base)
     first_tokens = torch.tensor([[base.tokenizer(w)["input_ids"][0] for w in ("Paris.", "The")]])
-    prompt = base.tokenizer(base.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Question 7?"}], tokenize=False, add_generation_prompt=True))["input_ids"]
+    prompt = base.tokenizer(
+        base.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Question 7?"}], tokenize=False, add_generation_prompt=True
+        )
+    )["input_ids"]
     from cliper_integrations.core.classifier import BackboneState
 
-    hidden = loaded.prefix_hidden(BackboneState(incremental=False), torch.tensor([prompt]),
-                                  torch.ones(1, len(prompt), dtype=torch.long))
+    hidden = loaded.prefix_hidden(
+        BackboneState(incremental=False), torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long)
+    )
     scores = loaded.log_probs(hidden, first_tokens)[0]
     assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]

@@ -26,13 +26,14 @@ from transformers.generation.streamers import BaseStreamer
 from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.errors import (
     CLIPerError,
+    EmptyPromptError,
     InvalidWeightError,
     NoClassifierError,
     PromptTooLongError,
 )
 from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
 from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, load_model
-from cliper_integrations.core.preferences import DEFAULT_CLASSES, validate_weights
+from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, validate_weights
 from cliper_integrations.core.prompting import Message, as_messages, render_chat, with_preference_request
 
 logger = logging.getLogger(__name__)
@@ -305,6 +306,30 @@ class CLIPerEngine:
                 return validate_weights(stored, self.classes), "memory"
             return {}, "none: no stored preferences for this user"
         return {}, "none"
+
+    def measure_style(self, response: str, prompt: str | Sequence[Message] | None = None) -> dict[str, float]:
+        """How strongly a response shows each class, by the classifier: per axis, the two poles'
+        probabilities from the mean token-level log-probability (they sum to 1 on each axis)."""
+        if self.classifier is None:
+            raise NoClassifierError(f"No preference classifier for {self.loaded.name} to measure style with")
+        prefix = render_chat(self.tokenizer, as_messages(prompt)) if prompt else ""
+        prompt_ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        if not response_ids:
+            raise EmptyPromptError("The response to measure is empty")
+        ids = torch.tensor([(prompt_ids or [self.pad_token_id]) + response_ids])
+        with torch.inference_mode():
+            log_probs = self.classifier.sequence_log_probs(ids, torch.ones_like(ids))
+        mean = log_probs[0, -len(response_ids) :].mean(0)
+        classes = self.classifier.classes
+        style: dict[str, float] = {}
+        for first, second in AXES.values():
+            if first in classes and second in classes:
+                pair = torch.softmax(mean[[classes.index(first), classes.index(second)]], -1)
+                style[first], style[second] = float(pair[0]), float(pair[1])
+        for index, name in enumerate(classes):
+            style.setdefault(name, float(mean[index].exp()))
+        return style
 
     # --- internals ---------------------------------------------------------------------------
 

@@ -72,8 +72,14 @@ def split_by_instruction(rows: list[dict], val_fraction: float, seed: int) -> tu
 
 
 @torch.no_grad()
-def encode(classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict], classes: tuple[str, ...],
-           batch_size: int = 8, desc: str = "Encoding") -> EncodedSet:
+def encode(
+    classifier: PreferenceClassifier,
+    base: LoadedModel,
+    rows: list[dict],
+    classes: tuple[str, ...],
+    batch_size: int = 8,
+    desc: str = "Encoding",
+) -> EncodedSet:
     """Run the frozen backbone over prompt + response (+ end-of-turn) and keep the response positions."""
     tokenizer = base.tokenizer
     eos = base.model.generation_config.eos_token_id
@@ -108,7 +114,10 @@ def encode(classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict]
             labels.append(torch.full((len(positions),), classes.index(batch[index]["class"])))
             response.append(torch.full((len(positions),), start + index))
     return EncodedSet(
-        torch.cat(hidden), torch.cat(next_ids), torch.cat(labels), torch.cat(response),
+        torch.cat(hidden),
+        torch.cat(next_ids),
+        torch.cat(labels),
+        torch.cat(response),
         torch.tensor([classes.index(row["class"]) for row in rows]),
     )
 
@@ -116,10 +125,12 @@ def encode(classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict]
 def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[str, ...]) -> dict:
     """Token- and response-level accuracy, 6-way and per axis (own pole vs the opposite pole)."""
     with torch.no_grad():
-        log_probs = torch.cat([
-            classifier.token_log_probs(data.hidden[i : i + 4096], data.next_ids[i : i + 4096])
-            for i in range(0, len(data.labels), 4096)
-        ])
+        log_probs = torch.cat(
+            [
+                classifier.token_log_probs(data.hidden[i : i + 4096], data.next_ids[i : i + 4096])
+                for i in range(0, len(data.labels), 4096)
+            ]
+        )
     loss = functional.nll_loss(log_probs, data.labels).item()
     num_responses = len(data.response_labels)
     sums = torch.zeros(num_responses, len(classes)).index_add_(0, data.response, log_probs)
@@ -177,8 +188,13 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
             optimizer.step()
         head.eval()
         val_metrics = evaluate(classifier, val, config.classes)
-        history.append({"epoch": epoch + 1, "val_loss": val_metrics["loss"],
-                        "val_response_accuracy": val_metrics["response_accuracy"]})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "val_loss": val_metrics["loss"],
+                "val_response_accuracy": val_metrics["response_accuracy"],
+            }
+        )
         bar.set_postfix(val_loss=f"{val_metrics['loss']:.4f}", val_resp=f"{val_metrics['response_accuracy']:.2f}")
         if val_metrics["loss"] < best - 1e-4:
             best, stale = val_metrics["loss"], 0
@@ -194,11 +210,15 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
         "train": evaluate(classifier, train, config.classes),
         "validation": evaluate(classifier, val, config.classes),
         "data": {
-            "file": str(config.data), "responses": len(rows), "refusals_dropped": refusals,
-            "train_responses": len(train_rows), "validation_responses": len(val_rows),
+            "file": str(config.data),
+            "responses": len(rows),
+            "refusals_dropped": refusals,
+            "train_responses": len(train_rows),
+            "validation_responses": len(val_rows),
             "train_instructions": len({r["id"] for r in train_rows}),
             "validation_instructions": len({r["id"] for r in val_rows}),
-            "train_tokens": len(train.labels), "per_class": _count_by_class(rows),
+            "train_tokens": len(train.labels),
+            "per_class": _count_by_class(rows),
         },
         "history": history,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},

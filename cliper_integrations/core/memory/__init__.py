@@ -124,7 +124,9 @@ class PreferenceMemory:
 
     # --- changing --------------------------------------------------------------------------------
 
-    def set(self, user_id: str, profile: PreferenceProfile | Mapping[str, Any], reason: str = "set") -> PreferenceProfile:
+    def set(
+        self, user_id: str, profile: PreferenceProfile | Mapping[str, Any], reason: str = "set"
+    ) -> PreferenceProfile:
         """Replace the profile (a ``PreferenceProfile``) or change part of it (a mapping of classes,
         ``scale``, ``cap``). A bad value raises ``InvalidProfileError`` and changes nothing."""
         user_id = check_user_id(user_id)

@@ -182,8 +182,11 @@ class SQLBackend:
             if change.feedback is not None:
                 connection.execute(
                     feedback_events.insert().values(
-                        user_id=user_id, at=now, rating=change.feedback["rating"],
-                        response_text=change.feedback["response_text"], style=json.dumps(change.feedback["style"]),
+                        user_id=user_id,
+                        at=now,
+                        rating=change.feedback["rating"],
+                        response_text=change.feedback["response_text"],
+                        style=json.dumps(change.feedback["style"]),
                     )
                 )
         return change
@@ -194,8 +197,13 @@ class SQLBackend:
                 select(history).where(history.c.user_id == user_id).order_by(history.c.id)
             ).mappings()
             return [
-                {"at": row["at"].isoformat(), "action": row["action"], "before": json.loads(row["before"]),
-                 "after": json.loads(row["after"]), "reason": row["reason"]}
+                {
+                    "at": row["at"].isoformat(),
+                    "action": row["action"],
+                    "before": json.loads(row["before"]),
+                    "after": json.loads(row["after"]),
+                    "reason": row["reason"],
+                }
                 for row in rows
             ]
 
@@ -205,8 +213,12 @@ class SQLBackend:
                 select(feedback_events).where(feedback_events.c.user_id == user_id).order_by(feedback_events.c.id)
             ).mappings()
             return [
-                {"at": row["at"].isoformat(), "rating": row["rating"], "response_text": row["response_text"],
-                 "style": json.loads(row["style"])}
+                {
+                    "at": row["at"].isoformat(),
+                    "rating": row["rating"],
+                    "response_text": row["response_text"],
+                    "style": json.loads(row["style"]),
+                }
                 for row in rows
             ]
 
@@ -260,10 +272,18 @@ class LangGraphStoreBackend:
             change = modifier(before)
             now = _now().isoformat()
             key = f"{now}-{uuid.uuid4().hex}"
-            self.store.put(namespace, f"history/{key}", {
-                "at": now, "action": change.action, "before": before.model_dump(),
-                "after": change.profile.model_dump(), "reason": change.reason,
-            }, index=False)
+            self.store.put(
+                namespace,
+                f"history/{key}",
+                {
+                    "at": now,
+                    "action": change.action,
+                    "before": before.model_dump(),
+                    "after": change.profile.model_dump(),
+                    "reason": change.reason,
+                },
+                index=False,
+            )
             if change.feedback is not None:
                 self.store.put(namespace, f"feedback/{key}", {"at": now, **change.feedback}, index=False)
             self.store.put(

@@ -32,24 +32,40 @@ KEYWORDS: dict[str, str] = {
     "unfriendly": r"blunt(?:ly)?|curt|no fluff|no small talk|no pleasantries|cut the chit[- ]chat|"
     r"too (?:chatty|cheerful|nice|friendly)",
 }
-NEGATION = re.compile(r"\b(?:don'?t|do not|not|no|stop|less|never|without|avoid|quit)\b(?:\W+\w+){0,3}\W*$",
-                      re.IGNORECASE)
+NEGATION = re.compile(
+    r"\b(?:don'?t|do not|not|no|stop|less|never|without|avoid|quit)\b(?:\W+\w+){0,3}\W*$", re.IGNORECASE
+)
 _COMPILED = {name: re.compile(rf"\b(?:{pattern})\b", re.IGNORECASE) for name, pattern in KEYWORDS.items()}
 _SENTENCES = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 # Short descriptions for the embedding learner; NEUTRAL catches sentences that state no preference.
 DESCRIPTIONS: dict[str, list[str]] = {
     "concise": ["Keep your answers short.", "Be brief and to the point.", "Please give me shorter answers."],
-    "informative": ["Give me detailed, thorough answers.", "Explain with background and examples.",
-                    "I want longer, more complete answers."],
-    "elementary": ["Explain it like I'm ten years old.", "Use simple words, I'm a beginner.",
-                   "Please avoid technical language."],
-    "expert": ["I'm a specialist, skip the basics.", "Use precise technical terminology.",
-               "I am an expert in this field."],
+    "informative": [
+        "Give me detailed, thorough answers.",
+        "Explain with background and examples.",
+        "I want longer, more complete answers.",
+    ],
+    "elementary": [
+        "Explain it like I'm ten years old.",
+        "Use simple words, I'm a beginner.",
+        "Please avoid technical language.",
+    ],
+    "expert": [
+        "I'm a specialist, skip the basics.",
+        "Use precise technical terminology.",
+        "I am an expert in this field.",
+    ],
     "friendly": ["Be funny and warm.", "Add some jokes and humour.", "Talk to me like a friend."],
     "unfriendly": ["Be blunt, no pleasantries.", "Skip the friendliness and chit-chat.", "Just answer curtly."],
-    "neutral": ["What is the capital of France?", "Tell me about the weather today.", "I have a meeting at noon.",
-                "Can you help me with my homework?", "My name is Alice.", "Thanks for the answer."],
+    "neutral": [
+        "What is the capital of France?",
+        "Tell me about the weather today.",
+        "I have a meeting at noon.",
+        "Can you help me with my homework?",
+        "My name is Alice.",
+        "Thanks for the answer.",
+    ],
 }
 
 
