@@ -141,17 +141,46 @@ def test_memory_commands_round_trip(tmp_path, model_folder, classifier_folder):
     assert json.loads(learned.stdout)["changed"] == {"expert": 0.75}
     shown = json.loads(run("memory", "show", "ann", "--db", db).stdout)
     assert shown["weights"] == {"concise": 2.0, "expert": 3.0}
-    rated = run("memory", "feedback", "ann", "--response", "Paris.", "--rating", "up", "--model", model_folder,
-                "--classifier", classifier_folder, "--db", db)
+    rated = run(
+        "memory",
+        "feedback",
+        "ann",
+        "--response",
+        "Paris.",
+        "--rating",
+        "up",
+        "--model",
+        model_folder,
+        "--classifier",
+        classifier_folder,
+        "--db",
+        db,
+    )
     assert rated.exit_code == 0, rated.output
     bad = run("memory", "set", "ann", "concise=2", "--db", db)
     assert bad.exit_code == 2 and "InvalidProfileError" in bad.output
     history = json.loads(run("memory", "history", "ann", "--db", db).stdout)
     assert [h["action"] for h in history] == ["set", "learn", "feedback"]
-    generated = run("generate", "--model", model_folder, "--classifier", classifier_folder, "--prompt", "Hi",
-                    "--user", "ann", "--db", db, "--max-new-tokens", 3, "--json")
-    assert json.loads(generated.stdout)["weights"] == json.loads(run("memory", "show", "ann", "--db", db).stdout)[
-        "weights"]
+    generated = run(
+        "generate",
+        "--model",
+        model_folder,
+        "--classifier",
+        classifier_folder,
+        "--prompt",
+        "Hi",
+        "--user",
+        "ann",
+        "--db",
+        db,
+        "--max-new-tokens",
+        3,
+        "--json",
+    )
+    assert (
+        json.loads(generated.stdout)["weights"]
+        == json.loads(run("memory", "show", "ann", "--db", db).stdout)["weights"]
+    )
     exported = json.loads(run("memory", "export", "ann", "--db", db).stdout)
     assert len(exported["feedback"]) == 1
     assert json.loads(run("memory", "forget", "ann", "--db", db).stdout)["rows_deleted"] == 5

@@ -28,7 +28,7 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 400, extra_corpus: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a few sentences, with a ChatML template."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -36,7 +36,7 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tokenizer.train_from_iterator(CORPUS * 5, trainer)
+    tokenizer.train_from_iterator([*CORPUS, *extra_corpus] * 5, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
     )
@@ -80,3 +80,65 @@ def tiny_classifier(base: LoadedModel, kind: str = "shared", backbone: LoadedMod
     with torch.no_grad():
         classifier.head.out.weight.mul_(20)
     return classifier.eval()
+
+
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are helpful.{% endif %}\n"
+    "# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Call a tool with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{%- for m in messages %}{% if m['role'] == 'system' and loop.first %}"
+    "{% elif m['role'] == 'assistant' and m.get('tool_calls') %}<|im_start|>assistant\n{{ m['content'] }}"
+    "{% for tc in m['tool_calls'] %}<tool_call>\n{\"name\": \"{{ tc['function']['name'] }}\", \"arguments\": "
+    "{{ tc['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response>"
+    "<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def memorize(loaded: LoadedModel, pairs: list[tuple[str, str]], steps: int = 300) -> None:
+    """Train a tiny model until greedy decoding reproduces each response after its rendered prompt.
+
+    A real (if tiny) model that reliably writes a given tool call or JSON object, for the adapter tests.
+    """
+    tokenizer, model = loaded.tokenizer, loaded.model
+    eos = tokenizer.eos_token_id
+    sequences = []
+    for prompt, response in pairs:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+        sequences.append((prompt_ids, response_ids))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = 0.0
+        for prompt_ids, response_ids in sequences:
+            ids = torch.tensor([prompt_ids + response_ids])
+            labels = torch.tensor([[-100] * len(prompt_ids) + response_ids])
+            loss = loss + model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def tools_model(spec: str, pairs: list[tuple[list[dict], list[dict] | None, str, str]]) -> LoadedModel:
+    """A tiny model with a tool-capable template that has memorised ``(messages, tools, prefix, response)``:
+    after the rendered messages (and the assistant-turn ``prefix``) it writes ``response``."""
+    import json
+
+    corpus = [text for _, tools, prefix, response in pairs for text in (json.dumps(tools), prefix, response)]
+    tokenizer = build_tokenizer(vocab_size=1200, extra_corpus=(TOOLS_TEMPLATE, *corpus))
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    loaded = tiny_loaded(spec, seed=3, tokenizer=tokenizer, context=1024)
+    rendered = [
+        (tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True) + prefix,
+         response)
+        for messages, tools, prefix, response in pairs
+    ]
+    memorize(loaded, rendered)
+    return loaded

@@ -27,7 +27,8 @@ from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.errors import (
     CLIPerError,
     EmptyPromptError,
-    InvalidWeightError,
+    InvalidRequestError,
+    MemoryUnavailableError,
     NoClassifierError,
     PromptTooLongError,
 )
@@ -35,6 +36,7 @@ from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProc
 from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, load_model
 from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, validate_weights
 from cliper_integrations.core.prompting import Message, as_messages, render_chat, with_preference_request
+from cliper_integrations.core.tools import TOOL_CALL_SPAN, check_tools_supported
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,12 @@ class WeightsSource(Protocol):
 
 @dataclass
 class GenerationRequest:
-    """One prompt and how to answer it. ``weights`` override the user's stored preferences."""
+    """One prompt and how to answer it. ``weights`` override the user's stored preferences.
+
+    ``response_prefix`` is written at the start of the assistant's turn (not part of the result's
+    text); ``raw_prompt`` sends a string prompt as is, without the chat template; ``memory`` replaces
+    the engine's own memory for this request.
+    """
 
     prompt: str | Sequence[Message]
     weights: Mapping[str, float] | None = None
@@ -63,6 +70,14 @@ class GenerationRequest:
     guidance: bool = True
     preference_prompt: bool = False
     tools: Sequence[Mapping[str, Any]] | None = None
+    unguided_spans: Sequence[tuple[str, str]] = ()
+    response_prefix: str = ""
+    raw_prompt: bool = False
+    memory: WeightsSource | None = None
+
+    def spans(self) -> tuple[tuple[str, str], ...]:
+        """Spans written without guidance: the caller's, plus tool calls whenever tools are offered."""
+        return (*self.unguided_spans, TOOL_CALL_SPAN) if self.tools else tuple(self.unguided_spans)
 
     def sampling_key(self) -> tuple:
         return (self.temperature > 0, self.temperature, self.top_p, self.seed)
@@ -121,6 +136,26 @@ class _RowStopCriteria(StoppingCriteria):
                 self.stopped_at[row] = generated
                 done[row] = True
         return done
+
+
+class _SpanGate:
+    """Per step, the rows that are inside an open unguided span (e.g. ``<tool_call>`` … ``</tool_call>``)."""
+
+    def __init__(self, tokenizer, prompt_length: int, rows: list[_PreparedRow]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.spans = [row.request.spans() for row in rows]
+        self.prefixes = [row.request.response_prefix for row in rows]
+
+    def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        inside = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for row, spans in enumerate(self.spans):
+            if spans:
+                text = self.prefixes[row] + self.tokenizer.decode(input_ids[row, self.prompt_length :])
+                opening = text.lstrip()
+                # inside an open span, or still possibly writing a span's opening marker
+                inside[row] = any(text.rfind(start) > text.rfind(end) or start.startswith(opening) for start, end in spans)
+        return inside
 
 
 class _TokenQueueStreamer(BaseStreamer):
@@ -291,17 +326,31 @@ class CLIPerEngine:
 
     async def astream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> AsyncIterator[str]:
         """``stream`` whose blocking steps run in a worker thread."""
-        iterator = iter(self.stream(prompt, **options))
+        async for delta in self.aiterate(self.stream(prompt, **options)):
+            yield delta
+
+    @staticmethod
+    async def aiterate(stream: TextStream) -> AsyncIterator[str]:
+        """Iterate a ``TextStream`` from async code without blocking the event loop."""
+        iterator = iter(stream)
         done = object()
         while (delta := await asyncio.to_thread(next, iterator, done)) is not done:
             yield delta
 
-    def resolve_weights(self, weights: Mapping[str, float] | None, user_id: str | None) -> tuple[dict[str, float], str]:
+    def resolve_weights(
+        self, weights: Mapping[str, float] | None, user_id: str | None, memory: WeightsSource | None = None
+    ) -> tuple[dict[str, float], str]:
         """The weights a request runs with and where they came from: explicit, memory, or none."""
+        memory = memory or self.memory
         if weights is not None:
             return validate_weights(weights, self.classes), "explicit"
-        if user_id is not None and self.memory is not None:
-            stored = self.memory.weights(user_id)
+        if user_id is not None and memory is not None:
+            try:
+                stored = memory.weights(user_id)
+            except CLIPerError:
+                raise
+            except Exception as error:  # a database failure fails this request, not the batch
+                raise MemoryUnavailableError(f"Could not read preferences of user {user_id!r}: {error}") from error
             if stored:
                 return validate_weights(stored, self.classes), "memory"
             return {}, "none: no stored preferences for this user"
@@ -338,10 +387,12 @@ class CLIPerEngine:
         row = _PreparedRow(request, result, [])
         try:
             if request.max_new_tokens < 1:
-                raise InvalidWeightError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+                raise InvalidRequestError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
             if not (request.temperature >= 0 and math.isfinite(request.temperature)):
-                raise InvalidWeightError(f"temperature must be finite and >= 0, got {request.temperature}")
-            weights, source = self.resolve_weights(request.weights, request.user_id)
+                raise InvalidRequestError(f"temperature must be finite and >= 0, got {request.temperature}")
+            if not 0 < request.top_p <= 1:
+                raise InvalidRequestError(f"top_p must be in (0, 1], got {request.top_p}")
+            weights, source = self.resolve_weights(request.weights, request.user_id, request.memory)
             messages = as_messages(request.prompt)
             if request.preference_prompt:
                 messages = with_preference_request(messages, weights)
@@ -354,7 +405,12 @@ class CLIPerEngine:
                     "then pass it with --classifier PATH (or classifier=PATH)."
                 )
             result.weights, result.weights_source = weights, source
-            text = render_chat(self.tokenizer, messages, request.tools)
+            if request.tools:
+                check_tools_supported(self.tokenizer)
+            if request.raw_prompt and isinstance(request.prompt, str):
+                text = request.prompt
+            else:
+                text = render_chat(self.tokenizer, messages, request.tools) + request.response_prefix
             row.prompt_ids = self._fit_context(self.tokenizer(text, add_special_tokens=False)["input_ids"], row)
         except CLIPerError as error:
             result.error, result.finish_reason = error, "error"
@@ -391,7 +447,12 @@ class CLIPerEngine:
             assert self.classifier is not None
             processors.append(
                 ClassifierGuidedLogitsProcessor(
-                    self.classifier, weights, attention_mask, top_k=self.top_k, always_include=self.eos_token_ids
+                    self.classifier,
+                    weights,
+                    attention_mask,
+                    top_k=self.top_k,
+                    always_include=self.eos_token_ids,
+                    suspend=_SpanGate(self.tokenizer, width, rows) if any(r.request.spans() for r in rows) else None,
                 )
             )
         sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
@@ -439,6 +500,22 @@ class CLIPerEngine:
         result.completion_tokens = len(tokens)
         result.finish_reason = "stop" if eos_hit is not None or stops else "length"
         result.seconds = seconds
+
+
+_SHARED: dict[tuple, CLIPerEngine] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(
+    model: str = EMBEDDED_SPEC, classifier: str | None = DEFAULT_CLASSIFIER, **options: Any
+) -> CLIPerEngine:
+    """One engine per (model, classifier, options) in this process: what the framework adapters use, so
+    a LangChain and a LlamaIndex object naming the same model share one loaded model."""
+    key = (model, None if classifier is None else str(classifier), tuple(sorted(options.items())))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = CLIPerEngine(model, classifier=classifier, **options)
+        return _SHARED[key]
 
 
 def default_classifier_path(loaded: LoadedModel) -> Path | None:

@@ -48,3 +48,11 @@ class MissingDependencyError(CLIPerError, ImportError):
 
 class NoClassifierError(CLIPerError, ValueError):
     """Guidance weights were asked for, but no classifier is available for the model."""
+
+
+class InvalidRequestError(CLIPerError, ValueError):
+    """A generation setting out of range (max_new_tokens < 1, negative or NaN temperature, …)."""
+
+
+class MemoryUnavailableError(CLIPerError, RuntimeError):
+    """The preference memory could not be read for this request (its database failed)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import LogitsProcessor
@@ -27,6 +27,8 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       ``top_k=None`` scores the whole vocabulary.
     * ``incremental``: the classifier's backbone state is updated with only the new tokens at each
       step; ``False`` recomputes it from the full sequence (slow, for checking).
+    * ``suspend``: a callable giving, per step, the rows whose guidance is paused (inside a tool call
+      or other span that must stay exactly as the base model writes it); those rows pass unchanged.
     * A row can never become all -inf or NaN: if guidance yields no finite score, the row falls back
       to the unguided distribution.
 
@@ -44,6 +46,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         top_k: int | None = 32,
         always_include: Sequence[int] = (),
         incremental: bool = True,
+        suspend: Callable[[torch.LongTensor], torch.Tensor] | None = None,
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
             raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
@@ -56,6 +59,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         self.top_k = top_k
         self.always_include = torch.tensor(sorted(set(always_include)), dtype=torch.long)
         self.state = BackboneState(incremental=incremental)
+        self.suspend = suspend
 
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_attention_mask.shape[1]
@@ -71,7 +75,10 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not self.guided_rows.any():
+        active = self.guided_rows.to(scores.device)
+        if self.suspend is not None:
+            active = active & ~self.suspend(input_ids).to(scores.device)
+        if not active.any():
             return scores
         weights = self.weights.to(scores.device)
         prefix = self.classifier.prefix_hidden(self.state, input_ids, self._attention_mask(input_ids))
@@ -85,5 +92,5 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             guided = torch.full_like(log_lm, float("-inf"))
             guided.scatter_(1, candidates, log_lm.gather(1, candidates) + bonus)
         guided = torch.log_softmax(guided.masked_fill(guided.isnan(), float("-inf")), dim=-1)
-        usable = self.guided_rows.to(scores.device) & torch.isfinite(guided).any(dim=-1)
+        usable = active & torch.isfinite(guided).any(dim=-1)
         return torch.where(usable[:, None], guided.to(scores.dtype), scores)

@@ -34,6 +34,7 @@ __all__ = [
     "InvalidUserIdError",
     "PreferenceMemory",
     "PreferenceProfile",
+    "as_memory",
     "default_database_url",
 ]
 
@@ -45,6 +46,18 @@ def default_database_url() -> str:
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'memory.sqlite3'}"
+
+
+_BY_URL: dict[str, PreferenceMemory] = {}
+
+
+def as_memory(memory: PreferenceMemory | str | None) -> PreferenceMemory | None:
+    """A ``PreferenceMemory`` from an instance or a database URL (one instance per URL per process)."""
+    if memory is None or isinstance(memory, PreferenceMemory):
+        return memory
+    if memory not in _BY_URL:
+        _BY_URL[memory] = PreferenceMemory(memory)
+    return _BY_URL[memory]
 
 
 def _rating(value: float | bool | str) -> float:

@@ -1,0 +1,339 @@
+"""``ChatCLIPer``: a LangChain chat model whose answers are personalized per user at decode time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    ToolMessage,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import PydanticToolsParser
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+
+from cliper_integrations.core.engine import GenerationRequest, GenerationResult
+from cliper_integrations.core.errors import InvalidRequestError
+from cliper_integrations.core.tools import TOOL_CALL_SPAN, parse_tool_calls
+from cliper_integrations.langchain._common import CLIPerParams, RunManager
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+
+
+def _text(content: str | list) -> str:
+    """Text of a message; content blocks other than text cannot reach a text-only model."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(block.get("text", ""))
+        else:
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+            raise InvalidRequestError(f"This model reads text only; got a {kind!r} content block")
+    return "".join(parts)
+
+
+def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages -> chat-template messages; tool calls and tool results kept, nothing dropped."""
+    converted = []
+    for message in messages:
+        role = message.role if isinstance(message, ChatMessage) else _ROLES.get(message.type, message.type)
+        entry: dict[str, Any] = {"role": role, "content": _text(message.content)}
+        if isinstance(message, AIMessage) and message.tool_calls:
+            entry["tool_calls"] = [
+                {
+                    "type": "function",
+                    "id": call.get("id"),
+                    "function": {"name": call["name"], "arguments": call["args"]},
+                }
+                for call in message.tool_calls
+            ]
+        if isinstance(message, ToolMessage):
+            entry["tool_call_id"] = message.tool_call_id
+            if message.name:
+                entry["name"] = message.name
+        converted.append(entry)
+    return converted
+
+
+def _usage(result: GenerationResult) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens, total_tokens=result.total_tokens
+    )
+
+
+def _tool_choice_prefix(tool_choice: Any, tools: list[dict[str, Any]]) -> str:
+    """Force a tool call by starting the assistant's turn with the call's opening (the template has no
+    ``tool_choice``): any tool for "any"/"required"/True, a named one for its name."""
+    if tool_choice in (None, "auto", False, "none"):
+        return ""
+    if tool_choice in ("any", "required", True):
+        return f"{TOOL_CALL_SPAN[0]}\n"
+    name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else tool_choice
+    if name not in {tool["function"]["name"] for tool in tools}:
+        raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the bound tools")
+    return f'{TOOL_CALL_SPAN[0]}\n{{"name": {json.dumps(name)}, "arguments": '
+
+
+class ChatCLIPer(CLIPerParams, BaseChatModel):
+    """Chat model on a local LLM, steered per user by a preference classifier (CLIPer).
+
+    Setup:
+        ``pip install 'cliper-integrations[langchain,embedded]'``
+
+    Instantiate:
+        .. code-block:: python
+
+            from cliper_integrations.langchain import ChatCLIPer
+
+            llm = ChatCLIPer(model="embedded", memory="sqlite:///prefs.db", max_tokens=200)
+
+    Per user:
+        .. code-block:: python
+
+            llm.invoke("Explain DNS.", user_id="alice")                      # keyword
+            llm.bind(user_id="alice").invoke("Explain DNS.")                  # bound
+            llm.invoke("Explain DNS.", config={"configurable": {"user_id": "alice"}})
+            llm.invoke("Explain DNS.", weights={"concise": 4})                # explicit weights win
+
+    The weights used are in ``response_metadata["weights"]`` (and where they came from in
+    ``response_metadata["weights_source"]``). Tool calls and JSON output are written with guidance off.
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "cliper-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model, "classifier": self.classifier, "top_k": self.top_k}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        return self.ls_params("chat", stop)
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def _chat_request(
+        self, messages: list[BaseMessage], stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any]
+    ) -> GenerationRequest:
+        options = dict(kwargs)
+        tools = options.pop("tools", None)
+        tool_choice = options.pop("tool_choice", None)
+        response_format = options.pop("response_format", None)
+        chat = to_chat_messages(messages)
+        extra: dict[str, Any] = {}
+        if tools and tool_choice != "none":
+            extra["tools"] = tools
+            extra["response_prefix"] = _tool_choice_prefix(tool_choice, tools)
+        if response_format is not None:  # JSON output: written without guidance, opened by the prefix
+            schema = response_format.get("json_schema", {}).get("schema")
+            rule = "Respond only with one JSON object" + (
+                f" that follows this JSON schema: {json.dumps(schema)}" if schema else "."
+            )
+            chat = [{"role": "system", "content": rule}, *chat]
+            extra.update(guidance=False, response_prefix="{")
+        return self.build_request(chat, stop, run_manager, options, **extra)
+
+    def _message(self, request: GenerationRequest, result: GenerationResult) -> AIMessage:
+        text = request.response_prefix + result.text
+        metadata = self.response_metadata(result)
+        if not request.tools:
+            return AIMessage(content=text, usage_metadata=_usage(result), response_metadata=metadata)
+        parsed = parse_tool_calls(text)
+        return AIMessage(
+            content=parsed.content,
+            tool_calls=[
+                {"name": c["name"], "args": c["arguments"], "id": c["id"], "type": "tool_call"} for c in parsed.calls
+            ],
+            invalid_tool_calls=[
+                {
+                    "name": c["name"],
+                    "args": c["arguments"],
+                    "id": c["id"],
+                    "error": c["error"],
+                    "type": "invalid_tool_call",
+                }
+                for c in parsed.invalid
+            ],
+            usage_metadata=_usage(result),
+            response_metadata=metadata,
+        )
+
+    def _final_chunk(self, request: GenerationRequest, result: GenerationResult) -> ChatGenerationChunk:
+        """The closing chunk: usage, metadata, and (for tool turns) the parsed tool calls."""
+        message = self._message(request, result)
+        chunks = [
+            {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"}
+            for i, c in enumerate(message.tool_calls)
+        ]
+        content = message.content if request.tools else ""
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=content,
+                tool_call_chunks=chunks,
+                usage_metadata=message.usage_metadata,
+                response_metadata=message.response_metadata,
+                chunk_position="last",
+            )
+        )
+
+    # --- the protocol ----------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.streaming:
+            chunks = list(self._stream(messages, stop, run_manager, **kwargs))
+            return ChatResult(generations=[_merge(chunks)])
+        request = self._chat_request(messages, stop, run_manager, kwargs)
+        result = self.engine.generate(request)
+        return ChatResult(generations=[ChatGeneration(message=self._message(request, result))])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.streaming:
+            chunks = [chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)]
+            return ChatResult(generations=[_merge(chunks)])
+        request = self._chat_request(messages, stop, run_manager, kwargs)
+        result = await self.engine.agenerate(request)
+        return ChatResult(generations=[ChatGeneration(message=self._message(request, result))])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        request = self._chat_request(messages, stop, run_manager, kwargs)
+        if request.tools:  # tool calls are parsed from the whole text, so a tool turn arrives at once
+            yield self._final_chunk(request, self.engine.generate(request))
+            return
+        stream = self.engine.stream(request)
+        for delta in _with_prefix(request.response_prefix, stream):
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+            if run_manager:
+                run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk
+        yield self._final_chunk(request, stream.result)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        request = self._chat_request(messages, stop, run_manager, kwargs)
+        if request.tools:
+            yield self._final_chunk(request, await self.engine.agenerate(request))
+            return
+        stream = self.engine.stream(request)
+        if request.response_prefix:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=request.response_prefix))
+        async for delta in self.engine.aiterate(stream):
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+            if run_manager:
+                await run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk
+        yield self._final_chunk(request, stream.result)
+
+    # --- tools and structured output -------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Offer tools through the model's chat template; ``tool_choice`` "any"/"required" or a tool's
+        name forces a call. A template that cannot render tools raises ``ToolsNotSupportedError``."""
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        if tool_choice is not None:
+            _tool_choice_prefix(tool_choice, formatted)  # refuse a name that is not bound, now
+            kwargs["tool_choice"] = tool_choice
+        return super().bind(tools=formatted, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["function_calling", "json_mode", "json_schema"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | Any]:
+        """Structured output by a forced tool call (``function_calling``) or by JSON output
+        (``json_schema``, ``json_mode``); either way written with guidance off, so strong weights
+        cannot break the JSON."""
+        if kwargs:
+            raise InvalidRequestError(f"Unsupported keyword arguments: {', '.join(sorted(kwargs))}")
+        is_model = isinstance(schema, type) and is_basemodel_subclass(schema)
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools(
+                [schema],
+                tool_choice=name,
+                ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": tool},
+            )
+            parser: Runnable = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_model
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            response_format: dict[str, Any] = {"type": "json_object"}
+            if method == "json_schema":
+                response_format = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
+            llm = self.bind(
+                response_format=response_format,
+                ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": schema},
+            )
+            parser = PydanticOutputParser(pydantic_object=schema) if is_model else JsonOutputParser()
+        else:
+            raise InvalidRequestError(f"Unknown structured output method {method!r}")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _with_prefix(prefix: str, deltas: Iterator[str]) -> Iterator[str]:
+    if prefix:
+        yield prefix
+    yield from deltas
+
+
+def _merge(chunks: list[ChatGenerationChunk]) -> ChatGeneration:
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged += chunk
+    return ChatGeneration(message=merged.message, generation_info=merged.generation_info)

@@ -1,0 +1,109 @@
+"""``CLIPerLLM``: the text-completion (``BaseLLM``) form of the personalized local model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseLLM
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+
+from cliper_integrations.core.engine import GenerationRequest, GenerationResult
+from cliper_integrations.langchain._common import CLIPerParams, RunManager
+
+
+class CLIPerLLM(CLIPerParams, BaseLLM):
+    """Completion model on a local LLM, steered per user by a preference classifier (CLIPer).
+
+    A prompt is sent as one user turn through the model's chat template (``raw_prompt=True`` sends it as
+    is). All prompts of one ``generate``/``batch`` call run in one batched decoding pass.
+    """
+
+    raw_prompt: bool = False
+
+    @property
+    def _llm_type(self) -> str:
+        return "cliper"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model, "classifier": self.classifier, "top_k": self.top_k}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        return self.ls_params("llm", stop)
+
+    def _text_request(self, prompt: str, stop, run_manager: RunManager, kwargs: dict[str, Any]) -> GenerationRequest:
+        return self.build_request(prompt, stop, run_manager, dict(kwargs), raw_prompt=self.raw_prompt)
+
+    def _generation(self, result: GenerationResult) -> list[Generation]:
+        info = {
+            **self.response_metadata(result),
+            "usage": {
+                "input_tokens": result.prompt_tokens,
+                "output_tokens": result.completion_tokens,
+                "total_tokens": result.total_tokens,
+            },
+        }
+        return [Generation(text=result.text, generation_info=info)]
+
+    def _results(self, results: list[GenerationResult]) -> LLMResult:
+        for result in results:
+            if result.error is not None:
+                raise result.error
+        usage = {
+            "input_tokens": sum(r.prompt_tokens for r in results),
+            "output_tokens": sum(r.completion_tokens for r in results),
+        }
+        return LLMResult(generations=[self._generation(r) for r in results], llm_output={"token_usage": usage})
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        requests = [self._text_request(prompt, stop, run_manager, kwargs) for prompt in prompts]
+        return self._results(self.engine.generate_batch(requests))
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        requests = [self._text_request(prompt, stop, run_manager, kwargs) for prompt in prompts]
+        return self._results(await asyncio.to_thread(self.engine.generate_batch, requests))
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        stream = self.engine.stream(self._text_request(prompt, stop, run_manager, kwargs))
+        for delta in stream:
+            chunk = GenerationChunk(text=delta)
+            if run_manager:
+                run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk
+        yield GenerationChunk(text="", generation_info=self._generation(stream.result)[0].generation_info)
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        stream = self.engine.stream(self._text_request(prompt, stop, run_manager, kwargs))
+        async for delta in self.engine.aiterate(stream):
+            chunk = GenerationChunk(text=delta)
+            if run_manager:
+                await run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk
+        yield GenerationChunk(text="", generation_info=self._generation(stream.result)[0].generation_info)
