@@ -28,8 +28,8 @@ class Add(BaseModel):
 
 
 ADD_TOOL = convert_to_openai_tool(Add)
-FORCED = '<tool_call>\n{"name": "Add", "arguments": '
-ADD_CALL = FORCED + '{"a": 2, "b": 3}}\n</tool_call>'
+FORCED = '<tool_call>\n{"name": "Add", "arguments": {'
+ADD_CALL = FORCED + '"a": 2, "b": 3}}\n</tool_call>'
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +175,15 @@ TOOL_QUESTION = [{"role": "user", "content": "What is 2 plus 3?"}]
 @pytest.fixture(scope="module")
 def tools_chat(tmp_path_factory):
     schema = json.dumps(convert_to_json_schema(Add))
-    loaded = tools_model("tiny-tools", [
-        (TOOL_QUESTION, [ADD_TOOL], "", ADD_CALL),
-        (TOOL_QUESTION, [ADD_TOOL], FORCED, ADD_CALL[len(FORCED):]),
-        ([{"role": "system", "content": JSON_RULE + schema}, *TOOL_QUESTION], None, "{", '"a": 2, "b": 3}'),
-        ([{"role": "user", "content": "Thanks"}], None, "", "You are welcome."),
-    ])
+    loaded = tools_model(
+        "tiny-tools",
+        [
+            (TOOL_QUESTION, [ADD_TOOL], "", ADD_CALL),
+            (TOOL_QUESTION, [ADD_TOOL], FORCED, ADD_CALL[len(FORCED) :]),
+            ([{"role": "system", "content": JSON_RULE + schema}, *TOOL_QUESTION], None, "{", '"a": 2, "b": 3}'),
+            ([{"role": "user", "content": "Thanks"}], None, "", "You are welcome."),
+        ],
+    )
     folder = tiny_classifier(loaded).save(tmp_path_factory.mktemp("tools-classifier"))
     return ChatCLIPer(model="tiny-tools", classifier=str(folder), max_tokens=40, weights={"concise": 30, "P3A": 30})
 

@@ -86,7 +86,7 @@ TOOLS_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\n"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are helpful.{% endif %}\n"
     "# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
-    "Call a tool with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n"
+    'Call a tool with <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n'
     "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
     "{% endif %}"
     "{%- for m in messages %}{% if m['role'] == 'system' and loop.first %}"
@@ -136,8 +136,10 @@ def tools_model(spec: str, pairs: list[tuple[list[dict], list[dict] | None, str,
     tokenizer.chat_template = TOOLS_TEMPLATE
     loaded = tiny_loaded(spec, seed=3, tokenizer=tokenizer, context=1024)
     rendered = [
-        (tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True) + prefix,
-         response)
+        (
+            tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True) + prefix,
+            response,
+        )
         for messages, tools, prefix, response in pairs
     ]
     memorize(loaded, rendered)

@@ -154,7 +154,9 @@ class _SpanGate:
                 text = self.prefixes[row] + self.tokenizer.decode(input_ids[row, self.prompt_length :])
                 opening = text.lstrip()
                 # inside an open span, or still possibly writing a span's opening marker
-                inside[row] = any(text.rfind(start) > text.rfind(end) or start.startswith(opening) for start, end in spans)
+                inside[row] = any(
+                    text.rfind(start) > text.rfind(end) or start.startswith(opening) for start, end in spans
+                )
         return inside
 
 
@@ -236,7 +238,8 @@ class CLIPerEngine:
         model: ``"embedded"`` (default), a Hugging Face id, a local folder, a ``.gguf`` file, or a
             ``LoadedModel``.
         classifier: ``"default"`` (the packaged classifier for the model, if any), a folder saved by
-            ``PreferenceClassifier.save``, a ``PreferenceClassifier``, or None for no guidance.
+            ``PreferenceClassifier.save``, a ``PreferenceClassifier``, or None (or ``"none"``) for no
+            guidance.
         memory: where per-user weights come from when a request names a user and no weights.
         top_k: candidates the classifier scores per step (None: the whole vocabulary).
         overflow: prompts longer than the context window are ``"truncate"``-d from the left (with a
@@ -282,6 +285,8 @@ class CLIPerEngine:
     def _resolve_classifier(self, spec: str | Path | PreferenceClassifier | None) -> PreferenceClassifier | None:
         if spec is None or isinstance(spec, PreferenceClassifier):
             return spec
+        if str(spec).lower() == "none":
+            return None
         if str(spec) == DEFAULT_CLASSIFIER:
             folder = default_classifier_path(self.loaded)
             return PreferenceClassifier.load(folder, self.loaded) if folder else None

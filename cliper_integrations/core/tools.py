@@ -19,6 +19,8 @@ from cliper_integrations.core.errors import CLIPerError
 
 TOOL_CALL_SPAN = ("<tool_call>", "</tool_call>")
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+# Small models sometimes answer a tool turn with a fenced JSON call instead of the template's markers.
+_FENCED = re.compile(r"^\s*```(?:json)?\s*(\{.*\})\s*```\s*$", re.DOTALL)
 
 
 class ToolsNotSupportedError(CLIPerError, ValueError):
@@ -62,7 +64,8 @@ def parse_tool_calls(text: str) -> ParsedToolCalls:
     """Split generated text into plain content and tool calls (well-formed and malformed)."""
     blocks = list(_BLOCK.finditer(text))
     if not blocks:
-        stripped = text.strip()
+        fenced = _FENCED.match(text)
+        stripped = fenced.group(1) if fenced else text.strip()
         if stripped.startswith("{") and '"name"' in stripped:
             try:
                 return ParsedToolCalls("", [_as_call(stripped)])

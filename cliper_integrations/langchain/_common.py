@@ -47,6 +47,8 @@ class CLIPerParams(BaseModel):
     streaming: bool = False
     preference_prompt: bool = False
     """Also write the preferences into the prompt in plain words."""
+    guidance: bool = True
+    """Steer decoding with the classifier (False: preference prompting alone, if enabled)."""
     top_k: int | None = 32
     """Candidates the classifier scores per step."""
     timeout: float | None = None
@@ -74,6 +76,11 @@ class CLIPerParams(BaseModel):
         """The process-wide engine for this model spec, loaded on first use and shared."""
         return shared_engine(self.model, self.classifier, top_k=self.top_k)
 
+    def engine_for(self, kwargs: dict[str, Any]) -> CLIPerEngine:
+        """The engine for a call: a per-call ``model=`` override picks (and shares) another one."""
+        model = kwargs.pop("model", None)
+        return self.engine if model in (None, self.model) else shared_engine(model, self.classifier, top_k=self.top_k)
+
     def build_request(
         self,
         prompt: Any,
@@ -100,15 +107,15 @@ class CLIPerParams(BaseModel):
             seed=options.pop("seed", self.seed),
             stop=list(stop or options.pop("stop", None) or self.stop or []),
             preference_prompt=options.pop("preference_prompt", self.preference_prompt),
-            **extra,
+            **{"guidance": options.pop("guidance", self.guidance), **extra},
         )
         if options:
             raise InvalidRequestError(f"Unsupported keyword arguments: {', '.join(sorted(options))}")
         return request
 
-    def response_metadata(self, result: GenerationResult) -> dict[str, Any]:
+    def response_metadata(self, engine: CLIPerEngine, result: GenerationResult) -> dict[str, Any]:
         return {
-            "model_name": self.engine.loaded.name,
+            "model_name": engine.loaded.name,
             "finish_reason": result.finish_reason,
             "weights": result.weights,
             "weights_source": result.weights_source,
@@ -116,10 +123,10 @@ class CLIPerParams(BaseModel):
             "seconds": round(result.seconds, 3),
         }
 
-    def ls_params(self, model_type: str, stop: list[str] | None) -> dict[str, Any]:
+    def ls_params(self, model_type: str, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {
             "ls_provider": "cliper",
-            "ls_model_name": self.model,
+            "ls_model_name": kwargs.get("model") or self.model,
             "ls_model_type": model_type,
             "ls_temperature": self.temperature,
             "ls_max_tokens": self.max_tokens,

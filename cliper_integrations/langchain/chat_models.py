@@ -25,7 +25,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
-from cliper_integrations.core.engine import GenerationRequest, GenerationResult
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.core.errors import InvalidRequestError
 from cliper_integrations.core.tools import TOOL_CALL_SPAN, parse_tool_calls
 from cliper_integrations.langchain._common import CLIPerParams, RunManager
@@ -88,7 +88,7 @@ def _tool_choice_prefix(tool_choice: Any, tools: list[dict[str, Any]]) -> str:
     name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else tool_choice
     if name not in {tool["function"]["name"] for tool in tools}:
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the bound tools")
-    return f'{TOOL_CALL_SPAN[0]}\n{{"name": {json.dumps(name)}, "arguments": '
+    return f'{TOOL_CALL_SPAN[0]}\n{{"name": {json.dumps(name)}, "arguments": {{'
 
 
 class ChatCLIPer(CLIPerParams, BaseChatModel):
@@ -125,14 +125,15 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         return {"model": self.model, "classifier": self.classifier, "top_k": self.top_k}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-        return self.ls_params("chat", stop)
+        return self.ls_params("chat", stop, kwargs)
 
     # --- requests --------------------------------------------------------------------------------
 
     def _chat_request(
         self, messages: list[BaseMessage], stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any]
-    ) -> GenerationRequest:
+    ) -> tuple[CLIPerEngine, GenerationRequest]:
         options = dict(kwargs)
+        engine = self.engine_for(options)
         tools = options.pop("tools", None)
         tool_choice = options.pop("tool_choice", None)
         response_format = options.pop("response_format", None)
@@ -148,11 +149,11 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
             )
             chat = [{"role": "system", "content": rule}, *chat]
             extra.update(guidance=False, response_prefix="{")
-        return self.build_request(chat, stop, run_manager, options, **extra)
+        return engine, self.build_request(chat, stop, run_manager, options, **extra)
 
-    def _message(self, request: GenerationRequest, result: GenerationResult) -> AIMessage:
+    def _message(self, engine: CLIPerEngine, request: GenerationRequest, result: GenerationResult) -> AIMessage:
         text = request.response_prefix + result.text
-        metadata = self.response_metadata(result)
+        metadata = self.response_metadata(engine, result)
         if not request.tools:
             return AIMessage(content=text, usage_metadata=_usage(result), response_metadata=metadata)
         parsed = parse_tool_calls(text)
@@ -175,9 +176,11 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
             response_metadata=metadata,
         )
 
-    def _final_chunk(self, request: GenerationRequest, result: GenerationResult) -> ChatGenerationChunk:
+    def _final_chunk(
+        self, engine: CLIPerEngine, request: GenerationRequest, result: GenerationResult
+    ) -> ChatGenerationChunk:
         """The closing chunk: usage, metadata, and (for tool turns) the parsed tool calls."""
-        message = self._message(request, result)
+        message = self._message(engine, request, result)
         chunks = [
             {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"}
             for i, c in enumerate(message.tool_calls)
@@ -205,9 +208,9 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         if self.streaming:
             chunks = list(self._stream(messages, stop, run_manager, **kwargs))
             return ChatResult(generations=[_merge(chunks)])
-        request = self._chat_request(messages, stop, run_manager, kwargs)
-        result = self.engine.generate(request)
-        return ChatResult(generations=[ChatGeneration(message=self._message(request, result))])
+        engine, request = self._chat_request(messages, stop, run_manager, kwargs)
+        result = engine.generate(request)
+        return ChatResult(generations=[ChatGeneration(message=self._message(engine, request, result))])
 
     async def _agenerate(
         self,
@@ -219,9 +222,9 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         if self.streaming:
             chunks = [chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)]
             return ChatResult(generations=[_merge(chunks)])
-        request = self._chat_request(messages, stop, run_manager, kwargs)
-        result = await self.engine.agenerate(request)
-        return ChatResult(generations=[ChatGeneration(message=self._message(request, result))])
+        engine, request = self._chat_request(messages, stop, run_manager, kwargs)
+        result = await engine.agenerate(request)
+        return ChatResult(generations=[ChatGeneration(message=self._message(engine, request, result))])
 
     def _stream(
         self,
@@ -230,17 +233,17 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        request = self._chat_request(messages, stop, run_manager, kwargs)
+        engine, request = self._chat_request(messages, stop, run_manager, kwargs)
         if request.tools:  # tool calls are parsed from the whole text, so a tool turn arrives at once
-            yield self._final_chunk(request, self.engine.generate(request))
+            yield self._final_chunk(engine, request, engine.generate(request))
             return
-        stream = self.engine.stream(request)
+        stream = engine.stream(request)
         for delta in _with_prefix(request.response_prefix, stream):
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        yield self._final_chunk(request, stream.result)
+        yield self._final_chunk(engine, request, stream.result)
 
     async def _astream(
         self,
@@ -249,19 +252,19 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        request = self._chat_request(messages, stop, run_manager, kwargs)
+        engine, request = self._chat_request(messages, stop, run_manager, kwargs)
         if request.tools:
-            yield self._final_chunk(request, await self.engine.agenerate(request))
+            yield self._final_chunk(engine, request, await engine.agenerate(request))
             return
-        stream = self.engine.stream(request)
+        stream = engine.stream(request)
         if request.response_prefix:
             yield ChatGenerationChunk(message=AIMessageChunk(content=request.response_prefix))
-        async for delta in self.engine.aiterate(stream):
+        async for delta in engine.aiterate(stream):
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        yield self._final_chunk(request, stream.result)
+        yield self._final_chunk(engine, request, stream.result)
 
     # --- tools and structured output -------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from cliper_integrations.core.engine import GenerationRequest, GenerationResult
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.langchain._common import CLIPerParams, RunManager
 
 
@@ -32,14 +32,18 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         return {"model": self.model, "classifier": self.classifier, "top_k": self.top_k}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-        return self.ls_params("llm", stop)
+        return self.ls_params("llm", stop, kwargs)
 
-    def _text_request(self, prompt: str, stop, run_manager: RunManager, kwargs: dict[str, Any]) -> GenerationRequest:
-        return self.build_request(prompt, stop, run_manager, dict(kwargs), raw_prompt=self.raw_prompt)
+    def _text_request(
+        self, prompt: str, stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any]
+    ) -> tuple[CLIPerEngine, GenerationRequest]:
+        options = dict(kwargs)
+        engine = self.engine_for(options)
+        return engine, self.build_request(prompt, stop, run_manager, options, raw_prompt=self.raw_prompt)
 
-    def _generation(self, result: GenerationResult) -> list[Generation]:
+    def _generation(self, engine: CLIPerEngine, result: GenerationResult) -> list[Generation]:
         info = {
-            **self.response_metadata(result),
+            **self.response_metadata(engine, result),
             "usage": {
                 "input_tokens": result.prompt_tokens,
                 "output_tokens": result.completion_tokens,
@@ -48,7 +52,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         }
         return [Generation(text=result.text, generation_info=info)]
 
-    def _results(self, results: list[GenerationResult]) -> LLMResult:
+    def _results(self, engine: CLIPerEngine, results: list[GenerationResult]) -> LLMResult:
         for result in results:
             if result.error is not None:
                 raise result.error
@@ -56,7 +60,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
             "input_tokens": sum(r.prompt_tokens for r in results),
             "output_tokens": sum(r.completion_tokens for r in results),
         }
-        return LLMResult(generations=[self._generation(r) for r in results], llm_output={"token_usage": usage})
+        return LLMResult(generations=[self._generation(engine, r) for r in results], llm_output={"token_usage": usage})
 
     def _generate(
         self,
@@ -65,8 +69,9 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        requests = [self._text_request(prompt, stop, run_manager, kwargs) for prompt in prompts]
-        return self._results(self.engine.generate_batch(requests))
+        engine = self.engine_for(dict(kwargs))
+        requests = [self._text_request(prompt, stop, run_manager, kwargs)[1] for prompt in prompts]
+        return self._results(engine, engine.generate_batch(requests))
 
     async def _agenerate(
         self,
@@ -75,8 +80,9 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        requests = [self._text_request(prompt, stop, run_manager, kwargs) for prompt in prompts]
-        return self._results(await asyncio.to_thread(self.engine.generate_batch, requests))
+        engine = self.engine_for(dict(kwargs))
+        requests = [self._text_request(prompt, stop, run_manager, kwargs)[1] for prompt in prompts]
+        return self._results(engine, await asyncio.to_thread(engine.generate_batch, requests))
 
     def _stream(
         self,
@@ -85,13 +91,14 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        stream = self.engine.stream(self._text_request(prompt, stop, run_manager, kwargs))
+        engine, request = self._text_request(prompt, stop, run_manager, kwargs)
+        stream = engine.stream(request)
         for delta in stream:
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        yield GenerationChunk(text="", generation_info=self._generation(stream.result)[0].generation_info)
+        yield GenerationChunk(text="", generation_info=self._generation(engine, stream.result)[0].generation_info)
 
     async def _astream(
         self,
@@ -100,10 +107,11 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        stream = self.engine.stream(self._text_request(prompt, stop, run_manager, kwargs))
-        async for delta in self.engine.aiterate(stream):
+        engine, request = self._text_request(prompt, stop, run_manager, kwargs)
+        stream = engine.stream(request)
+        async for delta in engine.aiterate(stream):
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        yield GenerationChunk(text="", generation_info=self._generation(stream.result)[0].generation_info)
+        yield GenerationChunk(text="", generation_info=self._generation(engine, stream.result)[0].generation_info)
