@@ -43,6 +43,8 @@ def _text(content: str | list) -> str:
             parts.append(block)
         elif isinstance(block, dict) and block.get("type") == "text":
             parts.append(block.get("text", ""))
+        elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call"):
+            continue  # an AI message's tool calls also stand in ``tool_calls``, rendered from there
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise InvalidRequestError(f"This model reads text only; got a {kind!r} content block")
@@ -80,11 +82,12 @@ def _usage(result: GenerationResult) -> UsageMetadata:
 
 def _tool_choice_prefix(tool_choice: Any, tools: list[dict[str, Any]]) -> str:
     """Force a tool call by starting the assistant's turn with the call's opening (the template has no
-    ``tool_choice``): any tool for "any"/"required"/True, a named one for its name."""
+    ``tool_choice``): up to the name for "any"/"required"/True, up to the arguments for a named tool.
+    (A bare ``<tool_call>`` opening is not enough: the 0.5B default model then often declines.)"""
     if tool_choice in (None, "auto", False, "none"):
         return ""
-    if tool_choice in ("any", "required", True):
-        return f"{TOOL_CALL_SPAN[0]}\n"
+    if tool_choice in ("any", "required", True):  # the model only chooses which tool
+        return f'{TOOL_CALL_SPAN[0]}\n{{"name": "'
     name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else tool_choice
     if name not in {tool["function"]["name"] for tool in tools}:
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the bound tools")
