@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from cliper_integrations.core.errors import CLIPerError
+from cliper_integrations.core.errors import CLIPerError, InvalidRequestError
 
 TOOL_CALL_SPAN = ("<tool_call>", "</tool_call>")
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -87,3 +87,18 @@ def parse_tool_calls(text: str) -> ParsedToolCalls:
                 }
             )
     return parsed
+
+
+def tool_call_prefix(choice: Any, tool_names: list[str]) -> str:
+    """The opening of the assistant's turn that forces a tool call (chat templates have no
+    ``tool_choice``): up to the name for "any"/"required"/True, up to the arguments for a named tool,
+    nothing for "auto"/"none"/None. (A bare ``<tool_call>`` is not enough: the 0.5B default model then
+    often declines.)"""
+    if choice in (None, "auto", False, "none"):
+        return ""
+    if choice in ("any", "required", True):  # the model only chooses which tool
+        return f'{TOOL_CALL_SPAN[0]}\n{{"name": "'
+    name = choice["function"]["name"] if isinstance(choice, dict) else choice
+    if name not in tool_names:
+        raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the bound tools")
+    return f'{TOOL_CALL_SPAN[0]}\n{{"name": {json.dumps(name)}, "arguments": {{'

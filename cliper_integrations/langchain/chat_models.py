@@ -27,7 +27,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.core.errors import InvalidRequestError
-from cliper_integrations.core.tools import TOOL_CALL_SPAN, parse_tool_calls
+from cliper_integrations.core.tools import parse_tool_calls, tool_call_prefix
 from cliper_integrations.langchain._common import CLIPerParams, RunManager
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
@@ -80,20 +80,6 @@ def _usage(result: GenerationResult) -> UsageMetadata:
     )
 
 
-def _tool_choice_prefix(tool_choice: Any, tools: list[dict[str, Any]]) -> str:
-    """Force a tool call by starting the assistant's turn with the call's opening (the template has no
-    ``tool_choice``): up to the name for "any"/"required"/True, up to the arguments for a named tool.
-    (A bare ``<tool_call>`` opening is not enough: the 0.5B default model then often declines.)"""
-    if tool_choice in (None, "auto", False, "none"):
-        return ""
-    if tool_choice in ("any", "required", True):  # the model only chooses which tool
-        return f'{TOOL_CALL_SPAN[0]}\n{{"name": "'
-    name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else tool_choice
-    if name not in {tool["function"]["name"] for tool in tools}:
-        raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the bound tools")
-    return f'{TOOL_CALL_SPAN[0]}\n{{"name": {json.dumps(name)}, "arguments": {{'
-
-
 class ChatCLIPer(CLIPerParams, BaseChatModel):
     """Chat model on a local LLM, steered per user by a preference classifier (CLIPer).
 
@@ -136,7 +122,6 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any]
     ) -> tuple[CLIPerEngine, GenerationRequest]:
         options = dict(kwargs)
-        engine = self.engine_for(options)
         tools = options.pop("tools", None)
         tool_choice = options.pop("tool_choice", None)
         response_format = options.pop("response_format", None)
@@ -144,7 +129,7 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         extra: dict[str, Any] = {}
         if tools and tool_choice != "none":
             extra["tools"] = tools
-            extra["response_prefix"] = _tool_choice_prefix(tool_choice, tools)
+            extra["response_prefix"] = tool_call_prefix(tool_choice, [tool["function"]["name"] for tool in tools])
         if response_format is not None:  # JSON output: written without guidance, opened by the prefix
             schema = response_format.get("json_schema", {}).get("schema")
             rule = "Respond only with one JSON object" + (
@@ -152,11 +137,11 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
             )
             chat = [{"role": "system", "content": rule}, *chat]
             extra.update(guidance=False, response_prefix="{")
-        return engine, self.build_request(chat, stop, run_manager, options, **extra)
+        return self.lc_request(chat, stop, run_manager, options, **extra)
 
     def _message(self, engine: CLIPerEngine, request: GenerationRequest, result: GenerationResult) -> AIMessage:
         text = request.response_prefix + result.text
-        metadata = self.response_metadata(engine, result)
+        metadata = self.result_metadata(engine, result)
         if not request.tools:
             return AIMessage(content=text, usage_metadata=_usage(result), response_metadata=metadata)
         parsed = parse_tool_calls(text)
@@ -282,7 +267,9 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         name forces a call. A template that cannot render tools raises ``ToolsNotSupportedError``."""
         formatted = [convert_to_openai_tool(tool) for tool in tools]
         if tool_choice is not None:
-            _tool_choice_prefix(tool_choice, formatted)  # refuse a name that is not bound, now
+            tool_call_prefix(
+                tool_choice, [tool["function"]["name"] for tool in formatted]
+            )  # refuse a name that is not bound, now
             kwargs["tool_choice"] = tool_choice
         return super().bind(tools=formatted, **kwargs)
 

@@ -37,20 +37,10 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
     def _text_request(
         self, prompt: str, stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any]
     ) -> tuple[CLIPerEngine, GenerationRequest]:
-        options = dict(kwargs)
-        engine = self.engine_for(options)
-        return engine, self.build_request(prompt, stop, run_manager, options, raw_prompt=self.raw_prompt)
+        return self.lc_request(prompt, stop, run_manager, kwargs, raw_prompt=self.raw_prompt)
 
     def _generation(self, engine: CLIPerEngine, result: GenerationResult) -> list[Generation]:
-        info = {
-            **self.response_metadata(engine, result),
-            "usage": {
-                "input_tokens": result.prompt_tokens,
-                "output_tokens": result.completion_tokens,
-                "total_tokens": result.total_tokens,
-            },
-        }
-        return [Generation(text=result.text, generation_info=info)]
+        return [Generation(text=result.text, generation_info=self.result_metadata(engine, result))]
 
     def _results(self, engine: CLIPerEngine, results: list[GenerationResult]) -> LLMResult:
         for result in results:

@@ -1,0 +1,96 @@
+"""Settings a framework object carries, and how one call's keyword arguments become a core request.
+
+The LangChain and LlamaIndex classes both inherit ``GenerationSettings``, so the rules (per-call
+arguments > the user's stored preferences > the object's defaults; unknown arguments refused) are
+written once, here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult, shared_engine
+from cliper_integrations.core.errors import InvalidRequestError
+from cliper_integrations.core.memory import PreferenceMemory, as_memory
+
+
+class GenerationSettings(BaseModel):
+    """A personalized local model's settings; per-call keyword arguments override them."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
+
+    model: str = Field(default="embedded", alias="model_name")
+    """``embedded``, a Hugging Face id, a local folder or a ``.gguf`` file."""
+    classifier: str | None = "default"
+    """``default`` (packaged for the model), a classifier folder, or None for no guidance."""
+    memory: PreferenceMemory | str | None = None
+    """A ``PreferenceMemory`` or a database URL for per-user weights."""
+    weights: dict[str, float] | None = None
+    """Guidance weights used when a call names neither weights nor a user."""
+    user_id: str | None = None
+    """Default user whose stored preferences steer the answers."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: list[str] | None = None
+    seed: int | None = None
+    preference_prompt: bool = False
+    """Also write the preferences into the prompt in plain words."""
+    guidance: bool = True
+    """Steer decoding with the classifier (False: preference prompting alone, if enabled)."""
+    top_k: int | None = 32
+    """Candidates the classifier scores per step."""
+
+    @property
+    def engine(self) -> CLIPerEngine:
+        """The process-wide engine for this model spec, loaded on first use and shared."""
+        return shared_engine(self.model, self.classifier, top_k=self.top_k)
+
+    def engine_for(self, options: dict[str, Any]) -> CLIPerEngine:
+        """The engine for a call: a per-call ``model=`` override picks (and shares) another one."""
+        model = options.pop("model", None)
+        return self.engine if model in (None, self.model) else shared_engine(model, self.classifier, top_k=self.top_k)
+
+    def build_request(
+        self, prompt: Any, stop: list[str] | None, options: dict[str, Any], user_id: str | None = None, **extra: Any
+    ) -> GenerationRequest:
+        """A request from this call's ``options`` (consumed; anything unknown left over is refused)."""
+        user_id = options.pop("user_id", None) or user_id or self.user_id
+        weights = options.pop("weights", None)
+        if weights is None and user_id is None:
+            weights = self.weights
+        request = GenerationRequest(
+            prompt,
+            weights=weights,
+            user_id=user_id,
+            memory=as_memory(self.memory),
+            max_new_tokens=options.pop("max_tokens", options.pop("max_new_tokens", self.max_tokens)),
+            temperature=options.pop("temperature", self.temperature),
+            top_p=options.pop("top_p", self.top_p),
+            seed=options.pop("seed", self.seed),
+            stop=list(stop or options.pop("stop", None) or self.stop or []),
+            preference_prompt=options.pop("preference_prompt", self.preference_prompt),
+            **{"guidance": options.pop("guidance", self.guidance), **extra},
+        )
+        if options:
+            raise InvalidRequestError(f"Unsupported keyword arguments: {', '.join(sorted(options))}")
+        return request
+
+    @staticmethod
+    def result_metadata(engine: CLIPerEngine, result: GenerationResult) -> dict[str, Any]:
+        """What a framework response reports about a generation, beyond its text."""
+        return {
+            "model_name": engine.loaded.name,
+            "finish_reason": result.finish_reason,
+            "weights": result.weights,
+            "weights_source": result.weights_source,
+            "warnings": result.warnings,
+            "seconds": round(result.seconds, 3),
+            "usage": {
+                "input_tokens": result.prompt_tokens,
+                "output_tokens": result.completion_tokens,
+                "total_tokens": result.total_tokens,
+            },
+        }
