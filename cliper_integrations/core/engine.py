@@ -35,7 +35,13 @@ from cliper_integrations.core.errors import (
 from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
 from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, load_model
 from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, validate_weights
-from cliper_integrations.core.prompting import Message, as_messages, render_chat, with_preference_request
+from cliper_integrations.core.prompting import (
+    Message,
+    as_messages,
+    render_chat,
+    tool_results_as_question,
+    with_preference_request,
+)
 from cliper_integrations.core.tools import TOOL_CALL_SPAN, check_tools_supported
 
 logger = logging.getLogger(__name__)
@@ -56,7 +62,8 @@ class GenerationRequest:
 
     ``response_prefix`` is written at the start of the assistant's turn (not part of the result's
     text); ``raw_prompt`` sends a string prompt as is, without the chat template; ``memory`` replaces
-    the engine's own memory for this request.
+    the engine's own memory for this request; ``answer_after_tool_result`` withholds the tools when the
+    last message is a tool result, so the model answers in words (small models otherwise call again).
     """
 
     prompt: str | Sequence[Message]
@@ -74,6 +81,7 @@ class GenerationRequest:
     response_prefix: str = ""
     raw_prompt: bool = False
     memory: WeightsSource | None = None
+    answer_after_tool_result: bool = False
 
     def spans(self) -> tuple[tuple[str, str], ...]:
         """Spans written without guidance: the caller's, plus tool calls whenever tools are offered."""
@@ -410,12 +418,15 @@ class CLIPerEngine:
                     "then pass it with --classifier PATH (or classifier=PATH)."
                 )
             result.weights, result.weights_source = weights, source
-            if request.tools:
+            tools = request.tools
+            if tools and request.answer_after_tool_result and messages[-1].get("role") == "tool":
+                tools, messages = None, tool_results_as_question(messages)
+            if tools:
                 check_tools_supported(self.tokenizer)
             if request.raw_prompt and isinstance(request.prompt, str):
                 text = request.prompt
             else:
-                text = render_chat(self.tokenizer, messages, request.tools) + request.response_prefix
+                text = render_chat(self.tokenizer, messages, tools) + request.response_prefix
             row.prompt_ids = self._fit_context(self.tokenizer(text, add_special_tokens=False)["input_ids"], row)
         except CLIPerError as error:
             result.error, result.finish_reason = error, "error"

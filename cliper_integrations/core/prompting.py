@@ -86,3 +86,18 @@ def render_chat(
         if not any(m.get("role") == "system" for m in messages):
             raise
         return tokenizer.apply_chat_template(fold_system_messages(messages), **kwargs)
+
+
+def tool_results_as_question(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Restate the trailing tool results as a user turn asking for a plain answer (for small models that
+    keep calling tools once they see a tool response)."""
+    end = len(messages)
+    while end and messages[end - 1].get("role") == "tool":
+        end -= 1
+    results = "\n".join(str(m.get("content") or "") for m in messages[end:])
+    start = end
+    while start and messages[start - 1].get("role") == "assistant" and messages[start - 1].get("tool_calls"):
+        start -= 1  # the call itself: seeing it, small models write another call
+    question = next((m.get("content") for m in reversed(messages[:start]) if m.get("role") == "user"), "")
+    restated = f"Tool results:\n{results}\n\nUsing these results, answer in words: {question}"
+    return [*messages[:start], {"role": "user", "content": restated}]

@@ -42,6 +42,9 @@ class GenerationSettings(BaseModel):
     """Steer decoding with the classifier (False: preference prompting alone, if enabled)."""
     top_k: int | None = 32
     """Candidates the classifier scores per step."""
+    answer_after_tool_result: bool = False
+    """Offer no tools when the last message is a tool result, so the model answers in words (the
+    0.5B default model otherwise tends to call the same tool again)."""
 
     @property
     def engine(self) -> CLIPerEngine:
@@ -72,6 +75,7 @@ class GenerationSettings(BaseModel):
             seed=options.pop("seed", self.seed),
             stop=list(stop or options.pop("stop", None) or self.stop or []),
             preference_prompt=options.pop("preference_prompt", self.preference_prompt),
+            answer_after_tool_result=options.pop("answer_after_tool_result", self.answer_after_tool_result),
             **{"guidance": options.pop("guidance", self.guidance), **extra},
         )
         if options:
