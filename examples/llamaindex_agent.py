@@ -25,6 +25,7 @@ from cliper_integrations.llama_index import CLIPerLLM
 TEMPERATURES = {"paris": 14, "oslo": 3, "cairo": 29}
 PROFILES = {"kid": {"elementary": 1.0, "friendly": 0.8}, "meteorologist": {"expert": 1.0, "concise": 0.8}}
 QUESTION = "What is the temperature in Oslo right now?"
+SYSTEM_PROMPT = "You answer questions about the weather. Use the tool for readings."
 
 
 def get_temperature(city: str) -> str:

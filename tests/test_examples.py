@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import tiny_classifier, tools_model
+from tests.tiny import tiny_classifier, tiny_loaded, tools_model
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 needs_embeddings = pytest.mark.skipif(
@@ -81,3 +81,53 @@ def test_langchain_agent_remembers_a_stated_preference(tmp_path):
     assert outcome["weights"] == {"concise": 3.0}
     assert last.response_metadata["weights"] == {"concise": 3.0}
     assert last.response_metadata["weights_source"] == "memory"
+
+
+@needs_embeddings
+def test_llamaindex_rag(tokenizer, tmp_path):
+    # LlamaIndex sizes chunks from the context window, so this tiny model gets a longer one
+    long_context = tiny_loaded("tiny-long-context", seed=0, tokenizer=tokenizer, context=2048)
+    folder = str(tiny_classifier(long_context).save(tmp_path / "classifier"))
+    example = load_example("llamaindex_rag")
+    responses = example.run("tiny-long-context", folder, max_tokens=12, database=f"sqlite:///{tmp_path / 'p.db'}")
+    assert set(responses) == {"child", "immunologist"}
+    assert responses["child"].response != responses["immunologist"].response
+    for response in responses.values():
+        sources = [node.node.get_content() for node in response.source_nodes]
+        assert len(sources) == 2 and all("Great Wall" not in text for text in sources)
+
+
+def test_llamaindex_agent_calls_its_tool_and_answers_per_user(tmp_path):
+    from llama_index.core.llms import ChatMessage
+    from llama_index.core.tools import FunctionTool
+
+    from cliper_integrations.core.prompting import tool_results_as_question
+    from cliper_integrations.llama_index.base import to_chat_messages
+
+    example = load_example("llamaindex_agent")
+    spec = FunctionTool.from_defaults(example.get_temperature).metadata.to_openai_tool()
+    system = ChatMessage(role="system", content=example.SYSTEM_PROMPT)
+    asked = to_chat_messages([system, ChatMessage(role="user", content=example.QUESTION)])
+    call = '<tool_call>\n{"name": "get_temperature", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    called = [
+        *asked,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "x", "type": "function", "function": {"name": "get_temperature", "arguments": {"city": "Oslo"}}}
+            ],
+        },
+        {"role": "tool", "content": example.get_temperature("Oslo"), "tool_call_id": "x"},
+    ]
+    loaded = tools_model(
+        "tiny-li-agent",
+        [
+            (asked, [spec], "", call),
+            (tool_results_as_question(called), None, "", "It is 3 degrees in Oslo."),
+        ],
+    )
+    folder = tiny_classifier(loaded).save(tmp_path / "classifier")
+    answers = example.run("tiny-li-agent", str(folder), max_tokens=40, database=f"sqlite:///{tmp_path / 'p.db'}")
+    assert set(answers) == set(example.PROFILES)
+    assert all(answer.startswith("It is 3") for answer in answers.values())
