@@ -227,6 +227,31 @@ def train(
     typer.echo(f"saved to {output}")
 
 
+@app.command("eval")
+def evaluate(
+    prompts: Annotated[Path, typer.Option(help="evaluation prompts (JSON list of {id, prompt})")] = Path(
+        "../shared/data/eval/alpaca_test100.json"
+    ),
+    output: Annotated[Path, typer.Option(help="folder for results.md, results.json and the plot")] = Path("docs"),
+    limit: Annotated[int | None, typer.Option(help="only the first N prompts (a quick check)")] = None,
+    alpha: float = 4.0,
+    max_new_tokens: int = 160,
+    model: ModelOption = EMBEDDED_SPEC,
+    classifier: ClassifierOption = "default",
+) -> None:
+    """Measure steering: four settings per class, combinations and an α sweep; writes a report."""
+    from cliper_integrations.evaluation.steering import EvalConfig, run_eval
+
+    try:
+        engine = _engine(model, classifier)
+        if engine.classifier is None:
+            raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))
+        results = run_eval(engine, EvalConfig(prompts, output, limit, alpha, max_new_tokens=max_new_tokens))
+    except (CLIPerError, OSError) as error:
+        raise _fail(error) from error
+    typer.echo(f"{results['prompts']} prompts; report written to {output / 'results.md'}")
+
+
 @data_app.command("generate")
 def data_generate(
     output: Annotated[Path, typer.Option(help="JSONL to append to")] = Path("data/train_generations.jsonl"),

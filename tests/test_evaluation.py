@@ -1,0 +1,59 @@
+"""Metrics and `cliper eval` on a tiny model (the metrics come from textstat and vaderSentiment)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("textstat") is None, reason="needs the eval extra")
+
+
+def test_metrics_move_the_right_way():
+    from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, vader_compound, word_count
+
+    assert word_count("one two  three") == 3
+    simple, hard = "The cat sat. It was fun.", "Thermodynamic irreversibility necessitates entropic considerations."
+    assert fk_grade(hard) > fk_grade(simple) + 5
+    assert vader_compound("I love this, it is wonderful!") > 0.5 > -0.5 > vader_compound("This is awful and I hate it.")
+    assert distinct_n(["a b a b a b"]) == pytest.approx(2 / 5)
+    assert distinct_n(["a b c d"]) == 1.0
+
+
+def test_eval_command_writes_a_report(tmp_path, base, shared_classifier):
+    from typer.testing import CliRunner
+
+    from cliper_integrations.cli import app
+
+    folder = tmp_path / "model"
+    base.model.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    classifier = shared_classifier.save(tmp_path / "classifier")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"id": i, "prompt": p} for i, p in enumerate(["Explain rain.", "Hi", "Paris?"])]))
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(tmp_path / "out"),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--model",
+            str(folder),
+            "--classifier",
+            str(classifier),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "out" / "results.md").read_text()
+    numbers = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert numbers["prompts"] == 2
+    assert set(numbers["table"]["concise"]) == {"prompt", "guidance", "prompt+guidance"}
+    assert "concise+friendly" in numbers["table"] and "| concise | guidance |" in report
+    assert (tmp_path / "out" / "results_alpha_sweep.png").stat().st_size > 1000
