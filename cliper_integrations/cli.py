@@ -117,7 +117,11 @@ def generate(
         elif result.error is not None:
             typer.secho(f"Error ({type(result.error).__name__}): {result.error}", fg=typer.colors.RED, err=True)
         else:
-            shown = ", ".join(f"{k}={v:g}" for k, v in result.weights.items()) or "unguided"
+            guided = ", ".join(f"{k}={v:g}" for k, v in result.weights.items())
+            asked = ", ".join(f"{k}={v:g}" for k, v in (request.weights or {}).items())
+            shown = f"guided: {guided}" if guided else "unguided"
+            if request.preference_prompt and asked:
+                shown += f"; in the prompt: {asked}"
             typer.secho(f"### {request.prompt}  [{shown}]", bold=True)
             typer.echo(result.text + "\n")
     if failed:
