@@ -191,6 +191,9 @@ def train(
     head_size: int = 256,
     val_fraction: float = 0.15,
     seed: int = 0,
+    feature_cache: Annotated[
+        Path | None, typer.Option(help="folder to keep encoded backbone features in, for later runs")
+    ] = Path("runs/features"),
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
     from cliper_integrations.core.classifier import PreferenceClassifier
@@ -205,6 +208,7 @@ def train(
         head_size=head_size,
         val_fraction=val_fraction,
         seed=seed,
+        feature_cache=feature_cache,
     )
     try:
         base = load_model(model)

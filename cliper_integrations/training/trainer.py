@@ -8,6 +8,7 @@ computed once and the head trains on them alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import defaultdict
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.nn import functional
 from tqdm.auto import tqdm
 
@@ -39,6 +41,8 @@ class TrainConfig:
     patience: int = 4
     head_size: int = 256
     seed: int = 0
+    feature_cache: Path | None = None
+    """Folder for encoded features (None: encode every time)."""
 
 
 @dataclass
@@ -122,6 +126,30 @@ def encode(
     )
 
 
+def encode_cached(
+    classifier: PreferenceClassifier,
+    base: LoadedModel,
+    rows: list[dict],
+    classes: tuple[str, ...],
+    cache: Path | None,
+    desc: str,
+) -> EncodedSet:
+    """``encode``, kept as safetensors under ``cache`` keyed by the rows, classes and backbone: encoding
+    through the frozen backbone takes minutes, training the head on the features seconds."""
+    if cache is None:
+        return encode(classifier, base, rows, classes, desc=desc)
+    key = hashlib.sha256(
+        json.dumps([rows, classes, classifier.config.kind, classifier.config.backbone, base.name]).encode()
+    ).hexdigest()[:24]
+    path = cache / f"{key}.safetensors"
+    if path.exists():
+        return EncodedSet(**load_file(path))
+    encoded = encode(classifier, base, rows, classes, desc=desc)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in asdict(encoded).items()}, path)
+    return encoded
+
+
 def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[str, ...]) -> dict:
     """Token- and response-level accuracy, 6-way and per axis (own pole vs the opposite pole)."""
     with torch.no_grad():
@@ -166,8 +194,8 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
     classifier = classifier or PreferenceClassifier.create(
         base, list(config.classes), head_size=config.head_size, seed=config.seed
     )
-    train = encode(classifier, base, train_rows, config.classes, desc="Encoding train")
-    val = encode(classifier, base, val_rows, config.classes, desc="Encoding validation")
+    train = encode_cached(classifier, base, train_rows, config.classes, config.feature_cache, "Encoding train")
+    val = encode_cached(classifier, base, val_rows, config.classes, config.feature_cache, "Encoding validation")
     # Balance classes by token count, so long answers do not drown short ones.
     class_tokens = torch.bincount(train.labels, minlength=len(config.classes)).float().clamp(min=1)
     class_weight = class_tokens.sum() / (len(config.classes) * class_tokens)
