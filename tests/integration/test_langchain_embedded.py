@@ -13,6 +13,8 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from cliper_integrations.langchain import ChatCLIPer
 
+# The suite requires every overridden standard test to carry a method-level xfail with a reason, so a
+# parametrized test is marked whole; its typeddict and json_schema cases usually pass (XPASS).
 SMALL_MODEL_JSON = (
     "the 0.5B model does not reliably write this JSON: it repeats itself past max_tokens or leaves out a "
     "required field (guidance is off for JSON, so this is the base model's own output)"
