@@ -122,7 +122,9 @@ class PreferenceClassifier(nn.Module):
             raise ValueError("A separate-backbone classifier needs a backbone model")
         source = base if kind == "shared" else backbone
         assert source is not None
-        check_vocabulary(tokenizer_fingerprint(source.tokenizer), base.tokenizer)
+        fingerprint = tokenizer_fingerprint(base.tokenizer)
+        if tokenizer_fingerprint(source.tokenizer) != fingerprint:
+            raise VocabularyMismatchError(VOCABULARY_MISMATCH)
         torch.manual_seed(seed)
         config = ClassifierConfig(
             kind=kind,
@@ -130,7 +132,7 @@ class PreferenceClassifier(nn.Module):
             hidden_size=source.model.config.hidden_size,
             embedding_size=source.model.get_input_embeddings().embedding_dim,
             head_size=head_size,
-            tokenizer_fingerprint=tokenizer_fingerprint(base.tokenizer),
+            tokenizer_fingerprint=fingerprint,
             backbone=None if kind == "shared" else source.spec,
             base_model=base.name,
         )
@@ -263,9 +265,12 @@ class PreferenceClassifier(nn.Module):
         return cls(config, source, head).eval()
 
 
+VOCABULARY_MISMATCH = (
+    "The classifier was trained for a different tokenizer than the base model's; "
+    "token ids would mean different things. Train a classifier for this model with `cliper train`."
+)
+
+
 def check_vocabulary(fingerprint: str, tokenizer: PreTrainedTokenizerBase) -> None:
     if fingerprint != tokenizer_fingerprint(tokenizer):
-        raise VocabularyMismatchError(
-            "The classifier was trained for a different tokenizer than the base model's; "
-            "token ids would mean different things. Train a classifier for this model with `cliper train`."
-        )
+        raise VocabularyMismatchError(VOCABULARY_MISMATCH)

@@ -83,6 +83,9 @@ class GenerationRequest:
     memory: WeightsSource | None = None
     answer_after_tool_result: bool = False
 
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(s for s in self.stop if s)
+
     def spans(self) -> tuple[tuple[str, str], ...]:
         """Spans written without guidance: the caller's, plus tool calls whenever tools are offered."""
         return (*self.unguided_spans, TOOL_CALL_SPAN) if self.tools else tuple(self.unguided_spans)
@@ -124,7 +127,7 @@ class _RowStopCriteria(StoppingCriteria):
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
         self.max_new = [row.request.max_new_tokens for row in rows]
-        self.stops = [tuple(s for s in row.request.stop if s) for row in rows]
+        self.stops = [row.request.stop_strings() for row in rows]
         # A token holds at least one character, so this many trailing tokens cover any stop string.
         self.windows = [max((len(s) for s in stops), default=0) + 2 for stops in self.stops]
         self.stopped_at: list[int | None] = [None] * len(rows)
@@ -166,6 +169,15 @@ class _SpanGate:
                     text.rfind(start) > text.rfind(end) or start.startswith(opening) for start, end in spans
                 )
         return inside
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in ``text``, or -1."""
+    return min((text.find(stop) for stop in stops if stop in text), default=-1)
+
+
+def as_request(prompt: str | Sequence[Message] | GenerationRequest, options: dict[str, Any]) -> GenerationRequest:
+    return prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(prompt, **options)
 
 
 class _TokenQueueStreamer(BaseStreamer):
@@ -214,7 +226,7 @@ class TextStream:
         worker.start()
         tokens: list[int] = []
         emitted = ""
-        stops = [s for s in self._request.stop if s]
+        stops = self._request.stop_strings()
         holdback = max((len(s) for s in stops), default=1) - 1
         eos = set(self._engine.eos_token_ids)
         while (chunk := streamer.queue.get()) is not None:
@@ -222,7 +234,7 @@ class TextStream:
                 continue
             tokens.extend(chunk)
             text = self._engine.decode(tokens)
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            cut = first_stop(text, stops)
             safe = text[:cut] if cut >= 0 else text[: max(len(text) - holdback, 0)]
             if safe.endswith("\ufffd"):  # half of a multi-byte character
                 continue
@@ -307,7 +319,7 @@ class CLIPerEngine:
 
     def generate(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> GenerationResult:
         """Answer one prompt; raises the request's error if it was refused."""
-        request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(prompt, **options)
+        request = as_request(prompt, options)
         result = self.generate_batch([request])[0]
         if result.error is not None:
             raise result.error
@@ -330,7 +342,7 @@ class CLIPerEngine:
 
     def stream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> TextStream:
         """Stream one answer as text deltas; see ``TextStream``."""
-        request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(prompt, **options)
+        request = as_request(prompt, options)
         return TextStream(self, request)
 
     async def agenerate(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> GenerationResult:
@@ -508,13 +520,13 @@ class CLIPerEngine:
         eos_hit = next((i for i, token in enumerate(generated[:end]) if token in self.eos_token_ids), None)
         tokens = generated[: eos_hit + 1] if eos_hit is not None else generated[:end]
         text = self.decode(tokens)
-        stops = [s for s in row.request.stop if s and s in text]
-        if stops:
-            text = text[: min(text.find(s) for s in stops)]
+        cut = first_stop(text, row.request.stop_strings())
+        if cut >= 0:
+            text = text[:cut]
         result = row.result
         result.text = text
         result.completion_tokens = len(tokens)
-        result.finish_reason = "stop" if eos_hit is not None or stops else "length"
+        result.finish_reason = "stop" if eos_hit is not None or cut >= 0 else "length"
         result.seconds = seconds
 
 

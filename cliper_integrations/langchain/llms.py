@@ -39,6 +39,13 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
     ) -> tuple[CLIPerEngine, GenerationRequest]:
         return self.lc_request(prompt, stop, run_manager, kwargs, raw_prompt=self.raw_prompt)
 
+    def _batch_requests(
+        self, prompts: list[str], stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any]
+    ) -> tuple[CLIPerEngine, list[GenerationRequest]]:
+        """One engine for the whole batch (every prompt shares the call's options) and a request per prompt."""
+        pairs = [self._text_request(prompt, stop, run_manager, kwargs) for prompt in prompts]
+        return pairs[0][0], [request for _, request in pairs]
+
     def _generation(self, engine: CLIPerEngine, result: GenerationResult) -> list[Generation]:
         return [Generation(text=result.text, generation_info=self.result_metadata(engine, result))]
 
@@ -59,8 +66,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        engine = self.engine_for(dict(kwargs))
-        requests = [self._text_request(prompt, stop, run_manager, kwargs)[1] for prompt in prompts]
+        engine, requests = self._batch_requests(prompts, stop, run_manager, kwargs)
         return self._results(engine, engine.generate_batch(requests))
 
     async def _agenerate(
@@ -70,8 +76,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        engine = self.engine_for(dict(kwargs))
-        requests = [self._text_request(prompt, stop, run_manager, kwargs)[1] for prompt in prompts]
+        engine, requests = self._batch_requests(prompts, stop, run_manager, kwargs)
         return self._results(engine, await asyncio.to_thread(engine.generate_batch, requests))
 
     def _stream(
