@@ -291,13 +291,18 @@ class LangGraphStoreBackend:
             )
         return change
 
-    def _items(self, user_id: str, prefix: str) -> list[dict[str, Any]]:
+    def _own_items(self, user_id: str) -> list[Any]:
+        """Every item stored in the user's own namespace (paged through ``search``)."""
+        namespace = self.namespace(user_id)
         items, offset = [], 0
-        while page := self.store.search(self.namespace(user_id), limit=self.PAGE, offset=offset):
+        while page := self.store.search(namespace, limit=self.PAGE, offset=offset):
             items.extend(page)
             offset += len(page)
-        # Only this user's own namespace: a longer id sharing the prefix lives in another namespace.
-        mine = [i for i in items if tuple(i.namespace) == self.namespace(user_id) and i.key.startswith(prefix)]
+        # search matches by prefix: items of longer namespaces below this one are not the user's own
+        return [item for item in items if tuple(item.namespace) == namespace]
+
+    def _items(self, user_id: str, prefix: str) -> list[dict[str, Any]]:
+        mine = [item for item in self._own_items(user_id) if item.key.startswith(prefix)]
         return [item.value for item in sorted(mine, key=lambda item: item.key)]
 
     def history(self, user_id: str) -> list[dict[str, Any]]:
@@ -307,13 +312,8 @@ class LangGraphStoreBackend:
         return self._items(user_id, "feedback/")
 
     def forget(self, user_id: str) -> int:
-        namespace = self.namespace(user_id)
         with self._lock(user_id):
-            keys = ["profile"] if self.store.get(namespace, "profile") else []
-            offset = 0
-            while page := self.store.search(namespace, limit=self.PAGE, offset=offset):
-                keys.extend(i.key for i in page if tuple(i.namespace) == namespace and i.key != "profile")
-                offset += len(page)
+            keys = [item.key for item in self._own_items(user_id)]
             for key in keys:
-                self.store.delete(namespace, key)
+                self.store.delete(self.namespace(user_id), key)
             return len(keys)
