@@ -178,9 +178,9 @@ def info(model: ModelOption = EMBEDDED_SPEC, classifier: ClassifierOption = "def
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="JSONL written by `cliper data generate`")] = Path(
-        "data/train_generations.jsonl"
-    ),
+    data: Annotated[
+        list[Path] | None, typer.Option(help="JSONL written by `cliper data generate` (repeat for several)")
+    ] = None,
     output: Annotated[Path, typer.Option(help="folder for classifier.safetensors, .json, metrics.json")] = Path(
         "runs/classifier"
     ),
@@ -188,6 +188,9 @@ def train(
     backbone: Annotated[str | None, typer.Option(help="model spec of a separate backbone (default: shared)")] = None,
     epochs: int = 40,
     learning_rate: float = 2e-3,
+    weight_decay: float = 0.05,
+    dropout: float = 0.2,
+    patience: int = 4,
     head_size: int = 256,
     val_fraction: float = 0.15,
     seed: int = 0,
@@ -201,10 +204,13 @@ def train(
     from cliper_integrations.training.trainer import TrainConfig, train_classifier
 
     config = TrainConfig(
-        data=data,
+        data=data or [Path("data/train_generations.jsonl")],
         output=output,
         epochs=epochs,
         learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        dropout=dropout,
+        patience=patience,
         head_size=head_size,
         val_fraction=val_fraction,
         seed=seed,
@@ -225,13 +231,13 @@ def train(
         metrics = train_classifier(base, config, classifier)
     except (CLIPerError, OSError) as error:
         raise _fail(error) from error
-    validation = metrics["validation"]
-    typer.echo(
-        f"validation: token accuracy {validation['token_accuracy']:.3f}, "
-        f"response accuracy {validation['response_accuracy']:.3f}"
-    )
-    for axis, values in validation["axes"].items():
-        typer.echo(f"  {axis:>9}: token {values['token_accuracy']:.3f}, response {values['response_accuracy']:.3f}")
+    for name, validation in [("validation", metrics["validation"]), *metrics["validation_by_model"].items()]:
+        typer.echo(
+            f"{name}: token accuracy {validation['token_accuracy']:.3f}, "
+            f"response accuracy {validation['response_accuracy']:.3f}"
+        )
+        for axis, values in validation["axes"].items():
+            typer.echo(f"  {axis:>9}: token {values['token_accuracy']:.3f}, response {values['response_accuracy']:.3f}")
     typer.echo(f"saved to {output}")
 
 

@@ -58,11 +58,15 @@ def rows_as_lines(rows):
     return [json.dumps(r, ensure_ascii=False) for r in rows]
 
 
-def test_split_keeps_each_instruction_on_one_side():
-    rows = [{"id": f"i{n}", "class": c} for n in range(20) for c in ("concise", "expert")]
+def test_split_keeps_each_instruction_on_one_side_as_data_grows():
+    rows = [{"id": f"i{n}", "class": c} for n in range(1000) for c in ("concise", "expert")]
     train, val = split_by_instruction(rows, 0.25, seed=0)
     assert {r["id"] for r in train}.isdisjoint({r["id"] for r in val})
-    assert len({r["id"] for r in val}) == 5
+    assert 200 <= len({r["id"] for r in val}) <= 300
+    _, first_val = split_by_instruction(rows[:200], 0.25, seed=0)
+    assert first_val == [r for r in val if r in rows[:200]]  # adding data moves no instruction across
+    _, other_seed = split_by_instruction(rows, 0.25, seed=1)
+    assert other_seed != val
 
 
 def test_classifier_learns_a_separable_style(tmp_path, base):
@@ -81,13 +85,14 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
                     "response": " ".join(words[:3]),
                     "truncated": False,
                     "refusal": False,
+                    "model": "tiny" if n % 2 else "other",
                 }
             )
     rows.append({**rows[0], "id": "i99", "response": "I'm sorry, but I can't assist.", "refusal": True})
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = TrainConfig(
-        data=data,
+        data=[data],
         output=tmp_path / "clf",
         classes=("concise", "informative"),
         epochs=60,
@@ -95,8 +100,11 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
         learning_rate=1e-2,
         patience=10,
         dropout=0.0,
+        feature_cache=tmp_path / "features",
     )
     metrics = train_classifier(base, config)
+    assert len(list(config.feature_cache.iterdir())) == len(rows) - 1  # one file per usable response
+    assert set(metrics["validation_by_model"]) == {"tiny", "other"}
     assert metrics["data"]["refusals_dropped"] == 1
     assert metrics["validation"]["response_accuracy"] >= 0.9
     assert metrics["validation"]["axes"]["length"]["response_accuracy"] >= 0.9
@@ -118,3 +126,6 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
     )
     scores = loaded.log_probs(hidden, first_tokens)[0]
     assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
+    # a second run reads every response from the feature cache and reproduces the first
+    again = train_classifier(base, TrainConfig(**{**config.__dict__, "output": tmp_path / "again"}))
+    assert again["validation"] == metrics["validation"]

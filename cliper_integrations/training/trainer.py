@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from cliper_integrations.training.data import read_jsonl
 
 @dataclass
 class TrainConfig:
-    data: Path
+    data: Sequence[Path]
+    """One or more JSONL files written by ``cliper data generate`` (possibly by different models)."""
     output: Path
     classes: tuple[str, ...] = DEFAULT_CLASSES
     val_fraction: float = 0.15
@@ -42,112 +43,131 @@ class TrainConfig:
     head_size: int = 256
     seed: int = 0
     feature_cache: Path | None = None
-    """Folder for encoded features (None: encode every time)."""
+    """Folder for encoded features, one file per response (None: encode every time)."""
 
 
 @dataclass
 class EncodedSet:
     """Frozen-backbone features: one row per (response position, observed next token)."""
 
-    hidden: torch.Tensor  # [N, H] prefix states
+    hidden: torch.Tensor  # [N, H] prefix states (float16 to halve memory; the head reads them as float32)
     next_ids: torch.Tensor  # [N] observed next tokens
     labels: torch.Tensor  # [N] class index of the response
     response: torch.Tensor  # [N] index of the response each row came from
     response_labels: torch.Tensor  # [R]
 
 
-def load_rows(path: Path, classes: tuple[str, ...]) -> tuple[list[dict], int]:
-    """Usable rows (known class, not a refusal); also how many refusals were dropped."""
+Features = tuple[torch.Tensor, torch.Tensor]
+"""One response's (prefix states [T, H], observed next tokens [T])."""
+
+
+def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dict], int]:
+    """Usable rows (known class, not a refusal) from every file; also how many refusals were dropped."""
     rows, refusals = [], 0
-    for row in read_jsonl(path):
-        if row.get("refusal"):
-            refusals += 1
-        elif row["class"] in classes and row["response"].strip():
-            rows.append(row)
+    for path in paths:
+        for row in read_jsonl(path):
+            if row.get("refusal"):
+                refusals += 1
+            elif row["class"] in classes and row["response"].strip():
+                rows.append(row)
     return rows, refusals
 
 
 def split_by_instruction(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Every response to one instruction lands on the same side, so validation sees unseen prompts."""
-    ids = sorted({row["id"] for row in rows})
-    random.Random(seed).shuffle(ids)
-    val_ids = set(ids[: max(1, round(len(ids) * val_fraction))])
+    """Every response to one instruction lands on the same side, so validation sees unseen prompts.
+
+    An instruction's side depends only on its id and the seed, so adding data never moves an
+    instruction across and validation scores stay comparable as the data set grows.
+    """
+
+    def in_validation(instruction_id: str) -> bool:
+        digest = hashlib.sha256(f"{seed}:{instruction_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") < val_fraction * 2**64
+
+    val_ids = {row["id"] for row in rows if in_validation(row["id"])}
     return [r for r in rows if r["id"] not in val_ids], [r for r in rows if r["id"] in val_ids]
 
 
-@torch.no_grad()
-def encode(
-    classifier: PreferenceClassifier,
-    base: LoadedModel,
-    rows: list[dict],
-    classes: tuple[str, ...],
-    batch_size: int = 8,
-    desc: str = "Encoding",
-) -> EncodedSet:
-    """Run the frozen backbone over prompt + response (+ end-of-turn) and keep the response positions."""
+def _token_sequence(base: LoadedModel, row: dict) -> tuple[list[int], int]:
+    """Prompt (instruction without the preference request) + response (+ end-of-turn) ids; prompt length."""
     tokenizer = base.tokenizer
     eos = base.model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    hidden, next_ids, labels, response = [], [], [], []
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-        batch = rows[start : start + batch_size]
-        sequences, prompt_lengths = [], []
-        for row in batch:
-            prompt = render_chat(tokenizer, [{"role": "user", "content": instruction_text(row)}])
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            answer_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
-            if not row.get("truncated") and eos is not None:
-                answer_ids = [*answer_ids, eos]
-            sequences.append(prompt_ids + answer_ids)
-            prompt_lengths.append(len(prompt_ids))
-        width = max(map(len, sequences))
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for index, sequence in enumerate(sequences):  # left padding, as at generation time
-            ids[index, width - len(sequence) :] = torch.tensor(sequence)
-            mask[index, width - len(sequence) :] = 1
-        states = classifier.backbone.base_model(
-            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
-        ).last_hidden_state.float()
-        for index, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-            offset = width - len(sequence)
-            # the state after token t predicts token t+1: from the last prompt token to the end
-            positions = torch.arange(offset + prompt_length - 1, width - 1)
-            hidden.append(states[index, positions])
-            next_ids.append(ids[index, positions + 1])
-            labels.append(torch.full((len(positions),), classes.index(batch[index]["class"])))
-            response.append(torch.full((len(positions),), start + index))
-    return EncodedSet(
-        torch.cat(hidden),
-        torch.cat(next_ids),
-        torch.cat(labels),
-        torch.cat(response),
-        torch.tensor([classes.index(row["class"]) for row in rows]),
-    )
+    prompt = render_chat(tokenizer, [{"role": "user", "content": instruction_text(row)}])
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+    if not row.get("truncated") and eos is not None:
+        answer_ids = [*answer_ids, eos]
+    return prompt_ids + answer_ids, len(prompt_ids)
 
 
-def encode_cached(
+@torch.no_grad()
+def _encode_batch(classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict]) -> list[Features]:
+    """Run the frozen backbone over prompt + response and keep the response positions of each row."""
+    sequences, prompt_lengths = zip(*(_token_sequence(base, row) for row in rows), strict=True)
+    width = max(map(len, sequences))
+    ids = torch.full((len(rows), width), base.tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, sequence in enumerate(sequences):  # left padding, as at generation time
+        ids[index, width - len(sequence) :] = torch.tensor(sequence)
+        mask[index, width - len(sequence) :] = 1
+    states = classifier.backbone.base_model(
+        input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+    ).last_hidden_state
+    features = []
+    for index, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        # the state after token t predicts token t+1: from the last prompt token to the end
+        positions = torch.arange(width - len(sequence) + prompt_length - 1, width - 1)
+        features.append((states[index, positions].half().contiguous(), ids[index, positions + 1].contiguous()))
+    return features
+
+
+def encode_rows(
     classifier: PreferenceClassifier,
     base: LoadedModel,
     rows: list[dict],
-    classes: tuple[str, ...],
     cache: Path | None,
-    desc: str,
-) -> EncodedSet:
-    """``encode``, kept as safetensors under ``cache`` keyed by the rows, classes and backbone: encoding
-    through the frozen backbone takes minutes, training the head on the features seconds."""
-    if cache is None:
-        return encode(classifier, base, rows, classes, desc=desc)
-    key = hashlib.sha256(
-        json.dumps([rows, classes, classifier.config.kind, classifier.config.backbone, base.name]).encode()
-    ).hexdigest()[:24]
-    path = cache / f"{key}.safetensors"
-    if path.exists():
-        return EncodedSet(**load_file(path))
-    encoded = encode(classifier, base, rows, classes, desc=desc)
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in asdict(encoded).items()}, path)
-    return encoded
+    batch_size: int = 8,
+    desc: str = "Encoding",
+) -> list[Features]:
+    """Features for every row, in order. Rows run in length order (little padding) and each response is
+    kept under ``cache``, keyed by its text and the backbone: encoding through the frozen backbone takes
+    seconds per response, training the head on the features seconds in all, and data sets grow."""
+    identity = [classifier.config.kind, classifier.config.backbone, base.name]
+    keys = [
+        hashlib.sha256(
+            json.dumps([instruction_text(row), row["response"], bool(row.get("truncated")), identity]).encode()
+        ).hexdigest()[:32]
+        for row in rows
+    ]
+    features: dict[int, Features] = {}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for index, key in enumerate(keys):
+            if (path := cache / f"{key}.safetensors").exists():
+                stored = load_file(path)
+                features[index] = (stored["hidden"], stored["next_ids"])
+    todo = sorted((i for i in range(len(rows)) if i not in features), key=lambda i: len(rows[i]["response"]))
+    for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not todo):
+        batch = todo[start : start + batch_size]
+        for index, encoded in zip(batch, _encode_batch(classifier, base, [rows[i] for i in batch]), strict=True):
+            features[index] = encoded
+            if cache is not None:
+                save_file({"hidden": encoded[0], "next_ids": encoded[1]}, cache / f"{keys[index]}.safetensors")
+    return [features[index] for index in range(len(rows))]
+
+
+def assemble(features: list[Features], rows: list[dict], classes: tuple[str, ...]) -> EncodedSet:
+    """Stack per-response features into one training set labelled with each response's class."""
+    labels = [classes.index(row["class"]) for row in rows]
+    lengths = [len(next_ids) for _, next_ids in features]
+    return EncodedSet(
+        torch.cat([hidden for hidden, _ in features]),
+        torch.cat([next_ids for _, next_ids in features]),
+        torch.repeat_interleave(torch.tensor(labels), torch.tensor(lengths)),
+        torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths)),
+        torch.tensor(labels),
+    )
 
 
 def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[str, ...]) -> dict:
@@ -155,7 +175,7 @@ def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[
     with torch.no_grad():
         log_probs = torch.cat(
             [
-                classifier.token_log_probs(data.hidden[i : i + 4096], data.next_ids[i : i + 4096])
+                classifier.token_log_probs(data.hidden[i : i + 4096].float(), data.next_ids[i : i + 4096])
                 for i in range(0, len(data.labels), 4096)
             ]
         )
@@ -194,8 +214,9 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
     classifier = classifier or PreferenceClassifier.create(
         base, list(config.classes), head_size=config.head_size, seed=config.seed
     )
-    train = encode_cached(classifier, base, train_rows, config.classes, config.feature_cache, "Encoding train")
-    val = encode_cached(classifier, base, val_rows, config.classes, config.feature_cache, "Encoding validation")
+    features = encode_rows(classifier, base, train_rows + val_rows, config.feature_cache)
+    train = assemble(features[: len(train_rows)], train_rows, config.classes)
+    val = assemble(features[len(train_rows) :], val_rows, config.classes)
     # Balance classes by token count, so long answers do not drown short ones.
     class_tokens = torch.bincount(train.labels, minlength=len(config.classes)).float().clamp(min=1)
     class_weight = class_tokens.sum() / (len(config.classes) * class_tokens)
@@ -208,7 +229,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
         order = torch.randperm(len(train.labels), generator=generator)
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
-            hidden = functional.dropout(train.hidden[batch], config.dropout, training=True)
+            hidden = functional.dropout(train.hidden[batch].float(), config.dropout, training=True)
             log_probs = classifier.token_log_probs(hidden, train.next_ids[batch])
             loss = functional.nll_loss(log_probs, train.labels[batch], weight=class_weight)
             optimizer.zero_grad()
@@ -237,8 +258,9 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
     metrics = {
         "train": evaluate(classifier, train, config.classes),
         "validation": evaluate(classifier, val, config.classes),
+        "validation_by_model": _by_model(classifier, features[len(train_rows) :], val_rows, config.classes),
         "data": {
-            "file": str(config.data),
+            "files": [str(path) for path in config.data],
             "responses": len(rows),
             "refusals_dropped": refusals,
             "train_responses": len(train_rows),
@@ -249,11 +271,24 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
             "per_class": _count_by_class(rows),
         },
         "history": history,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("data", "output", "feature_cache")},
     }
     classifier.save(config.output)
     (Path(config.output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _by_model(
+    classifier: PreferenceClassifier, features: list[Features], rows: list[dict], classes: tuple[str, ...]
+) -> dict[str, dict]:
+    """Validation metrics on each generating model's text alone: the classifier guides the base model,
+    so its own text is the score that matters when training text comes from several models."""
+    by_model: dict[str, dict] = {}
+    for model in sorted({row.get("model", "unknown") for row in rows}):
+        chosen = [index for index, row in enumerate(rows) if row.get("model", "unknown") == model]
+        subset = assemble([features[i] for i in chosen], [rows[i] for i in chosen], classes)
+        by_model[model] = evaluate(classifier, subset, classes)
+    return by_model
 
 
 def _count_by_class(rows: list[dict]) -> dict[str, int]:
