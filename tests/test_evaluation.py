@@ -56,4 +56,7 @@ def test_eval_command_writes_a_report(tmp_path, base, shared_classifier):
     assert numbers["prompts"] == 2
     assert set(numbers["table"]["concise"]) == {"prompt", "guidance", "prompt+guidance"}
     assert "concise+friendly" in numbers["table"] and "| concise | guidance |" in report
+    assert set(numbers["sweep"]["concise"]) == {"0.0", "1.0", "2.0", "4.0", "8.0"}
+    assert numbers["sweep"]["concise"]["4.0"] == numbers["table"]["concise"]["guidance"]  # measured once
+    assert numbers["sweep"]["concise"]["0.0"] == numbers["unguided"]
     assert (tmp_path / "out" / "results_alpha_sweep.png").stat().st_size > 1000

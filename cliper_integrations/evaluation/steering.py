@@ -99,7 +99,10 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     prompts = load_prompts(config.prompts_file, config.limit)
     jobs = [((name,), setting) for name in config.classes for setting in SETTINGS if setting != "unguided"]
     jobs += [(combo, "prompt+guidance") for combo in config.combinations]
-    sweep_jobs = [((name,), alpha) for name in config.classes for alpha in config.sweep if alpha]
+    # α = 0 is the unguided run and α = config.alpha the "guidance" setting: both are measured once.
+    sweep_jobs = [
+        ((name,), alpha) for name in config.classes for alpha in config.sweep if alpha not in (0, config.alpha)
+    ]
     bar = tqdm(total=1 + len(jobs) + len(sweep_jobs), desc="Evaluating", unit="setting")
     unguided = measure(engine, prompts, generate(engine, prompts, {}, False, False, config))
     bar.update()
@@ -110,7 +113,9 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
         responses = generate(engine, prompts, weights, flags["guided"], flags["prompted"], config)
         table.setdefault("+".join(classes), {})[setting] = measure(engine, prompts, responses)
         bar.update()
-    sweep: dict[str, dict[float, dict[str, float]]] = {name: {0.0: unguided} for name in config.classes}
+    sweep: dict[str, dict[float, dict[str, float]]] = {
+        name: {0.0: unguided, config.alpha: table[name]["guidance"]} for name in config.classes
+    }
     for (name,), alpha in sweep_jobs:
         sweep[name][alpha] = measure(engine, prompts, generate(engine, prompts, {name: alpha}, True, False, config))
         bar.update()
