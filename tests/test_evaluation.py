@@ -56,7 +56,25 @@ def test_eval_command_writes_a_report(tmp_path, base, shared_classifier):
     assert numbers["prompts"] == 2
     assert set(numbers["table"]["concise"]) == {"prompt", "guidance", "prompt+guidance"}
     assert "concise+friendly" in numbers["table"] and "| concise | guidance |" in report
+    assert "| unfriendly |" in report.split("## Targets")[1]
+    assert 0.0 <= numbers["table"]["friendly"]["guidance"]["refusals"] <= 1.0
     assert set(numbers["sweep"]["concise"]) == {"0.0", "1.0", "2.0", "4.0", "8.0"}
     assert numbers["sweep"]["concise"]["4.0"] == numbers["table"]["concise"]["guidance"]  # measured once
     assert numbers["sweep"]["concise"]["0.0"] == numbers["unguided"]
     assert (tmp_path / "out" / "results_alpha_sweep.png").stat().st_size > 1000
+
+
+def test_target_verdicts_read_the_direction_of_each_class():
+    from cliper_integrations.evaluation.steering import fluency, moves_further, verdict
+
+    unguided = {"words": 100, "fk_grade": 8.0, "vader": 0.5, "distinct2": 0.8, "perplexity": 3.0}
+    shorter_simpler_sadder = {"words": 50, "fk_grade": 5.0, "vader": 0.1, "distinct2": 0.7, "perplexity": 5.0}
+    assert verdict("concise", unguided, shorter_simpler_sadder) == "0.50× ✔"
+    assert verdict("informative", unguided, shorter_simpler_sadder) == "0.50× ✘"
+    assert verdict("elementary", unguided, shorter_simpler_sadder) == "-3.00 ✔"
+    assert verdict("expert", unguided, shorter_simpler_sadder) == "-3.00 ✘"
+    assert verdict("unfriendly", unguided, shorter_simpler_sadder) == "-0.40 ✔"
+    assert moves_further("concise", unguided, shorter_simpler_sadder).endswith("✔")
+    assert moves_further("friendly", unguided, shorter_simpler_sadder).endswith("✘")
+    assert fluency(unguided, shorter_simpler_sadder) == "ppl 1.67× ✘, distinct-2 0.87× ✘"
+    assert fluency(unguided, unguided) == "ppl 1.00× ✔, distinct-2 1.00× ✔"

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, perplexity, vader_compound, word_count
+from cliper_integrations.training.data import is_refusal
 
 SETTINGS = {
     "unguided": {"guided": False, "prompted": False},
@@ -60,6 +61,8 @@ def measure(engine: CLIPerEngine, prompts: list[str], responses: list[str]) -> d
         "vader": statistics.mean(vader_compound(r) for r in responses),
         "distinct2": distinct_n(responses, 2),
         "perplexity": statistics.median(perplexity(engine, p, r) for p, r in zip(prompts, responses, strict=True)),
+        # guidance must not buy its style by declining the task (DESIGN.md: refusals were distinctive)
+        "refusals": statistics.mean(is_refusal(r) for r in responses),
     }
 
 
@@ -83,15 +86,34 @@ def generate(
     return [result.text for result in results]
 
 
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference else float("nan")
+
+
 def verdict(name: str, base: dict[str, float], row: dict[str, float]) -> str:
+    """The class's target metric against ``base`` (ratio or difference) and whether the target is met."""
     metric, rule, target = TARGETS[name]
     if rule.startswith("ratio"):
-        value = row[metric] / base[metric] if base[metric] else float("nan")
+        value = _ratio(row[metric], base[metric])
         met = value <= target if rule == "ratio<=" else value >= target
         return f"{value:.2f}× {'✔' if met else '✘'}"
     value = row[metric] - base[metric]
     met = value <= target if rule == "diff<=" else value >= target
     return f"{value:+.2f} {'✔' if met else '✘'}"
+
+
+def moves_further(name: str, prompt_only: dict[str, float], combined: dict[str, float]) -> str:
+    """Does adding guidance to the prompt move the class's metric further in the requested direction?"""
+    metric, rule, _ = TARGETS[name]
+    delta = combined[metric] - prompt_only[metric]
+    right = delta < 0 if rule.endswith("<=") else delta > 0
+    return f"{delta:+.2f} {'✔' if right else '✘'}"
+
+
+def fluency(base: dict[str, float], row: dict[str, float]) -> str:
+    """Perplexity ≤ 1.5× and distinct-2 ≥ 0.9× the unguided answers."""
+    ppl, distinct = _ratio(row["perplexity"], base["perplexity"]), _ratio(row["distinct2"], base["distinct2"])
+    return f"ppl {ppl:.2f}× {'✔' if ppl <= 1.5 else '✘'}, distinct-2 {distinct:.2f}× {'✔' if distinct >= 0.9 else '✘'}"
 
 
 def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
@@ -165,15 +187,31 @@ def report(results: dict, config: EvalConfig) -> str:
         "",
         "Unguided: " + ", ".join(f"{k} {v:.2f}" for k, v in base.items()),
         "",
-        "| classes | setting | words | FK grade | VADER | distinct-2 | perplexity | target vs unguided |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| classes | setting | words | FK grade | VADER | distinct-2 | perplexity | refusals | target vs unguided |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for classes, settings in results["table"].items():
         for setting, row in settings.items():
             target = verdict(classes, base, row) if classes in TARGETS else ""
             lines.append(
                 f"| {classes} | {setting} | {row['words']:.1f} | {row['fk_grade']:.2f} | {row['vader']:.3f} | "
-                f"{row['distinct2']:.3f} | {row['perplexity']:.2f} | {target} |"
+                f"{row['distinct2']:.3f} | {row['perplexity']:.2f} | {row['refusals']:.0%} | {target} |"
+            )
+    lines += [
+        "",
+        "## Targets (guided vs unguided; prompting plus guidance vs prompting alone)",
+        "",
+        "| class | guidance | prompt+guidance | prompt+guidance vs prompt | fluency (guidance) "
+        "| fluency (prompt+guidance) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in TARGETS:
+        if name in results["table"]:
+            row = results["table"][name]
+            lines.append(
+                f"| {name} | {verdict(name, base, row['guidance'])} | {verdict(name, base, row['prompt+guidance'])} | "
+                f"{moves_further(name, row['prompt'], row['prompt+guidance'])} | {fluency(base, row['guidance'])} | "
+                f"{fluency(base, row['prompt+guidance'])} |"
             )
     lines += ["", "![metrics against α](results_alpha_sweep.png)", ""]
     return "\n".join(lines)
