@@ -8,12 +8,17 @@ import random
 import torch
 
 from cliper_integrations.core.engine import CLIPerEngine
-from cliper_integrations.training.data import DataGenerationConfig, generate_dataset, is_refusal
+from cliper_integrations.training.data import DataGenerationConfig, generate_dataset, is_degenerate, is_refusal
 from cliper_integrations.training.trainer import TrainConfig, split_by_instruction, train_classifier
 
 STYLE_WORDS = {
     "concise": ["Paris.", "No.", "Yes.", "Done."],
-    "informative": ["The quick brown fox jumps over the lazy dog in thermodynamics, entropy quantifies microstates."],
+    "informative": [
+        "The quick brown fox jumps over the lazy dog.",
+        "In thermodynamics, entropy quantifies microstates.",
+        "Background matters because context explains causes.",
+        "Furthermore, detailed examples illustrate each step thoroughly.",
+    ],
 }
 
 
@@ -23,6 +28,15 @@ def test_refusals_are_detected():
     assert is_refusal("   ")
     assert not is_refusal("Sorry to hear that! Here is a recipe: ...")
     assert not is_refusal("The capital of France is Paris.")
+
+
+def test_answers_stuck_in_a_loop_are_detected():
+    assert is_degenerate("Just a blunt answer, no pleasantries, " + "no encouragement, " * 10)
+    assert not is_degenerate("No, no, no.")  # too short to judge
+    assert not is_degenerate(
+        "Rain forms when water vapour condenses into droplets around dust; the droplets merge, grow heavy "
+        "and fall. Warm air holds more vapour, so summer storms can drop a lot of water quickly."
+    )
 
 
 def test_data_generation_is_batched_seeded_and_resumable(tmp_path, base):
@@ -74,8 +88,7 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
     rows = []
     for n in range(40):
         for name in ("concise", "informative"):
-            words = STYLE_WORDS[name] * 2
-            rng.shuffle(words)
+            words = rng.sample(STYLE_WORDS[name], 3)
             rows.append(
                 {
                     "id": f"i{n}",
@@ -89,6 +102,7 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
                 }
             )
     rows.append({**rows[0], "id": "i99", "response": "I'm sorry, but I can't assist.", "refusal": True})
+    rows.append({**rows[0], "id": "i98", "response": "no, no, no, no, " * 8})
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = TrainConfig(
@@ -103,9 +117,9 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
         feature_cache=tmp_path / "features",
     )
     metrics = train_classifier(base, config)
-    assert len(list(config.feature_cache.iterdir())) == len(rows) - 1  # one file per usable response
+    assert len(list(config.feature_cache.iterdir())) == len(rows) - 2  # one file per usable response
     assert set(metrics["validation_by_model"]) == {"tiny", "other"}
-    assert metrics["data"]["refusals_dropped"] == 1
+    assert metrics["data"]["refusals_dropped"] == 1 and metrics["data"]["degenerate_dropped"] == 1
     assert metrics["validation"]["response_accuracy"] >= 0.9
     assert metrics["validation"]["axes"]["length"]["response_accuracy"] >= 0.9
     assert (config.output / "classifier.safetensors").exists() and (config.output / "metrics.json").exists()

@@ -33,6 +33,16 @@ def is_refusal(text: str) -> bool:
     return bool(REFUSAL.search(text.strip())) or not text.strip()
 
 
+def is_degenerate(text: str, n: int = 3, min_words: int = 12, min_distinct: float = 0.6) -> bool:
+    """True for answers stuck in a loop (under 60 % distinct word n-grams): what sets their style apart
+    is the loop itself, and a classifier trained on them would steer towards repetition."""
+    words = text.split()
+    if len(words) < min_words:
+        return False
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) < min_distinct
+
+
 def read_jsonl(path: Path) -> Iterator[dict]:
     with path.open(encoding="utf-8") as handle:
         for line in handle:
@@ -100,6 +110,7 @@ def generate_dataset(engine: CLIPerEngine, config: DataGenerationConfig) -> Coun
                         "new_tokens": result.completion_tokens,
                         "truncated": result.finish_reason == "length",
                         "refusal": is_refusal(result.text),
+                        "degenerate": is_degenerate(result.text),
                         "model": engine.loaded.name,
                     }
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")

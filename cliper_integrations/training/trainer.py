@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.models import LoadedModel
 from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES
 from cliper_integrations.core.prompting import instruction_text, render_chat
-from cliper_integrations.training.data import read_jsonl
+from cliper_integrations.training.data import is_degenerate, is_refusal, read_jsonl
 
 
 @dataclass
@@ -61,16 +61,19 @@ Features = tuple[torch.Tensor, torch.Tensor]
 """One response's (prefix states [T, H], observed next tokens [T])."""
 
 
-def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dict], int]:
-    """Usable rows (known class, not a refusal) from every file; also how many refusals were dropped."""
-    rows, refusals = [], 0
+def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dict], Counter]:
+    """Usable rows from every file, and counts of what was dropped: refusals and answers stuck in a loop
+    (judged from the text, so rows written before a check existed are judged the same way)."""
+    rows, dropped = [], Counter()
     for path in paths:
         for row in read_jsonl(path):
-            if row.get("refusal"):
-                refusals += 1
-            elif row["class"] in classes and row["response"].strip():
+            if row.get("refusal") or is_refusal(row["response"]):
+                dropped["refusals"] += 1
+            elif is_degenerate(row["response"]):
+                dropped["degenerate"] += 1
+            elif row["class"] in classes:
                 rows.append(row)
-    return rows, refusals
+    return rows, dropped
 
 
 def split_by_instruction(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -209,7 +212,7 @@ def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[
 def train_classifier(base: LoadedModel, config: TrainConfig, classifier: PreferenceClassifier | None = None) -> dict:
     """Train, early-stop on validation loss, save the best head and a metrics JSON; return the metrics."""
     torch.manual_seed(config.seed)
-    rows, refusals = load_rows(config.data, config.classes)
+    rows, dropped = load_rows(config.data, config.classes)
     train_rows, val_rows = split_by_instruction(rows, config.val_fraction, config.seed)
     classifier = classifier or PreferenceClassifier.create(
         base, list(config.classes), head_size=config.head_size, seed=config.seed
@@ -262,7 +265,8 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
         "data": {
             "files": [str(path) for path in config.data],
             "responses": len(rows),
-            "refusals_dropped": refusals,
+            "refusals_dropped": dropped["refusals"],
+            "degenerate_dropped": dropped["degenerate"],
             "train_responses": len(train_rows),
             "validation_responses": len(val_rows),
             "train_instructions": len({r["id"] for r in train_rows}),
