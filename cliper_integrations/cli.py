@@ -250,6 +250,7 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="only the first N prompts (a quick check)")] = None,
     alpha: float = 4.0,
     max_new_tokens: int = 160,
+    batch_size: Annotated[int, typer.Option(help="prompts decoded together per setting")] = 8,
     model: ModelOption = EMBEDDED_SPEC,
     classifier: ClassifierOption = "default",
 ) -> None:
@@ -260,7 +261,9 @@ def evaluate(
         engine = _engine(model, classifier)
         if engine.classifier is None:
             raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))
-        results = run_eval(engine, EvalConfig(prompts, output, limit, alpha, max_new_tokens=max_new_tokens))
+        results = run_eval(
+            engine, EvalConfig(prompts, output, limit, alpha, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        )
     except (CLIPerError, OSError) as error:
         raise _fail(error) from error
     typer.echo(f"{results['prompts']} prompts; report written to {output / 'results.md'}")

@@ -44,6 +44,8 @@ def test_eval_command_writes_a_report(tmp_path, base, shared_classifier):
             "2",
             "--max-new-tokens",
             "6",
+            "--batch-size",
+            "1",
             "--model",
             str(folder),
             "--classifier",
