@@ -66,6 +66,18 @@ def test_eval_command_writes_a_report(tmp_path, base, shared_classifier):
     assert (tmp_path / "out" / "results_alpha_sweep.png").stat().st_size > 1000
 
 
+def test_rewriting_the_report_keeps_the_hand_written_notes(tmp_path):
+    from cliper_integrations.evaluation.steering import NOTES_MARKER, write_report
+
+    page = tmp_path / "results.md"
+    write_report(page, "# Steering results\n\nold numbers")
+    page.write_text(page.read_text() + "Concise missed its target because ...\n")
+    write_report(page, "# Steering results\n\nnew numbers")
+    text = page.read_text()
+    assert "new numbers" in text and "old numbers" not in text
+    assert text.index(NOTES_MARKER) < text.index("Concise missed its target because")
+
+
 def test_target_verdicts_read_the_direction_of_each_class():
     from cliper_integrations.evaluation.steering import fluency, moves_further, verdict
 

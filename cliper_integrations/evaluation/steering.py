@@ -153,7 +153,7 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     config.output.mkdir(parents=True, exist_ok=True)
     plot_sweep(sweep, config.output / "results_alpha_sweep.png")
     (config.output / "results.json").write_text(json.dumps(results, indent=2))
-    (config.output / "results.md").write_text(report(results, config))
+    write_report(config.output / "results.md", report(results, config))
     return results
 
 
@@ -175,6 +175,17 @@ def plot_sweep(sweep: dict[str, dict[float, dict[str, float]]], path: Path) -> N
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+NOTES_MARKER = "<!-- Notes below this line are written by hand and kept when `cliper eval` rewrites the page. -->"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write the generated report, keeping the hand-written notes (why a target was missed) of a previous run."""
+    notes = NOTES_MARKER + "\n"
+    if path.exists() and NOTES_MARKER in (previous := path.read_text()):
+        notes = previous[previous.index(NOTES_MARKER) :]
+    path.write_text(text + "\n" + notes)
 
 
 def report(results: dict, config: EvalConfig) -> str:
