@@ -59,7 +59,7 @@ def test_data_generation_is_batched_seeded_and_resumable(tmp_path, base):
     assert generate_dataset(engine, config)["written"] == 6
     rows = [json.loads(line) for line in config.output.read_text().splitlines()]
     assert {(r["id"], r["class"]) for r in rows} == {(i, c) for i in {r["id"] for r in rows} for c in config.classes}
-    assert all(r["new_tokens"] <= 6 and "refusal" in r for r in rows)
+    assert all(r["new_tokens"] <= 6 and "refusal" in r and "degenerate" in r for r in rows)
     assert generate_dataset(engine, config)["written"] == 0  # resumed: nothing left to do
     config.output.write_text("\n".join(config.output.read_text().splitlines()[:4]) + "\n")
     assert generate_dataset(engine, config)["written"] == 2
