@@ -251,6 +251,9 @@ def evaluate(
     alpha: float = 4.0,
     max_new_tokens: int = 160,
     batch_size: Annotated[int, typer.Option(help="prompts decoded together per setting")] = 8,
+    sweep: Annotated[
+        bool, typer.Option(help="also guide at α = 1, 2, 8 for the α plot (skip for a quick check)")
+    ] = True,
     model: ModelOption = EMBEDDED_SPEC,
     classifier: ClassifierOption = "default",
 ) -> None:
@@ -262,7 +265,16 @@ def evaluate(
         if engine.classifier is None:
             raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))
         results = run_eval(
-            engine, EvalConfig(prompts, output, limit, alpha, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            engine,
+            EvalConfig(
+                prompts,
+                output,
+                limit,
+                alpha,
+                sweep=EvalConfig.sweep if sweep else (),
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            ),
         )
     except (CLIPerError, OSError) as error:
         raise _fail(error) from error
