@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 from cliper_integrations.core.preferences import DEFAULT_CLASSES
 from cliper_integrations.core.prompting import instruction_text, with_preference_request
+from cliper_integrations.evaluation.metrics import distinct_n
 
 REFUSAL = re.compile(
     r"^\W*(i'?m sorry|i am sorry|sorry, but|i can(?:no|')t (?:assist|help|comply|provide|do)|"
@@ -36,11 +37,7 @@ def is_refusal(text: str) -> bool:
 def is_degenerate(text: str, n: int = 3, min_words: int = 12, min_distinct: float = 0.6) -> bool:
     """True for answers stuck in a loop (under 60 % distinct word n-grams): what sets their style apart
     is the loop itself, and a classifier trained on them would steer towards repetition."""
-    words = text.split()
-    if len(words) < min_words:
-        return False
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) < min_distinct
+    return len(text.split()) >= min_words and distinct_n([text], n) < min_distinct
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
