@@ -197,6 +197,13 @@ def train(
     feature_cache: Annotated[
         Path | None, typer.Option(help="folder to keep encoded backbone features in, for later runs")
     ] = Path("runs/features"),
+    contrast_filter: Annotated[
+        bool, typer.Option(help="keep only answers whose text shows their class against the opposite pole")
+    ] = True,
+    form: Annotated[
+        str, typer.Option(help="bayes (scores candidates against the base model; shared backbone) or direct")
+    ] = "bayes",
+    generative_weight: Annotated[float, typer.Option(help="bayes form: weight of the next-token loss")] = 0.5,
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
     from cliper_integrations.core.classifier import PreferenceClassifier
@@ -215,6 +222,9 @@ def train(
         val_fraction=val_fraction,
         seed=seed,
         feature_cache=feature_cache,
+        contrast_filter=contrast_filter,
+        form=form,
+        generative_weight=generative_weight,
     )
     try:
         base = load_model(model)
@@ -227,11 +237,15 @@ def train(
                 backbone=load_model(backbone),
                 head_size=head_size,
                 seed=seed,
+                form=form,
             )
         metrics = train_classifier(base, config, classifier)
-    except (CLIPerError, OSError) as error:
+    except (CLIPerError, OSError, ValueError) as error:
         raise _fail(error) from error
-    for name, validation in [("validation", metrics["validation"]), *metrics["validation_by_model"].items()]:
+    reports = [("validation", metrics["validation"]), *metrics["validation_by_model"].items()]
+    if contrast_filter:
+        reports.append(("validation, unfiltered", metrics["validation_unfiltered"]))
+    for name, validation in reports:
         typer.echo(
             f"{name}: token accuracy {validation['token_accuracy']:.3f}, "
             f"response accuracy {validation['response_accuracy']:.3f}"

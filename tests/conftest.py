@@ -30,9 +30,15 @@ def separate_classifier(base, separate_backbone):
     return tiny_classifier(base, "separate", backbone=separate_backbone, seed=2)
 
 
-@pytest.fixture(params=["shared", "separate"])
-def classifier(request, shared_classifier, separate_classifier):
-    return shared_classifier if request.param == "shared" else separate_classifier
+@pytest.fixture(scope="session")
+def bayes_classifier(base):
+    return tiny_classifier(base, "shared", seed=3, form="bayes")
+
+
+@pytest.fixture(params=["shared", "separate", "bayes"])
+def classifier(request, shared_classifier, separate_classifier, bayes_classifier):
+    """Each way of scoring: the shared and the separate backbone (direct form), and the bayes form."""
+    return {"shared": shared_classifier, "separate": separate_classifier, "bayes": bayes_classifier}[request.param]
 
 
 @pytest.fixture(autouse=True)

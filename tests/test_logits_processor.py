@@ -78,8 +78,9 @@ def test_guidance_follows_the_formula(base, classifier):
     from cliper_integrations.core.classifier import BackboneState
 
     hidden = classifier.prefix_hidden(BackboneState(incremental=False), input_ids, mask)
-    log_cls = classifier.log_probs(hidden)[:, : scores.shape[-1]]
-    expected = torch.log_softmax(torch.log_softmax(scores, -1) + (log_cls * alpha[:, None]).sum(-1), -1)
+    log_lm = torch.log_softmax(scores, -1)
+    log_cls = classifier.log_probs(hidden, None, log_lm)[:, : scores.shape[-1]]
+    expected = torch.log_softmax(log_lm + (log_cls * alpha[:, None]).sum(-1), -1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert torch.allclose(out.exp().sum(-1), torch.ones(1))
 
@@ -115,12 +116,20 @@ def test_top_k_mode_agrees_with_full_vocabulary_on_the_candidates(base, classifi
     alpha = weights([1, 0, 2, 0, 0, 0], [0, 0, 0, 4, 0, 0])
     full = ClassifierGuidedLogitsProcessor(classifier, alpha, mask, top_k=None)(input_ids, scores)
     top = ClassifierGuidedLogitsProcessor(classifier, alpha, mask, top_k=10, always_include=[3])(input_ids, scores)
+    from cliper_integrations.core.classifier import BackboneState
+
+    hidden = classifier.prefix_hidden(BackboneState(incremental=False), input_ids, mask)
+    log_lm = torch.log_softmax(scores, -1)
     for row in range(2):
         candidates = torch.isfinite(top[row]).nonzero().squeeze(-1)
         assert len(candidates) in (10, 11) and 3 in candidates.tolist()
         assert set(scores[row].topk(10).indices.tolist()) <= set(candidates.tolist())
-        renormalized = torch.log_softmax(full[row, candidates], -1)
-        torch.testing.assert_close(top[row, candidates], renormalized, rtol=1e-5, atol=1e-5)
+        if classifier.config.form == "direct":  # p_cls(c | prefix, x) does not depend on the other candidates
+            expected = torch.log_softmax(full[row, candidates], -1)
+        else:  # the bayes normaliser runs over the candidates themselves
+            log_cls = classifier.log_probs(hidden[row : row + 1], candidates[None], log_lm[row, candidates][None])[0]
+            expected = torch.log_softmax(log_lm[row, candidates] + (log_cls * alpha[row]).sum(-1), -1)
+        torch.testing.assert_close(top[row, candidates], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_top_k_masking_keeps_greedy_choice_for_small_weights(base, classifier):

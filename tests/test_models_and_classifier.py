@@ -80,8 +80,11 @@ def test_classifier_round_trips_through_safetensors(tmp_path, base, classifier):
     assert config["kind"] == classifier.kind and config["classes"][0] == "elementary"
     loaded = PreferenceClassifier.load(folder, base)
     hidden = torch.randn(2, classifier.config.hidden_size)
-    candidates = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    torch.testing.assert_close(loaded.log_probs(hidden, candidates), classifier.log_probs(hidden, candidates))
+    candidates, log_lm = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.log_softmax(torch.randn(2, 3), -1)
+    assert loaded.config == classifier.config
+    torch.testing.assert_close(
+        loaded.log_probs(hidden, candidates, log_lm), classifier.log_probs(hidden, candidates, log_lm)
+    )
     if classifier.kind == "separate":
         assert loaded.backbone is classifier.backbone
 
@@ -106,7 +109,13 @@ def test_sequence_log_probs_match_per_step_scoring(base, classifier):
 
     ids = torch.tensor([[0, 0, 11, 12, 13, 14]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
-    per_position = classifier.sequence_log_probs(ids, mask)
+    per_position = classifier.sequence_log_probs(ids, mask, top_k=5)
     hidden = classifier.prefix_hidden(BackboneState(incremental=False), ids[:, :4], mask[:, :4])
-    step = classifier.log_probs(hidden, ids[:, 4:5])
+    # as at decoding: the bayes form scores the token among the base model's top 5 (and itself)
+    positions = (mask[:, :4].cumsum(-1) - 1).clamp(min=0)
+    logits = base.model(input_ids=ids[:, :4], attention_mask=mask[:, :4], position_ids=positions).logits[:, -1]
+    log_lm = torch.log_softmax(logits.detach(), -1)
+    observed = ids[0, 4].item()
+    candidates = torch.tensor([[observed, *[t for t in log_lm[0].topk(5).indices.tolist() if t != observed]]])
+    step = classifier.log_probs(hidden, candidates, log_lm.gather(1, candidates))
     torch.testing.assert_close(per_position[:, 3], step[:, 0], rtol=1e-4, atol=1e-4)

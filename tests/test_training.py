@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 
 from cliper_integrations.core.engine import CLIPerEngine
-from cliper_integrations.training.data import DataGenerationConfig, generate_dataset, is_degenerate, is_refusal
+from cliper_integrations.training.data import (
+    DataGenerationConfig,
+    generate_dataset,
+    is_degenerate,
+    is_refusal,
+    keep_contrasting,
+)
 from cliper_integrations.training.trainer import TrainConfig, split_by_instruction, train_classifier
 
 STYLE_WORDS = {
@@ -72,6 +79,42 @@ def rows_as_lines(rows):
     return [json.dumps(r, ensure_ascii=False) for r in rows]
 
 
+def test_only_answers_that_show_their_class_against_the_opposite_pole_are_kept():
+    simple = "The cat sat on the mat. It was warm. The cat was happy."
+    technical = (
+        "Thermodynamic equilibrium necessitates simultaneous minimisation of the Helmholtz free energy "
+        "under isothermal, isochoric constraints, characterising macroscopic configurational stability."
+    )
+
+    def row(instruction: str, name: str, response: str, model: str = "m") -> dict:
+        return {"id": instruction, "class": name, "response": response, "model": model}
+
+    rows = [
+        row("a", "elementary", simple),
+        row("a", "expert", technical),  # two pole answers that differ: both kept
+        row("b", "elementary", technical),
+        row("b", "expert", technical),  # "expert" no harder than "elementary": both dropped
+        row("c", "concise", "Paris."),  # its pole partner was written by another model: dropped
+        row("c", "informative", simple + " " + simple, model="other"),
+        row("d", "concise", "Paris."),
+        row("d", "informative", simple + " " + simple),
+        row("e", "friendly", "I love this, you are wonderful and great!"),
+        row("e", "unfriendly", "This is terrible, awful and stupid."),
+        row("f", "pirate", "Arr."),  # a class of its own has no pole to compare with
+    ]
+    kept, dropped = keep_contrasting(rows)
+    assert [(r["id"], r["class"]) for r in kept] == [
+        ("a", "elementary"),
+        ("a", "expert"),
+        ("d", "concise"),
+        ("d", "informative"),
+        ("e", "friendly"),
+        ("e", "unfriendly"),
+        ("f", "pirate"),
+    ]
+    assert dropped == {"expertise": 2, "length": 2}
+
+
 def test_split_keeps_each_instruction_on_one_side_as_data_grows():
     rows = [{"id": f"i{n}", "class": c} for n in range(1000) for c in ("concise", "expert")]
     train, val = split_by_instruction(rows, 0.25, seed=0)
@@ -83,7 +126,8 @@ def test_split_keeps_each_instruction_on_one_side_as_data_grows():
     assert other_seed != val
 
 
-def test_classifier_learns_a_separable_style(tmp_path, base):
+@pytest.mark.parametrize("form", ["bayes", "direct"])
+def test_classifier_learns_a_separable_style(tmp_path, base, form):
     rng = random.Random(0)
     rows = []
     for n in range(40):
@@ -115,6 +159,8 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
         patience=10,
         dropout=0.0,
         feature_cache=tmp_path / "features",
+        form=form,
+        candidates=8,
     )
     metrics = train_classifier(base, config)
     assert len(list(config.feature_cache.iterdir())) == len(rows) - 2  # one file per usable response
@@ -138,7 +184,10 @@ def test_classifier_learns_a_separable_style(tmp_path, base):
     hidden = loaded.prefix_hidden(
         BackboneState(incremental=False), torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long)
     )
-    scores = loaded.log_probs(hidden, first_tokens)[0]
+    prompt_logits = base.model(input_ids=torch.tensor([prompt])).logits[:, -1].detach()
+    log_lm = torch.log_softmax(prompt_logits, -1).gather(1, first_tokens)
+    assert loaded.config.form == form
+    scores = loaded.log_probs(hidden, first_tokens, log_lm)[0]
     assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
     # a second run reads every response from the feature cache and reproduces the first
     again = train_classifier(base, TrainConfig(**{**config.__dict__, "output": tmp_path / "again"}))

@@ -72,10 +72,12 @@ def tiny_loaded(spec: str = "tiny-base", seed: int = 0, tokenizer=None, context:
     return loaded
 
 
-def tiny_classifier(base: LoadedModel, kind: str = "shared", backbone: LoadedModel | None = None, seed: int = 1):
+def tiny_classifier(
+    base: LoadedModel, kind: str = "shared", backbone: LoadedModel | None = None, seed: int = 1, form: str = "direct"
+):
     """A random classifier whose head is scaled up so that guidance visibly changes the output."""
     classifier = PreferenceClassifier.create(
-        base, list(DEFAULT_CLASSES), kind=kind, backbone=backbone, head_size=16, seed=seed
+        base, list(DEFAULT_CLASSES), kind=kind, backbone=backbone, head_size=16, seed=seed, form=form
     )
     with torch.no_grad():
         classifier.head.out.weight.mul_(20)

@@ -7,9 +7,16 @@ One head, two sources of the prefix's hidden state:
 * ``separate``: any Hugging Face causal LM that shares the base model's tokenizer (the paper's setup:
   a small model steering a large one), run incrementally on exactly the tokens being generated.
 
-The head combines the prefix state h with the candidate's input embedding e(x)::
+The head combines the prefix state h with the candidate's input embedding e(x) into one score per
+class, s(h, x) = W_out · LayerNorm(GELU(W_h h + W_e e(x) + b)), read in one of two forms:
 
-    log p_cls(· | prefix, x) = log_softmax(W_out · LayerNorm(GELU(W_h h + W_e e(x) + b)))
+* ``direct``: log p_cls(· | prefix, x) = log_softmax_c s(h, x);
+* ``bayes``: s_c scores how much class c raises candidate x above the base model, so that over the
+  candidate set X (the base model's top-k), p(x | prefix, c) = p_LM(x) e^{s_c(h,x)} / Σ_{x'∈X} p_LM(x')
+  e^{s_c(h,x')}, and Bayes' rule with a uniform class prior gives
+  log p_cls(c | prefix, x) = log_softmax_c log p(x | prefix, c). A class's score can then only be earned
+  by telling candidates apart, which is what guidance needs (the direct form, trained on one observed
+  token per position, mostly learns which class the *prefix* is, and barely reorders candidates).
 
 Saved as ``classifier.safetensors`` (head only) plus ``classifier.json`` (config); never pickle.
 """
@@ -54,6 +61,7 @@ class ClassifierConfig(BaseModel):
     tokenizer_fingerprint: str
     backbone: str | None = Field(default=None, description="model spec of a separate backbone")
     base_model: str | None = Field(default=None, description="name of the model it was trained to steer")
+    form: Literal["direct", "bayes"] = "direct"
     format_version: int = 1
 
 
@@ -68,9 +76,20 @@ class PreferenceHead(nn.Module):
         self.out = nn.Linear(head_size, num_classes)
 
     def forward(self, prefix_hidden: torch.Tensor, projected_candidates: torch.Tensor) -> torch.Tensor:
-        """``prefix_hidden`` [..., H] and projected candidates [..., N, D] -> class log-probs [..., N, K]."""
+        """``prefix_hidden`` [..., H] and projected candidates [..., N, D] -> class scores [..., N, K]."""
         joint = self.prefix_proj(prefix_hidden).unsqueeze(-2) + projected_candidates
-        return torch.log_softmax(self.out(self.norm(nn.functional.gelu(joint))).float(), dim=-1)
+        return self.out(self.norm(nn.functional.gelu(joint))).float()
+
+
+def bayes_posterior(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> torch.Tensor:
+    """log p(c | prefix, x) from class scores [..., N, K] and the base log-probs of the N candidates.
+
+    log p(x | prefix, c) = log p_LM(x) + s_c(x) - logsumexp_{x'} (log p_LM(x') + s_c(x')), then a
+    softmax over classes (uniform prior). Candidates with log p_LM = -inf take no part in the sums and
+    come out as NaN rows, which the logits processor masks.
+    """
+    joint = candidate_log_lm.float().unsqueeze(-1) + scores
+    return torch.log_softmax(joint - torch.logsumexp(joint, dim=-2, keepdim=True), dim=-1)
 
 
 _TAP_LOCAL = threading.local()
@@ -116,10 +135,13 @@ class PreferenceClassifier(nn.Module):
         backbone: LoadedModel | None = None,
         head_size: int = 256,
         seed: int = 0,
+        form: Literal["direct", "bayes"] = "direct",
     ) -> PreferenceClassifier:
         """A freshly initialised classifier for ``base`` (train it before use)."""
         if kind == "separate" and backbone is None:
             raise ValueError("A separate-backbone classifier needs a backbone model")
+        if kind == "separate" and form == "bayes":
+            raise ValueError("The bayes form is trained on the base model's own hidden states: use kind='shared'")
         source = base if kind == "shared" else backbone
         assert source is not None
         fingerprint = tokenizer_fingerprint(base.tokenizer)
@@ -135,6 +157,7 @@ class PreferenceClassifier(nn.Module):
             tokenizer_fingerprint=fingerprint,
             backbone=None if kind == "shared" else source.spec,
             base_model=base.name,
+            form=form,
         )
         return cls(config, source.model)
 
@@ -209,27 +232,103 @@ class PreferenceClassifier(nn.Module):
                 self._projected_vocab = (key, self.head.candidate_proj(self._candidate_table().float()))
         return self._projected_vocab[1]
 
-    def log_probs(self, prefix_hidden: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
-        """log p_cls(c | prefix, x): [B, N, K] for candidate ids [B, N], or [B, V, K] when None."""
+    def _project(self, ids: torch.Tensor) -> torch.Tensor:
+        """W_e e(x) for token ids [...] -> [..., D], each distinct id projected once (a training batch
+        repeats the same few thousand tokens tens of times)."""
+        distinct, inverse = ids.unique(return_inverse=True)
+        return self.head.candidate_proj(self._candidate_table()[distinct].float())[inverse]
+
+    def log_probs(
+        self,
+        prefix_hidden: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+        candidate_log_lm: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log p_cls(c | prefix, x): [B, N, K] for candidate ids [B, N], or [B, V, K] when None.
+
+        The bayes form also needs the base model's log-probs of those candidates ([B, N] or [B, V]).
+        """
         if candidates is None:
             projected = self._projected_vocabulary().unsqueeze(0)
+            if candidate_log_lm is not None:  # the embedding table may hold more rows than the LM scores
+                missing = projected.shape[-2] - candidate_log_lm.shape[-1]
+                candidate_log_lm = nn.functional.pad(candidate_log_lm, (0, missing), value=float("-inf"))
         else:
-            projected = self.head.candidate_proj(self._candidate_table()[candidates].float())
-        return self.head(prefix_hidden.float(), projected)
+            projected = self._project(candidates)
+        scores = self.head(prefix_hidden.float(), projected)
+        if self.config.form == "direct":
+            return torch.log_softmax(scores, dim=-1)
+        if candidate_log_lm is None:
+            raise ValueError("A bayes-form classifier needs the base model's log-probs of the candidates")
+        return bayes_posterior(scores, candidate_log_lm)
 
-    def sequence_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """For each position t, log p_cls(c | tokens ≤ t, token t+1): [B, T-1, K] (training and measuring)."""
+    def base_candidates(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base model's ``top_k`` candidates after final hidden states [..., H], their log-probs, and
+        the log-prob of the observed next tokens [...] (the shared backbone *is* the base model, so its
+        output layer gives p_LM): what the bayes form scores an observed token among."""
+        if self.kind != "shared":
+            raise ValueError("Base candidates come from the shared backbone's own output layer")
+        with torch.no_grad():
+            log_lm = torch.log_softmax(self.backbone.get_output_embeddings()(hidden.float()).float(), dim=-1)
+        top = log_lm.topk(top_k, dim=-1)
+        return top.indices, top.values, log_lm.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+
+    def sequence_log_probs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 32
+    ) -> torch.Tensor:
+        """For each position t, log p_cls(c | tokens ≤ t, token t+1): [B, T-1, K] (training and measuring).
+
+        The bayes form scores token t+1 among the base model's ``top_k`` candidates and itself."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             hidden = self.backbone.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-            ).last_hidden_state.float()
-        return self.token_log_probs(hidden[:, :-1], input_ids[:, 1:])
+            ).last_hidden_state.float()[:, :-1]
+        if self.config.form == "direct":
+            return self.token_log_probs(hidden, input_ids[:, 1:])
+        return self.token_log_probs(hidden, input_ids[:, 1:], *self.base_candidates(hidden, input_ids[:, 1:], top_k))
 
-    def token_log_probs(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
-        """Class log-probs for observed (hidden state, next token) pairs: [..., K]."""
-        projected = self.head.candidate_proj(self._candidate_table()[next_ids].float()).unsqueeze(-2)
-        return self.head(hidden, projected).squeeze(-2)
+    def token_log_probs(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+        candidate_log_lm: torch.Tensor | None = None,
+        next_log_lm: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Class log-probs for observed (hidden state, next token) pairs: [..., K].
+
+        The bayes form scores the observed token among the base model's candidates [..., k] (their
+        log-probs [..., k] and its own [...])."""
+        if self.config.form == "direct":
+            projected = self._project(next_ids).unsqueeze(-2)
+            return torch.log_softmax(self.head(hidden, projected).squeeze(-2), dim=-1)
+        return torch.log_softmax(
+            self.token_log_likelihoods(hidden, next_ids, candidates, candidate_log_lm, next_log_lm), -1
+        )
+
+    def token_log_likelihoods(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        candidates: torch.Tensor | None,
+        candidate_log_lm: torch.Tensor | None,
+        next_log_lm: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Bayes form: log p(x_t | prefix, c) of each observed token among the base candidates, per class
+        [..., K]; a candidate equal to the observed token counts once."""
+        if candidates is None or candidate_log_lm is None or next_log_lm is None:
+            raise ValueError("A bayes-form classifier scores a token among the base model's candidates")
+        # a duplicate of the observed token drops out of the sums (exp(-1e4) is 0 in float32) with no
+        # -inf, whose NaN would reach the gradient
+        others = candidate_log_lm.float().masked_fill(candidates == next_ids.unsqueeze(-1), -1e4)
+        ids = torch.cat([next_ids.unsqueeze(-1), candidates.long()], dim=-1)
+        log_lm = torch.cat([next_log_lm.float().unsqueeze(-1), others], dim=-1)
+        projected = self._project(ids)
+        joint = log_lm.unsqueeze(-1) + self.head(hidden.float(), projected)
+        return joint[..., 0, :] - torch.logsumexp(joint, dim=-2)
 
     # --- persistence --------------------------------------------------------------------------
 

@@ -84,11 +84,13 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         prefix = self.classifier.prefix_hidden(self.state, input_ids, self._attention_mask(input_ids))
         log_lm = torch.log_softmax(scores.float(), dim=-1)
         if self.top_k is None:
-            bonus = (self.classifier.log_probs(prefix)[:, : log_lm.shape[-1]] * weights[:, None, :]).sum(-1)
+            log_cls = self.classifier.log_probs(prefix, None, log_lm)[:, : log_lm.shape[-1]]
+            bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = log_lm + bonus
         else:
             candidates = self._candidates(log_lm)
-            bonus = (self.classifier.log_probs(prefix, candidates) * weights[:, None, :]).sum(-1)
+            log_cls = self.classifier.log_probs(prefix, candidates, log_lm.gather(1, candidates))
+            bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = torch.full_like(log_lm, float("-inf"))
             guided.scatter_(1, candidates, log_lm.gather(1, candidates) + bonus)
         guided = torch.log_softmax(guided.masked_fill(guided.isnan(), float("-inf")), dim=-1)

@@ -36,6 +36,11 @@ PREFERENCE_REQUESTS: dict[str, str] = {
 }
 
 
+def axis_of(name: str) -> str:
+    """The default axis a class belongs to ("" for a class outside the default axes)."""
+    return next((axis for axis, poles in AXES.items() if name in poles), "")
+
+
 def opposite(name: str) -> str | None:
     """The other pole of the axis ``name`` belongs to, or None for a class outside the default axes."""
     for first, second in AXES.values():

@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
-from cliper_integrations.core.preferences import DEFAULT_CLASSES
+from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, axis_of
 from cliper_integrations.core.prompting import instruction_text, with_preference_request
-from cliper_integrations.evaluation.metrics import distinct_n
+from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, vader_compound, word_count
 
 REFUSAL = re.compile(
     r"^\W*(i'?m sorry|i am sorry|sorry, but|i can(?:no|')t (?:assist|help|comply|provide|do)|"
@@ -38,6 +38,43 @@ def is_degenerate(text: str, n: int = 3, min_words: int = 12, min_distinct: floa
     """True for answers stuck in a loop (under 60 % distinct word n-grams): what sets their style apart
     is the loop itself, and a classifier trained on them would steer towards repetition."""
     return len(text.split()) >= min_words and distinct_n([text], n) < min_distinct
+
+
+# When do two answers to one instruction, asked for the two poles of an axis, show the axis? When they
+# differ at least as much as the steering targets ask of guidance (docs/results.md). Measured by the same
+# independent libraries as the evaluation, on the training instructions only.
+CONTRAST_RULES: dict[str, Callable[[str, str], bool]] = {
+    "expertise": lambda elementary, expert: fk_grade(expert) - fk_grade(elementary) >= 2.0,
+    "length": lambda concise, informative: word_count(concise) <= 0.6 * word_count(informative),
+    "tone": lambda friendly, unfriendly: vader_compound(friendly) - vader_compound(unfriendly) >= 0.4,
+}
+
+
+def keep_contrasting(rows: Sequence[dict]) -> tuple[list[dict], Counter]:
+    """Keep the answers whose text does what their label says, judged against the opposite pole.
+
+    A small model asked for "expert" often writes at the same grade as when asked for "elementary" (half
+    of the embedded model's pairs), so the label alone is noise. A pole's answer is kept only when the
+    same model answered the same instruction for the opposite pole and the pair passes the axis's rule;
+    both answers of a pair stay or go together. Classes outside the default axes pass untouched.
+    Returns the kept rows and how many were dropped per axis.
+    """
+    by_pair: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)
+    for row in rows:
+        by_pair[(row.get("model", ""), row["id"], axis_of(row["class"]))][row["class"]] = row["response"]
+    shows_axis = {
+        key: all(pole in pair for pole in AXES[key[2]]) and CONTRAST_RULES[key[2]](*(pair[p] for p in AXES[key[2]]))
+        for key, pair in by_pair.items()
+        if key[2] in CONTRAST_RULES
+    }
+    kept, dropped = [], Counter()
+    for row in rows:
+        key = (row.get("model", ""), row["id"], axis_of(row["class"]))
+        if shows_axis.get(key, True):
+            kept.append(row)
+        else:
+            dropped[key[2]] += 1
+    return kept, dropped
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:

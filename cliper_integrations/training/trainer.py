@@ -4,6 +4,11 @@ The loss is the paper's token-level cross-entropy: at every response position t,
 the prefix (instruction *without* the preference request, then the response up to t) and the observed
 next token, and is asked for the response's class. The backbone is frozen, so its hidden states are
 computed once and the head trains on them alone.
+
+A bayes-form classifier (``core/classifier.py``) reads the observed token among the base model's top-k
+candidates, and adds a generative term: -log p(x_t | prefix, c) over those candidates, for the
+response's class c. It asks the head which *tokens* class c prefers, not only which class the prefix
+is, so its scores differ between candidates: what guidance needs to move an answer.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +30,7 @@ from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.models import LoadedModel
 from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES
 from cliper_integrations.core.prompting import instruction_text, render_chat
-from cliper_integrations.training.data import is_degenerate, is_refusal, read_jsonl
+from cliper_integrations.training.data import is_degenerate, is_refusal, keep_contrasting, read_jsonl
 
 
 @dataclass
@@ -44,21 +50,38 @@ class TrainConfig:
     seed: int = 0
     feature_cache: Path | None = None
     """Folder for encoded features, one file per response (None: encode every time)."""
+    form: Literal["direct", "bayes"] = "bayes"
+    generative_weight: float = 0.5
+    """Bayes form: loss = (1 - w) · class cross-entropy + w · class-conditional next-token loss."""
+    candidates: int = 32
+    """Bayes form: the base model's top-k tokens the observed one is scored among (as at decoding)."""
+    contrast_filter: bool = True
+    """Train and validate only on answers whose text shows their class against the opposite pole
+    (``keep_contrasting``); validation is also scored on every usable answer, as ``validation_unfiltered``."""
 
 
 @dataclass
 class EncodedSet:
     """Frozen-backbone features: one row per (response position, observed next token)."""
 
-    hidden: torch.Tensor  # [N, H] prefix states (float16 to halve memory; the head reads them as float32)
-    next_ids: torch.Tensor  # [N] observed next tokens
+    features: dict[str, torch.Tensor]
+    """``hidden`` [N, H] prefix states (float16 to halve memory; the head reads them as float32),
+    ``next_ids`` [N] observed next tokens; for the bayes form also ``candidates`` [N, k] (the base
+    model's top-k), ``candidate_log_lm`` [N, k] and ``next_log_lm`` [N] (base log-probs)."""
     labels: torch.Tensor  # [N] class index of the response
     response: torch.Tensor  # [N] index of the response each row came from
     response_labels: torch.Tensor  # [R]
 
+    def select(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """The features of ``rows``, named as ``PreferenceClassifier.token_log_probs`` takes them."""
+        picked = {name: tensor[rows] for name, tensor in self.features.items()}
+        picked["hidden"] = picked["hidden"].float()
+        return picked
 
-Features = tuple[torch.Tensor, torch.Tensor]
-"""One response's (prefix states [T, H], observed next tokens [T])."""
+
+Features = dict[str, torch.Tensor]
+"""One response's ``hidden`` [T, H] and ``next_ids`` [T] (and, for the bayes form, base candidates)."""
+BAYES_FEATURES = ("candidates", "candidate_log_lm", "next_log_lm")
 
 
 def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dict], Counter]:
@@ -121,7 +144,9 @@ def _encode_batch(classifier: PreferenceClassifier, base: LoadedModel, rows: lis
     for index, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
         # the state after token t predicts token t+1: from the last prompt token to the end
         positions = torch.arange(width - len(sequence) + prompt_length - 1, width - 1)
-        features.append((states[index, positions].half().contiguous(), ids[index, positions + 1].contiguous()))
+        features.append(
+            {"hidden": states[index, positions].half().contiguous(), "next_ids": ids[index, positions + 1].contiguous()}
+        )
     return features
 
 
@@ -132,10 +157,12 @@ def encode_rows(
     cache: Path | None,
     batch_size: int = 8,
     desc: str = "Encoding",
+    candidates: int = 0,
 ) -> list[Features]:
     """Features for every row, in order. Rows run in length order (little padding) and each response is
     kept under ``cache``, keyed by its text and the backbone: encoding through the frozen backbone takes
-    seconds per response, training the head on the features seconds in all, and data sets grow."""
+    seconds per response, training the head on the features seconds in all, and data sets grow.
+    ``candidates`` > 0 adds the base model's top-k candidates at each position (bayes form)."""
     identity = [classifier.config.kind, classifier.config.backbone, base.name]
     keys = [
         hashlib.sha256(
@@ -148,27 +175,39 @@ def encode_rows(
         cache.mkdir(parents=True, exist_ok=True)
         for index, key in enumerate(keys):
             if (path := cache / f"{key}.safetensors").exists():
-                stored = load_file(path)
-                features[index] = (stored["hidden"], stored["next_ids"])
+                features[index] = load_file(path)
     todo = sorted((i for i in range(len(rows)) if i not in features), key=lambda i: len(rows[i]["response"]))
     for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not todo):
         batch = todo[start : start + batch_size]
         for index, encoded in zip(batch, _encode_batch(classifier, base, [rows[i] for i in batch]), strict=True):
             features[index] = encoded
-            if cache is not None:
-                save_file({"hidden": encoded[0], "next_ids": encoded[1]}, cache / f"{keys[index]}.safetensors")
+            _store(cache, keys[index], encoded)
+    if candidates:
+        unranked = [
+            i for i in range(len(rows)) if features[i].get("candidates", torch.empty(0, 0)).shape[-1] != candidates
+        ]
+        for index in tqdm(unranked, desc="Ranking base candidates", unit="resp", disable=not unranked):
+            feature = features[index]
+            ranked = classifier.base_candidates(feature["hidden"], feature["next_ids"], candidates)
+            feature.update(candidates=ranked[0].int(), candidate_log_lm=ranked[1].half(), next_log_lm=ranked[2].float())
+            _store(cache, keys[index], feature)
     return [features[index] for index in range(len(rows))]
+
+
+def _store(cache: Path | None, key: str, feature: Features) -> None:
+    if cache is not None:
+        save_file({name: tensor.contiguous() for name, tensor in feature.items()}, cache / f"{key}.safetensors")
 
 
 def assemble(features: list[Features], rows: list[dict], classes: tuple[str, ...]) -> EncodedSet:
     """Stack per-response features into one training set labelled with each response's class."""
     labels = [classes.index(row["class"]) for row in rows]
-    lengths = [len(next_ids) for _, next_ids in features]
+    lengths = torch.tensor([len(feature["next_ids"]) for feature in features])
+    names = [name for name in ("hidden", "next_ids", *BAYES_FEATURES) if all(name in f for f in features)]
     return EncodedSet(
-        torch.cat([hidden for hidden, _ in features]),
-        torch.cat([next_ids for _, next_ids in features]),
-        torch.repeat_interleave(torch.tensor(labels), torch.tensor(lengths)),
-        torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths)),
+        {name: torch.cat([feature[name] for feature in features]) for name in names},
+        torch.repeat_interleave(torch.tensor(labels), lengths),
+        torch.repeat_interleave(torch.arange(len(rows)), lengths),
         torch.tensor(labels),
     )
 
@@ -177,10 +216,7 @@ def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[
     """Token- and response-level accuracy, 6-way and per axis (own pole vs the opposite pole)."""
     with torch.no_grad():
         log_probs = torch.cat(
-            [
-                classifier.token_log_probs(data.hidden[i : i + 4096].float(), data.next_ids[i : i + 4096])
-                for i in range(0, len(data.labels), 4096)
-            ]
+            [classifier.token_log_probs(**data.select(slice(i, i + 4096))) for i in range(0, len(data.labels), 4096)]
         )
     loss = functional.nll_loss(log_probs, data.labels).item()
     num_responses = len(data.response_labels)
@@ -213,13 +249,22 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
     """Train, early-stop on validation loss, save the best head and a metrics JSON; return the metrics."""
     torch.manual_seed(config.seed)
     rows, dropped = load_rows(config.data, config.classes)
-    train_rows, val_rows = split_by_instruction(rows, config.val_fraction, config.seed)
+    train_rows, all_val_rows = split_by_instruction(rows, config.val_fraction, config.seed)
+    val_rows = all_val_rows
+    if config.contrast_filter:
+        train_rows, uncontrasted = keep_contrasting(train_rows)
+        val_rows, val_uncontrasted = keep_contrasting(all_val_rows)
+        dropped.update({f"uncontrasted_{axis}": n for axis, n in (uncontrasted + val_uncontrasted).items()})
     classifier = classifier or PreferenceClassifier.create(
-        base, list(config.classes), head_size=config.head_size, seed=config.seed
+        base, list(config.classes), head_size=config.head_size, seed=config.seed, form=config.form
     )
-    features = encode_rows(classifier, base, train_rows + val_rows, config.feature_cache)
+    candidates = config.candidates if classifier.config.form == "bayes" else 0
+    features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
     train = assemble(features[: len(train_rows)], train_rows, config.classes)
-    val = assemble(features[len(train_rows) :], val_rows, config.classes)
+    all_val_features = features[len(train_rows) :]
+    kept = {id(row) for row in val_rows}
+    val_features = [f for f, row in zip(all_val_features, all_val_rows, strict=True) if id(row) in kept]
+    val = assemble(val_features, val_rows, config.classes)
     # Balance classes by token count, so long answers do not drown short ones.
     class_tokens = torch.bincount(train.labels, minlength=len(config.classes)).float().clamp(min=1)
     class_weight = class_tokens.sum() / (len(config.classes) * class_tokens)
@@ -232,9 +277,9 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
         order = torch.randperm(len(train.labels), generator=generator)
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
-            hidden = functional.dropout(train.hidden[batch].float(), config.dropout, training=True)
-            log_probs = classifier.token_log_probs(hidden, train.next_ids[batch])
-            loss = functional.nll_loss(log_probs, train.labels[batch], weight=class_weight)
+            picked = train.select(batch)
+            picked["hidden"] = functional.dropout(picked["hidden"], config.dropout, training=True)
+            loss = _loss(classifier, picked, train.labels[batch], class_weight, config.generative_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -261,18 +306,23 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
     metrics = {
         "train": evaluate(classifier, train, config.classes),
         "validation": evaluate(classifier, val, config.classes),
-        "validation_by_model": _by_model(classifier, features[len(train_rows) :], val_rows, config.classes),
+        "validation_by_model": _by_model(classifier, val_features, val_rows, config.classes),
+        "validation_unfiltered": evaluate(
+            classifier, assemble(all_val_features, all_val_rows, config.classes), config.classes
+        ),
+        "validation_unfiltered_by_model": _by_model(classifier, all_val_features, all_val_rows, config.classes),
         "data": {
             "files": [str(path) for path in config.data],
             "responses": len(rows),
-            "refusals_dropped": dropped["refusals"],
-            "degenerate_dropped": dropped["degenerate"],
+            "refusals_dropped": dropped.pop("refusals", 0),
+            "degenerate_dropped": dropped.pop("degenerate", 0),
+            **{f"{reason}_dropped": n for reason, n in sorted(dropped.items())},
             "train_responses": len(train_rows),
             "validation_responses": len(val_rows),
             "train_instructions": len({r["id"] for r in train_rows}),
             "validation_instructions": len({r["id"] for r in val_rows}),
             "train_tokens": len(train.labels),
-            "per_class": _count_by_class(rows),
+            "per_class": _count_by_class(train_rows + val_rows),
         },
         "history": history,
         "config": {k: v for k, v in asdict(config).items() if k not in ("data", "output", "feature_cache")},
@@ -280,6 +330,23 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
     classifier.save(config.output)
     (Path(config.output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _loss(
+    classifier: PreferenceClassifier,
+    features: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    class_weight: torch.Tensor,
+    generative_weight: float,
+) -> torch.Tensor:
+    """Class cross-entropy for the observed tokens; the bayes form adds the class-conditional next-token
+    loss of the response's own class (both weighted by class, so long answers do not drown short ones)."""
+    if classifier.config.form == "direct":
+        return functional.nll_loss(classifier.token_log_probs(**features), labels, weight=class_weight)
+    conditional = classifier.token_log_likelihoods(**features)
+    discriminative = functional.nll_loss(torch.log_softmax(conditional, -1), labels, weight=class_weight)
+    generative = functional.nll_loss(conditional, labels, weight=class_weight)
+    return (1 - generative_weight) * discriminative + generative_weight * generative
 
 
 def _by_model(
