@@ -172,7 +172,8 @@ def info(model: ModelOption = EMBEDDED_SPEC, classifier: ClassifierOption = "def
     else:
         config = engine.classifier.config
         typer.echo(
-            f"classifier: {config.kind} backbone, classes {', '.join(config.classes)}, trained for {config.base_model}"
+            f"classifier: {config.kind} backbone, {config.form} form, classes {', '.join(config.classes)}, "
+            f"trained for {config.base_model}"
         )
 
 
@@ -262,11 +263,11 @@ def evaluate(
     ),
     output: Annotated[Path, typer.Option(help="folder for results.md, results.json and the plot")] = Path("docs"),
     limit: Annotated[int | None, typer.Option(help="only the first N prompts (a quick check)")] = None,
-    alpha: float = 4.0,
+    alpha: float = 8.0,
     max_new_tokens: int = 160,
     batch_size: Annotated[int, typer.Option(help="prompts decoded together per setting")] = 8,
     sweep: Annotated[
-        bool, typer.Option(help="also guide at α = 1, 2, 8 for the α plot (skip for a quick check)")
+        bool, typer.Option(help="also guide at α = 2, 4, 16 for the α plot (skip for a quick check)")
     ] = True,
     model: ModelOption = EMBEDDED_SPEC,
     classifier: ClassifierOption = "default",

@@ -62,8 +62,8 @@ def test_eval_command_writes_a_report(tmp_path, base, shared_classifier, sweep):
     assert "concise+friendly" in numbers["table"] and "| concise | guidance |" in report
     assert "| unfriendly |" in report.split("## Targets")[1]
     assert 0.0 <= numbers["table"]["friendly"]["guidance"]["refusals"] <= 1.0
-    assert set(numbers["sweep"]["concise"]) == ({"0.0", "1.0", "2.0", "4.0", "8.0"} if sweep else {"0.0", "4.0"})
-    assert numbers["sweep"]["concise"]["4.0"] == numbers["table"]["concise"]["guidance"]  # measured once
+    assert set(numbers["sweep"]["concise"]) == ({"0.0", "2.0", "4.0", "8.0", "16.0"} if sweep else {"0.0", "8.0"})
+    assert numbers["sweep"]["concise"]["8.0"] == numbers["table"]["concise"]["guidance"]  # measured once
     assert numbers["sweep"]["concise"]["0.0"] == numbers["unguided"]
     assert (tmp_path / "out" / "results_alpha_sweep.png").stat().st_size > 1000
 

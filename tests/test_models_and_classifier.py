@@ -119,3 +119,17 @@ def test_sequence_log_probs_match_per_step_scoring(base, classifier):
     candidates = torch.tensor([[observed, *[t for t in log_lm[0].topk(5).indices.tolist() if t != observed]]])
     step = classifier.log_probs(hidden, candidates, log_lm.gather(1, candidates))
     torch.testing.assert_close(per_position[:, 3], step[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_bayes_form_needs_base_log_probs_and_the_shared_backbone(base, bayes_classifier, separate_backbone):
+    hidden, candidates = torch.randn(1, bayes_classifier.config.hidden_size), torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="log-probs of the candidates"):
+        bayes_classifier.log_probs(hidden, candidates)
+    with pytest.raises(ValueError, match="kind='shared'"):
+        PreferenceClassifier.create(base, ["concise", "informative"], "separate", separate_backbone, form="bayes")
+    # only differences between candidates matter: shifting every base log-prob changes nothing
+    log_lm = torch.log_softmax(torch.randn(1, 3), -1)
+    torch.testing.assert_close(
+        bayes_classifier.log_probs(hidden, candidates, log_lm),
+        bayes_classifier.log_probs(hidden, candidates, log_lm - 3),
+    )

