@@ -234,9 +234,11 @@ class PreferenceClassifier(nn.Module):
 
     def _project(self, ids: torch.Tensor) -> torch.Tensor:
         """W_e e(x) for token ids [...] -> [..., D], each distinct id projected once (a training batch
-        repeats the same few thousand tokens tens of times)."""
+        repeats the same few thousand tokens tens of times). ``index_select``, not ``[inverse]``: its
+        gradient (index_add) sums in a fixed order on CPU, so seeded training is reproducible."""
         distinct, inverse = ids.unique(return_inverse=True)
-        return self.head.candidate_proj(self._candidate_table()[distinct].float())[inverse]
+        projected = self.head.candidate_proj(self._candidate_table()[distinct].float())
+        return projected.index_select(0, inverse.flatten()).view(*ids.shape, -1)
 
     def log_probs(
         self,
