@@ -81,15 +81,20 @@ class PreferenceHead(nn.Module):
         return self.out(self.norm(nn.functional.gelu(joint))).float()
 
 
-def bayes_posterior(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> torch.Tensor:
-    """log p(c | prefix, x) from class scores [..., N, K] and the base log-probs of the N candidates.
-
-    log p(x | prefix, c) = log p_LM(x) + s_c(x) - logsumexp_{x'} (log p_LM(x') + s_c(x')), then a
-    softmax over classes (uniform prior). Candidates with log p_LM = -inf take no part in the sums and
-    come out as NaN rows, which the logits processor masks.
-    """
+def class_conditional(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> torch.Tensor:
+    """log p(x | prefix, c) = log p_LM(x) + s_c(x) - logsumexp_{x'} (log p_LM(x') + s_c(x')) over the N
+    candidates, from class scores [..., N, K] and the candidates' base log-probs [..., N]."""
     joint = candidate_log_lm.float().unsqueeze(-1) + scores
-    return torch.log_softmax(joint - torch.logsumexp(joint, dim=-2, keepdim=True), dim=-1)
+    return joint - torch.logsumexp(joint, dim=-2, keepdim=True)
+
+
+def bayes_posterior(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> torch.Tensor:
+    """log p(c | prefix, x): ``class_conditional`` and a softmax over classes (uniform prior).
+
+    Candidates with log p_LM = -inf take no part in the sums and come out as NaN rows, which the
+    logits processor masks.
+    """
+    return torch.log_softmax(class_conditional(scores, candidate_log_lm), dim=-1)
 
 
 _TAP_LOCAL = threading.local()
@@ -288,9 +293,10 @@ class PreferenceClassifier(nn.Module):
             hidden = self.backbone.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
             ).last_hidden_state.float()[:, :-1]
+        next_ids = input_ids[:, 1:]
         if self.config.form == "direct":
-            return self.token_log_probs(hidden, input_ids[:, 1:])
-        return self.token_log_probs(hidden, input_ids[:, 1:], *self.base_candidates(hidden, input_ids[:, 1:], top_k))
+            return self.token_log_probs(hidden, next_ids)
+        return self.token_log_probs(hidden, next_ids, *self.base_candidates(hidden, next_ids, top_k))
 
     def token_log_probs(
         self,
@@ -328,9 +334,7 @@ class PreferenceClassifier(nn.Module):
         others = candidate_log_lm.float().masked_fill(candidates == next_ids.unsqueeze(-1), -1e4)
         ids = torch.cat([next_ids.unsqueeze(-1), candidates.long()], dim=-1)
         log_lm = torch.cat([next_log_lm.float().unsqueeze(-1), others], dim=-1)
-        projected = self._project(ids)
-        joint = log_lm.unsqueeze(-1) + self.head(hidden.float(), projected)
-        return joint[..., 0, :] - torch.logsumexp(joint, dim=-2)
+        return class_conditional(self.head(hidden.float(), self._project(ids)), log_lm)[..., 0, :]
 
     # --- persistence --------------------------------------------------------------------------
 

@@ -90,10 +90,11 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             guided = log_lm + bonus
         else:
             candidates = self._candidates(log_lm)
-            log_cls = self.classifier.log_probs(prefix, candidates, log_lm.gather(1, candidates))
+            candidate_log_lm = log_lm.gather(1, candidates)
+            log_cls = self.classifier.log_probs(prefix, candidates, candidate_log_lm)
             bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = torch.full_like(log_lm, float("-inf"))
-            guided.scatter_(1, candidates, log_lm.gather(1, candidates) + bonus)
+            guided.scatter_(1, candidates, candidate_log_lm + bonus)
         guided = torch.log_softmax(guided.masked_fill(guided.isnan(), float("-inf")), dim=-1)
         usable = active & torch.isfinite(guided).any(dim=-1)
         return torch.where(usable[:, None], guided.to(scores.dtype), scores)
