@@ -1,0 +1,57 @@
+"""Quick steering probe on held-out *training-side* instructions (never the evaluation sets).
+
+Used to choose classifier settings and α without looking at ``../shared/data/eval``: guidance alone at
+each α against unguided, on instructions from ``alpaca_train.jsonl`` beyond the first 3,000 of the
+seeded shuffle (data generation uses at most the first 600), measured like ``cliper eval``.
+
+    python benchmarks/steering_probe.py runs/classifier --alphas 8 --prompts 6 --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from cliper_integrations.core.engine import CLIPerEngine
+from cliper_integrations.core.prompting import instruction_text
+from cliper_integrations.evaluation.steering import TARGETS, EvalConfig, generate, measure, verdict
+
+INSTRUCTIONS = Path("../shared/data/instructions/alpaca_train.jsonl")
+QUESTION_WORDS = ("Explain", "Describe", "What", "Why", "How")
+
+
+def probe_prompts(count: int) -> list[str]:
+    """Open questions (no input) from the part of the seeded shuffle that data generation never reaches."""
+    records = [json.loads(line) for line in INSTRUCTIONS.read_text().splitlines() if line.strip()]
+    random.Random(0).shuffle(records)
+    chosen = [r for r in records[3000:] if not r.get("input") and r["instruction"].split()[0] in QUESTION_WORDS]
+    return [instruction_text(r) for r in chosen[:count]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("classifier", help="a classifier folder, or 'default'")
+    parser.add_argument("--alphas", default="8", help="comma-separated α values")
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    prompts = probe_prompts(args.prompts)
+    engine = CLIPerEngine("embedded", classifier=args.classifier)
+    config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
+    unguided = measure(engine, prompts, generate(engine, prompts, {}, False, False, config))
+    print("unguided", {name: round(value, 2) for name, value in unguided.items()}, flush=True)
+    for name in TARGETS:
+        for alpha in (float(a) for a in args.alphas.split(",")):
+            row = measure(engine, prompts, generate(engine, prompts, {name: alpha}, True, False, config))
+            print(
+                f"{name:>11} α={alpha}: {verdict(name, unguided, row)}  words {row['words']:.1f} "
+                f"fk {row['fk_grade']:.1f} vader {row['vader']:.2f} ppl {row['perplexity']:.1f} "
+                f"distinct-2 {row['distinct2']:.2f} refusals {row['refusals']:.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
