@@ -269,10 +269,16 @@ def evaluate(
     sweep: Annotated[
         bool, typer.Option(help="also guide at α = 2, 4, 16 for the α plot (skip for a quick check)")
     ] = True,
+    restart: Annotated[
+        bool, typer.Option(help="discard the responses stored in the output folder instead of resuming from them")
+    ] = False,
     model: ModelOption = EMBEDDED_SPEC,
     classifier: ClassifierOption = "default",
 ) -> None:
-    """Measure steering: four settings per class, combinations and an α sweep; writes a report."""
+    """Measure steering: four settings per class, combinations and an α sweep; writes a report.
+
+    Every response is stored (results_responses.jsonl) as it is made: rerunning the same command resumes,
+    and a larger --limit only answers the new prompts."""
     from cliper_integrations.evaluation.steering import EvalConfig, run_eval
 
     try:
@@ -289,6 +295,7 @@ def evaluate(
                 sweep=EvalConfig.sweep if sweep else (),
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                restart=restart,
             ),
         )
     except (CLIPerError, OSError) as error:

@@ -94,3 +94,49 @@ def test_target_verdicts_read_the_direction_of_each_class():
     assert moves_further("friendly", unguided, shorter_simpler_sadder).endswith("✘")
     assert fluency(unguided, shorter_simpler_sadder) == "ppl 1.67× ✘, distinct-2 0.87× ✘"
     assert fluency(unguided, unguided) == "ppl 1.00× ✔, distinct-2 1.00× ✔"
+
+
+def _eval_config(tmp_path, prompts, **options):
+    from cliper_integrations.evaluation.steering import EvalConfig
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"id": 10 + i, "prompt": p} for i, p in enumerate(prompts)]))
+    options = {"max_new_tokens": 4, "batch_size": 2, "sweep": (0.0, 4.0), "combinations": [], **options}
+    return EvalConfig(path, tmp_path / "out", **options)
+
+
+def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, base, shared_classifier):
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.core.errors import EvalStoreError
+    from cliper_integrations.evaluation.steering import RESPONSES_FILE, plan, run_eval
+
+    engine = CLIPerEngine(base, classifier=shared_classifier)
+    prompts = ["Explain rain.", "Hi", "Paris?"]
+    store = tmp_path / "out" / RESPONSES_FILE
+    first = run_eval(engine, _eval_config(tmp_path, prompts, limit=1))
+    after_one = store.read_text()
+    jobs = len(plan(_eval_config(tmp_path, prompts)))
+    assert len(after_one.splitlines()) == 1 + jobs  # header, then one response per job
+
+    # Killed mid-write: the broken last line is dropped and answered again.
+    store.write_text(after_one + '{"prompt_id": 11, "job": "-|ung')
+    second = run_eval(engine, _eval_config(tmp_path, prompts, limit=3))
+    text = store.read_text()
+    assert text.startswith(after_one)  # the first prompt's responses were kept, not made again
+    records = [json.loads(line) for line in text.splitlines()[1:]]
+    assert len(records) == 3 * jobs
+    assert len({(r["prompt_id"], r["job"]) for r in records}) == 3 * jobs
+    assert {r["prompt_id"] for r in records} == {10, 11, 12}
+    assert first["prompts"] == 1 and second["prompts"] == 3
+    assert second["unguided"]["words"] == pytest.approx(
+        sum(r["words"] for r in records if r["job"] == "-|unguided|0") / 3
+    )
+
+    rerun = run_eval(engine, _eval_config(tmp_path, prompts, limit=3))
+    assert store.read_text() == text and rerun == second  # nothing left to answer: same numbers
+
+    with pytest.raises(EvalStoreError, match="--restart"):
+        run_eval(engine, _eval_config(tmp_path, prompts, limit=1, max_new_tokens=5))
+    assert store.read_text() == text  # refusing loses nothing
+    run_eval(engine, _eval_config(tmp_path, prompts, limit=1, max_new_tokens=5, restart=True))
+    assert len(store.read_text().splitlines()) == 1 + jobs

@@ -56,3 +56,8 @@ class InvalidRequestError(CLIPerError, ValueError):
 
 class MemoryUnavailableError(CLIPerError, RuntimeError):
     """The preference memory could not be read for this request (its database failed)."""
+
+
+class EvalStoreError(CLIPerError, ValueError):
+    """Stored evaluation responses cannot be resumed: another run made them (classifier, token budget,
+    prompt file), or the file is damaged."""

@@ -2,12 +2,16 @@
 
 For each class (and a few combinations) four settings are compared on evaluation prompts: unguided,
 preference prompting only, guidance only, prompting plus guidance; then an α sweep. Metrics come from
-independent libraries (``metrics.py``). Writes a Markdown report and PNG plots.
+independent libraries (``metrics.py``). Every response is kept with its metrics (``results_responses.jsonl``)
+so that a run resumes and a full evaluation set can be built up over several runs; the Markdown report,
+``results.json`` and the α plot are then computed from the stored responses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.errors import EvalStoreError
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, perplexity, vader_compound, word_count
 from cliper_integrations.training.data import is_refusal
 
@@ -33,6 +38,7 @@ TARGETS = {
     "friendly": ("vader", "diff>=", 0.2),
     "unfriendly": ("vader", "diff<=", -0.2),
 }
+RESPONSES_FILE = "results_responses.jsonl"
 COMBINATIONS = [("concise", "friendly"), ("elementary", "friendly"), ("expert", "informative", "unfriendly")]
 
 
@@ -47,43 +53,145 @@ class EvalConfig:
     batch_size: int = 8
     classes: tuple[str, ...] = tuple(TARGETS)
     combinations: list[tuple[str, ...]] = field(default_factory=lambda: list(COMBINATIONS))
+    restart: bool = False
 
 
-def load_prompts(path: Path, limit: int | None) -> list[str]:
+@dataclass(frozen=True)
+class Job:
+    """One way of answering every prompt: ``classes`` requested in ``setting`` at weight ``alpha``."""
+
+    classes: tuple[str, ...]
+    setting: str
+    alpha: float
+
+    @property
+    def key(self) -> str:
+        return f"{'+'.join(self.classes) or '-'}|{self.setting}|{self.alpha:g}"
+
+
+def plan(config: EvalConfig) -> list[Job]:
+    """Unguided, the three other settings per class, the combinations, then the rest of the α sweep
+    (α = 0 is the unguided job and α = ``config.alpha`` the "guidance" one: each is run once)."""
+    jobs = [Job((), "unguided", 0.0)]
+    jobs += [
+        Job((name,), setting, config.alpha) for name in config.classes for setting in SETTINGS if setting != "unguided"
+    ]
+    jobs += [Job(tuple(combo), "prompt+guidance", config.alpha) for combo in config.combinations]
+    jobs += [
+        Job((name,), "guidance", alpha)
+        for name in config.classes
+        for alpha in config.sweep
+        if alpha not in (0, config.alpha)
+    ]
+    return jobs
+
+
+def load_prompts(path: Path, limit: int | None) -> list[tuple[int, str]]:
+    """(id, prompt) pairs of an evaluation file, the first ``limit`` of them."""
     records = json.loads(path.read_text())
-    return [record["prompt"] for record in records][:limit]
+    return [(record.get("id", index), record["prompt"]) for index, record in enumerate(records)][:limit]
 
 
-def measure(engine: CLIPerEngine, prompts: list[str], responses: list[str]) -> dict[str, float]:
+def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]:
+    """What every stored response depends on besides its prompt and job: records made under another
+    signature (another classifier, token budget, prompt file) must not be mixed into one table."""
+    assert engine.classifier is not None
+    head = hashlib.sha256()
+    for name, tensor in sorted(engine.classifier.head.state_dict().items()):
+        head.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     return {
-        "words": statistics.mean(word_count(r) for r in responses),
-        "fk_grade": statistics.mean(fk_grade(r) for r in responses),
-        "vader": statistics.mean(vader_compound(r) for r in responses),
-        "distinct2": distinct_n(responses, 2),
-        "perplexity": statistics.median(perplexity(engine, p, r) for p, r in zip(prompts, responses, strict=True)),
-        # guidance must not buy its style by declining the task (DESIGN.md: refusals were distinctive)
-        "refusals": statistics.mean(is_refusal(r) for r in responses),
+        "model": engine.loaded.name,
+        "classifier": head.hexdigest(),
+        "prompts_file": config.prompts_file.name,
+        "max_new_tokens": config.max_new_tokens,
+        "decoding": "greedy",
     }
 
 
-def generate(
-    engine: CLIPerEngine,
-    prompts: list[str],
-    weights: dict[str, float],
-    guided: bool,
-    prompted: bool,
-    config: EvalConfig,
-) -> list[str]:
+class ResponseStore:
+    """Every evaluated response with its metrics, one JSON line each after a header line holding the run
+    signature. Appended as the run goes, so an interrupted run resumes where it stopped and a later run
+    with a larger ``--limit`` only answers the prompts that are new."""
+
+    def __init__(self, path: Path, signature: dict[str, object], restart: bool = False) -> None:
+        self.path = path
+        self.records: dict[tuple[int, str], dict] = {}
+        if restart:
+            path.unlink(missing_ok=True)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"run": signature}) + "\n")
+            return
+        header, *lines = path.read_text().splitlines()
+        stored = json.loads(header).get("run")
+        if stored != signature:
+            raise EvalStoreError(
+                f"{path} holds responses of another run ({stored}); this run is {signature}. "
+                "Pass --restart to discard them, or write to another --output folder."
+            )
+        for number, line in enumerate(lines, start=2):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                if number == len(lines) + 1:  # a run killed mid-write leaves at most its last line broken
+                    path.write_text("".join(f"{kept}\n" for kept in [header, *lines[:-1]]))
+                    continue
+                raise EvalStoreError(f"{path}, line {number}: {error}; pass --restart to start over") from error
+            self.records[(record["prompt_id"], record["job"])] = record
+
+    def missing(self, job: Job, prompts: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        return [(pid, prompt) for pid, prompt in prompts if (pid, job.key) not in self.records]
+
+    def add(self, records: list[dict]) -> None:
+        with self.path.open("a") as handle:
+            handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        self.records.update({(record["prompt_id"], record["job"]): record for record in records})
+
+    def responses(self, job: Job, prompts: list[tuple[int, str]]) -> list[dict]:
+        return [self.records[(pid, job.key)] for pid, _ in prompts]
+
+
+def response_record(engine: CLIPerEngine, job: Job, prompt_id: int, prompt: str, response: str) -> dict:
+    return {
+        "prompt_id": prompt_id,
+        "job": job.key,
+        "response": response,
+        "words": word_count(response),
+        "fk_grade": fk_grade(response),
+        "vader": vader_compound(response),
+        "perplexity": perplexity(engine, prompt, response),
+        # guidance must not buy its style by declining the task (DESIGN.md: refusals were distinctive)
+        "refusal": is_refusal(response),
+    }
+
+
+def summarize(records: list[dict]) -> dict[str, float]:
+    """A setting's metrics over its responses: means, distinct-2 over all of them, median perplexity
+    (a few run-on answers would dominate a mean); empty answers have no perplexity and are left out of it."""
+    perplexities = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
+    return {
+        "words": statistics.mean(r["words"] for r in records),
+        "fk_grade": statistics.mean(r["fk_grade"] for r in records),
+        "vader": statistics.mean(r["vader"] for r in records),
+        "distinct2": distinct_n([r["response"] for r in records], 2),
+        "perplexity": statistics.median(perplexities) if perplexities else float("nan"),
+        "refusals": statistics.mean(r["refusal"] for r in records),
+    }
+
+
+def generate(engine: CLIPerEngine, prompts: list[str], job: Job, config: EvalConfig) -> list[str]:
+    flags = SETTINGS[job.setting]
     requests = [
         GenerationRequest(
-            prompt, weights=weights, guidance=guided, preference_prompt=prompted, max_new_tokens=config.max_new_tokens
+            prompt,
+            weights=dict.fromkeys(job.classes, job.alpha),
+            guidance=flags["guided"],
+            preference_prompt=flags["prompted"],
+            max_new_tokens=config.max_new_tokens,
         )
         for prompt in prompts
     ]
-    results = []
-    for start in range(0, len(requests), config.batch_size):
-        results.extend(engine.generate_batch(requests[start : start + config.batch_size]))
-    return [result.text for result in results]
+    return [result.text for result in engine.generate_batch(requests)]
 
 
 def _ratio(value: float, reference: float) -> float:
@@ -117,47 +225,52 @@ def fluency(base: dict[str, float], row: dict[str, float]) -> str:
 
 
 def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
-    """Generate, measure, plot and write the report; returns all numbers."""
+    """Answer what is not yet stored, then measure, plot and write the report; returns all numbers.
+
+    Prompts are taken ``batch_size`` at a time through every job, so an interrupted run keeps whole
+    prompts and the next run (same command) goes on from there.
+    """
     prompts = load_prompts(config.prompts_file, config.limit)
-    jobs = [((name,), setting) for name in config.classes for setting in SETTINGS if setting != "unguided"]
-    jobs += [(combo, "prompt+guidance") for combo in config.combinations]
-    # α = 0 is the unguided run and α = config.alpha the "guidance" setting: both are measured once.
-    sweep_jobs = [
-        ((name,), alpha) for name in config.classes for alpha in config.sweep if alpha not in (0, config.alpha)
-    ]
-    bar = tqdm(total=1 + len(jobs) + len(sweep_jobs), desc="Evaluating", unit="setting")
-    unguided = measure(engine, prompts, generate(engine, prompts, {}, False, False, config))
-    bar.update()
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for classes, setting in jobs:
-        weights = dict.fromkeys(classes, config.alpha)
-        flags = SETTINGS[setting]
-        responses = generate(engine, prompts, weights, flags["guided"], flags["prompted"], config)
-        table.setdefault("+".join(classes), {})[setting] = measure(engine, prompts, responses)
-        bar.update()
-    sweep: dict[str, dict[float, dict[str, float]]] = {
-        name: {0.0: unguided, config.alpha: table[name]["guidance"]} for name in config.classes
-    }
-    for (name,), alpha in sweep_jobs:
-        sweep[name][alpha] = measure(engine, prompts, generate(engine, prompts, {name: alpha}, True, False, config))
-        bar.update()
+    jobs = plan(config)
+    store = ResponseStore(config.output / RESPONSES_FILE, run_signature(engine, config), config.restart)
+    bar = tqdm(total=sum(len(store.missing(job, prompts)) for job in jobs), desc="Evaluating", unit="response")
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = prompts[start : start + config.batch_size]
+        for job in jobs:
+            if missing := store.missing(job, chunk):
+                texts = generate(engine, [prompt for _, prompt in missing], job, config)
+                store.add(
+                    [
+                        response_record(engine, job, pid, prompt, text)
+                        for (pid, prompt), text in zip(missing, texts, strict=True)
+                    ]
+                )
+                bar.update(len(missing))
     bar.close()
+    measured = {job: summarize(store.responses(job, prompts)) for job in jobs}
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    sweep: dict[str, dict[str, dict[str, float]]] = {name: {"0.0": measured[jobs[0]]} for name in config.classes}
+    for job, row in measured.items():
+        name = "+".join(job.classes)
+        if job.setting != "unguided" and job.alpha == config.alpha:
+            table.setdefault(name, {})[job.setting] = row
+        if job.setting == "guidance" and len(job.classes) == 1:
+            sweep[name][str(float(job.alpha))] = row
     results = {
         "prompts": len(prompts),
         "file": str(config.prompts_file),
         "alpha": config.alpha,
-        "unguided": unguided,
+        "unguided": measured[jobs[0]],
         "table": table,
-        "sweep": {k: {str(a): v for a, v in s.items()} for k, s in sweep.items()},
+        "sweep": sweep,
     }
-    config.output.mkdir(parents=True, exist_ok=True)
     plot_sweep(sweep, config.output / "results_alpha_sweep.png")
     (config.output / "results.json").write_text(json.dumps(results, indent=2))
     write_report(config.output / "results.md", report(results, config))
     return results
 
 
-def plot_sweep(sweep: dict[str, dict[float, dict[str, float]]], path: Path) -> None:
+def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,8 +280,8 @@ def plot_sweep(sweep: dict[str, dict[float, dict[str, float]]], path: Path) -> N
     figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5))
     for axis, metric in zip(axes, metrics, strict=True):
         for name, points in sweep.items():
-            alphas = sorted(points)
-            axis.plot(alphas, [points[a][metric] for a in alphas], marker="o", label=name)
+            alphas = sorted(points, key=float)
+            axis.plot([float(a) for a in alphas], [points[a][metric] for a in alphas], marker="o", label=name)
         axis.set_title(metric)
         axis.set_xlabel("α (guidance only)")
     axes[0].legend(fontsize="small")
