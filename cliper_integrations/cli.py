@@ -205,6 +205,9 @@ def train(
         str, typer.Option(help="bayes (scores candidates against the base model; shared backbone) or direct")
     ] = "bayes",
     generative_weight: Annotated[float, typer.Option(help="bayes form: weight of the next-token loss")] = 0.5,
+    class_prior: Annotated[
+        str, typer.Option(help="bayes form: uniform, or learned (a second small head's p(class | prefix))")
+    ] = "uniform",
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
     from cliper_integrations.core.classifier import PreferenceClassifier
@@ -226,6 +229,7 @@ def train(
         contrast_filter=contrast_filter,
         form=form,
         generative_weight=generative_weight,
+        class_prior=class_prior,
     )
     try:
         base = load_model(model)

@@ -35,10 +35,21 @@ def bayes_classifier(base):
     return tiny_classifier(base, "shared", seed=3, form="bayes")
 
 
-@pytest.fixture(params=["shared", "separate", "bayes"])
-def classifier(request, shared_classifier, separate_classifier, bayes_classifier):
-    """Each way of scoring: the shared and the separate backbone (direct form), and the bayes form."""
-    return {"shared": shared_classifier, "separate": separate_classifier, "bayes": bayes_classifier}[request.param]
+@pytest.fixture(scope="session")
+def prior_classifier(base):
+    return tiny_classifier(base, "shared", seed=4, form="bayes", class_prior="learned")
+
+
+@pytest.fixture(params=["shared", "separate", "bayes", "bayes-prior"])
+def classifier(request, shared_classifier, separate_classifier, bayes_classifier, prior_classifier):
+    """Each way of scoring: the shared and the separate backbone (direct form), and the bayes form with a
+    uniform and a learned class prior."""
+    return {
+        "shared": shared_classifier,
+        "separate": separate_classifier,
+        "bayes": bayes_classifier,
+        "bayes-prior": prior_classifier,
+    }[request.param]
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from cliper_integrations.core.errors import (
     ModelResolutionError,
     VocabularyMismatchError,
 )
-from tests.tiny import build_tokenizer, tiny_loaded
+from tests.tiny import build_tokenizer, tiny_classifier, tiny_loaded
 
 
 def test_local_folder_loads_once_and_is_shared(tmp_path, base):
@@ -133,3 +133,28 @@ def test_bayes_form_needs_base_log_probs_and_the_shared_backbone(base, bayes_cla
         bayes_classifier.log_probs(hidden, candidates, log_lm),
         bayes_classifier.log_probs(hidden, candidates, log_lm - 3),
     )
+
+
+def test_a_learned_prior_eases_guidance_towards_a_class_the_prefix_already_shows(base):
+    """Bayes' rule with p(c | prefix): as the prior of a class goes to 1, every candidate's posterior for
+    it goes to 1 (nothing left to push), while two other classes keep their likelihood ratio."""
+    classifier = tiny_classifier(base, "shared", seed=5, form="bayes", class_prior="learned")
+    hidden = torch.randn(1, classifier.config.hidden_size)
+    candidates, log_lm = torch.tensor([[1, 2, 3, 4]]), torch.log_softmax(torch.randn(1, 4), -1)
+    prior, concise = classifier.head.prior[-1], classifier.classes.index("concise")
+    with torch.no_grad():
+        prior.weight.zero_()
+        prior.bias.zero_()
+    uniform = classifier.log_probs(hidden, candidates, log_lm)[0]
+    with torch.no_grad():
+        prior.bias[concise] = 50.0
+    sure = classifier.log_probs(hidden, candidates, log_lm)[0]
+    assert uniform[:, concise].std() > 0.02  # candidates differ for concise under a uniform prior ...
+    torch.testing.assert_close(sure[:, concise], torch.zeros(4), atol=1e-4, rtol=0)  # ... not once it is sure
+    first, second = [i for i in range(len(classifier.classes)) if i != concise][:2]
+    torch.testing.assert_close(sure[:, first] - sure[:, second], uniform[:, first] - uniform[:, second])
+
+
+def test_a_class_prior_belongs_to_the_bayes_form(base):
+    with pytest.raises(ValueError, match="bayes form"):
+        PreferenceClassifier.create(base, ["concise", "informative"], form="direct", class_prior="learned")

@@ -126,8 +126,8 @@ def test_split_keeps_each_instruction_on_one_side_as_data_grows():
     assert other_seed != val
 
 
-@pytest.mark.parametrize("form", ["bayes", "direct"])
-def test_classifier_learns_a_separable_style(tmp_path, base, form):
+@pytest.mark.parametrize(("form", "class_prior"), [("bayes", "uniform"), ("bayes", "learned"), ("direct", "uniform")])
+def test_classifier_learns_a_separable_style(tmp_path, base, form, class_prior):
     rng = random.Random(0)
     rows = []
     for n in range(40):
@@ -160,6 +160,7 @@ def test_classifier_learns_a_separable_style(tmp_path, base, form):
         dropout=0.0,
         feature_cache=tmp_path / "features",
         form=form,
+        class_prior=class_prior,
         candidates=8,
     )
     metrics = train_classifier(base, config)
@@ -186,7 +187,7 @@ def test_classifier_learns_a_separable_style(tmp_path, base, form):
     )
     prompt_logits = base.model(input_ids=torch.tensor([prompt])).logits[:, -1].detach()
     log_lm = torch.log_softmax(prompt_logits, -1).gather(1, first_tokens)
-    assert loaded.config.form == form
+    assert loaded.config.form == form and loaded.config.class_prior == class_prior
     scores = loaded.log_probs(hidden, first_tokens, log_lm)[0]
     assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
     # a second run reads every response from the feature cache and reproduces the first

@@ -73,14 +73,28 @@ def tiny_loaded(spec: str = "tiny-base", seed: int = 0, tokenizer=None, context:
 
 
 def tiny_classifier(
-    base: LoadedModel, kind: str = "shared", backbone: LoadedModel | None = None, seed: int = 1, form: str = "direct"
+    base: LoadedModel,
+    kind: str = "shared",
+    backbone: LoadedModel | None = None,
+    seed: int = 1,
+    form: str = "direct",
+    class_prior: str = "uniform",
 ):
     """A random classifier whose head is scaled up so that guidance visibly changes the output."""
     classifier = PreferenceClassifier.create(
-        base, list(DEFAULT_CLASSES), kind=kind, backbone=backbone, head_size=16, seed=seed, form=form
+        base,
+        list(DEFAULT_CLASSES),
+        kind=kind,
+        backbone=backbone,
+        head_size=16,
+        seed=seed,
+        form=form,
+        class_prior=class_prior,
     )
     with torch.no_grad():
         classifier.head.out.weight.mul_(20)
+        if classifier.head.prior is not None:
+            classifier.head.prior[-1].weight.mul_(20)
     return classifier.eval()
 
 

@@ -17,6 +17,11 @@ class, s(h, x) = W_out · LayerNorm(GELU(W_h h + W_e e(x) + b)), read in one of 
   log p_cls(c | prefix, x) = log_softmax_c log p(x | prefix, c). A class's score can then only be earned
   by telling candidates apart, which is what guidance needs (the direct form, trained on one observed
   token per position, mostly learns which class the *prefix* is, and barely reorders candidates).
+  With ``class_prior: learned`` the prior is not uniform but a second small MLP's p(c | prefix), so
+  log p_cls(c | prefix, x) = log_softmax_c [log p(c | prefix) + log p(x | prefix, c)]: the exact Bayes
+  factorisation of the class of the text continued by x. The prior adds what the prefix already says
+  about the class (what the direct form is good at) and, at decoding, eases guidance towards a class
+  the text already clearly shows while pushing harder where it does not.
 
 Saved as ``classifier.safetensors`` (head only) plus ``classifier.json`` (config); never pickle.
 """
@@ -62,18 +67,44 @@ class ClassifierConfig(BaseModel):
     backbone: str | None = Field(default=None, description="model spec of a separate backbone")
     base_model: str | None = Field(default=None, description="name of the model it was trained to steer")
     form: Literal["direct", "bayes"] = "direct"
+    class_prior: Literal["uniform", "learned"] = "uniform"
+    """Bayes form only: the class prior p(c | prefix) in Bayes' rule."""
     format_version: int = 1
 
 
 class PreferenceHead(nn.Module):
     """The small MLP that scores (prefix state, candidate embedding) pairs for every class."""
 
-    def __init__(self, hidden_size: int, embedding_size: int, head_size: int, num_classes: int) -> None:
+    def __init__(
+        self, hidden_size: int, embedding_size: int, head_size: int, num_classes: int, learned_prior: bool = False
+    ) -> None:
         super().__init__()
         self.prefix_proj = nn.Linear(hidden_size, head_size)
         self.candidate_proj = nn.Linear(embedding_size, head_size, bias=False)
         self.norm = nn.LayerNorm(head_size)
         self.out = nn.Linear(head_size, num_classes)
+        self.num_classes = num_classes
+        self.prior = (
+            nn.Sequential(nn.Linear(hidden_size, head_size), nn.GELU(), nn.Linear(head_size, num_classes))
+            if learned_prior
+            else None
+        )
+
+    @classmethod
+    def for_config(cls, config: ClassifierConfig) -> PreferenceHead:
+        return cls(
+            config.hidden_size,
+            config.embedding_size,
+            config.head_size,
+            len(config.classes),
+            learned_prior=config.class_prior == "learned",
+        )
+
+    def log_prior(self, prefix_hidden: torch.Tensor) -> torch.Tensor:
+        """log p(c | prefix) [..., K]; zeros (uniform, up to a constant) without a learned prior."""
+        if self.prior is None:
+            return prefix_hidden.new_zeros((*prefix_hidden.shape[:-1], self.num_classes), dtype=torch.float32)
+        return torch.log_softmax(self.prior(prefix_hidden.float()).float(), dim=-1)
 
     def forward(self, prefix_hidden: torch.Tensor, projected_candidates: torch.Tensor) -> torch.Tensor:
         """``prefix_hidden`` [..., H] and projected candidates [..., N, D] -> class scores [..., N, K]."""
@@ -88,13 +119,14 @@ def class_conditional(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> t
     return joint - torch.logsumexp(joint, dim=-2, keepdim=True)
 
 
-def bayes_posterior(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> torch.Tensor:
-    """log p(c | prefix, x): ``class_conditional`` and a softmax over classes (uniform prior).
+def bayes_posterior(scores: torch.Tensor, candidate_log_lm: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """log p(c | prefix, x) = log_softmax_c [log p(c | prefix) + log p(x | prefix, c)], from class scores
+    [..., N, K], the candidates' base log-probs [..., N] and the class prior [..., K].
 
     Candidates with log p_LM = -inf take no part in the sums and come out as NaN rows, which the
     logits processor masks.
     """
-    return torch.log_softmax(class_conditional(scores, candidate_log_lm), dim=-1)
+    return torch.log_softmax(class_conditional(scores, candidate_log_lm) + log_prior.unsqueeze(-2), dim=-1)
 
 
 _TAP_LOCAL = threading.local()
@@ -124,9 +156,7 @@ class PreferenceClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
-        self.head = head or PreferenceHead(
-            config.hidden_size, config.embedding_size, config.head_size, len(config.classes)
-        )
+        self.head = head or PreferenceHead.for_config(config)
         self._projected_vocab: tuple[tuple[int, ...], torch.Tensor] | None = None
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
@@ -141,12 +171,15 @@ class PreferenceClassifier(nn.Module):
         head_size: int = 256,
         seed: int = 0,
         form: Literal["direct", "bayes"] = "direct",
+        class_prior: Literal["uniform", "learned"] = "uniform",
     ) -> PreferenceClassifier:
         """A freshly initialised classifier for ``base`` (train it before use)."""
         if kind == "separate" and backbone is None:
             raise ValueError("A separate-backbone classifier needs a backbone model")
         if kind == "separate" and form == "bayes":
             raise ValueError("The bayes form is trained on the base model's own hidden states: use kind='shared'")
+        if form == "direct" and class_prior != "uniform":
+            raise ValueError("A class prior belongs to the bayes form (the direct form has no Bayes' rule)")
         source = base if kind == "shared" else backbone
         assert source is not None
         fingerprint = tokenizer_fingerprint(base.tokenizer)
@@ -163,6 +196,7 @@ class PreferenceClassifier(nn.Module):
             backbone=None if kind == "shared" else source.spec,
             base_model=base.name,
             form=form,
+            class_prior=class_prior,
         )
         return cls(config, source.model)
 
@@ -267,7 +301,7 @@ class PreferenceClassifier(nn.Module):
             return torch.log_softmax(scores, dim=-1)
         if candidate_log_lm is None:
             raise ValueError("A bayes-form classifier needs the base model's log-probs of the candidates")
-        return bayes_posterior(scores, candidate_log_lm)
+        return bayes_posterior(scores, candidate_log_lm, self.head.log_prior(prefix_hidden))
 
     def base_candidates(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, top_k: int
@@ -313,9 +347,13 @@ class PreferenceClassifier(nn.Module):
         if self.config.form == "direct":
             projected = self._project(next_ids).unsqueeze(-2)
             return torch.log_softmax(self.head(hidden, projected).squeeze(-2), dim=-1)
-        return torch.log_softmax(
-            self.token_log_likelihoods(hidden, next_ids, candidates, candidate_log_lm, next_log_lm), -1
+        return self.posterior(
+            hidden, self.token_log_likelihoods(hidden, next_ids, candidates, candidate_log_lm, next_log_lm)
         )
+
+    def posterior(self, hidden: torch.Tensor, log_likelihoods: torch.Tensor) -> torch.Tensor:
+        """Bayes form: log p(c | prefix, x) from log p(x | prefix, c) [..., K] and the class prior."""
+        return torch.log_softmax(log_likelihoods + self.head.log_prior(hidden), -1)
 
     def token_log_likelihoods(
         self,
@@ -361,7 +399,7 @@ class PreferenceClassifier(nn.Module):
             backbone = backbone or load_model(config.backbone or "")
             check_vocabulary(config.tokenizer_fingerprint, backbone.tokenizer)
             source = backbone.model
-        head = PreferenceHead(config.hidden_size, config.embedding_size, config.head_size, len(config.classes))
+        head = PreferenceHead.for_config(config)
         head.load_state_dict(load_file(folder / WEIGHTS_FILE))
         if source.config.hidden_size != config.hidden_size:
             raise VocabularyMismatchError(

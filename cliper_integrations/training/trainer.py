@@ -51,6 +51,8 @@ class TrainConfig:
     feature_cache: Path | None = None
     """Folder for encoded features, one file per response (None: encode every time)."""
     form: Literal["direct", "bayes"] = "bayes"
+    class_prior: Literal["uniform", "learned"] = "uniform"
+    """Bayes form: a uniform class prior, or a learned p(c | prefix) (see ``core/classifier.py``)."""
     generative_weight: float = 0.5
     """Bayes form: loss = (1 - w) · class cross-entropy + w · class-conditional next-token loss."""
     candidates: int = 32
@@ -256,7 +258,12 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
         val_rows, val_uncontrasted = keep_contrasting(all_val_rows)
         dropped.update({f"uncontrasted_{axis}": n for axis, n in (uncontrasted + val_uncontrasted).items()})
     classifier = classifier or PreferenceClassifier.create(
-        base, list(config.classes), head_size=config.head_size, seed=config.seed, form=config.form
+        base,
+        list(config.classes),
+        head_size=config.head_size,
+        seed=config.seed,
+        form=config.form,
+        class_prior=config.class_prior,
     )
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
@@ -344,7 +351,9 @@ def _loss(
     if classifier.config.form == "direct":
         return functional.nll_loss(classifier.token_log_probs(**features), labels, weight=class_weight)
     conditional = classifier.token_log_likelihoods(**features)
-    discriminative = functional.nll_loss(torch.log_softmax(conditional, -1), labels, weight=class_weight)
+    discriminative = functional.nll_loss(
+        classifier.posterior(features["hidden"], conditional), labels, weight=class_weight
+    )
     generative = functional.nll_loss(conditional, labels, weight=class_weight)
     return (1 - generative_weight) * discriminative + generative_weight * generative
 
