@@ -16,7 +16,15 @@ from pathlib import Path
 
 from cliper_integrations.core.engine import CLIPerEngine
 from cliper_integrations.core.prompting import instruction_text
-from cliper_integrations.evaluation.steering import TARGETS, EvalConfig, generate, measure, verdict
+from cliper_integrations.evaluation.steering import (
+    TARGETS,
+    EvalConfig,
+    Job,
+    generate,
+    response_record,
+    summarize,
+    verdict,
+)
 
 INSTRUCTIONS = Path("../shared/data/instructions/alpaca_train.jsonl")
 QUESTION_WORDS = ("Explain", "Describe", "What", "Why", "How")
@@ -34,17 +42,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("classifier", help="a classifier folder, or 'default'")
     parser.add_argument("--alphas", default="8", help="comma-separated α values")
+    parser.add_argument("--classes", default=",".join(TARGETS), help="comma-separated classes")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
     args = parser.parse_args()
     prompts = probe_prompts(args.prompts)
     engine = CLIPerEngine("embedded", classifier=args.classifier)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
-    unguided = measure(engine, prompts, generate(engine, prompts, {}, False, False, config))
+
+    def answer(job: Job) -> dict[str, float]:
+        texts = generate(engine, prompts, job, config)
+        if args.show:
+            print(f"  [{job.key}] {texts[0][: args.show]!r}", flush=True)
+        return summarize(
+            [response_record(engine, job, i, p, t) for i, (p, t) in enumerate(zip(prompts, texts, strict=True))]
+        )
+
+    unguided = answer(Job((), "unguided", 0.0))
     print("unguided", {name: round(value, 2) for name, value in unguided.items()}, flush=True)
-    for name in TARGETS:
+    for name in args.classes.split(","):
         for alpha in (float(a) for a in args.alphas.split(",")):
-            row = measure(engine, prompts, generate(engine, prompts, {name: alpha}, True, False, config))
+            row = answer(Job((name,), "guidance", alpha))
             print(
                 f"{name:>11} α={alpha}: {verdict(name, unguided, row)}  words {row['words']:.1f} "
                 f"fk {row['fk_grade']:.1f} vader {row['vader']:.2f} ppl {row['perplexity']:.1f} "
