@@ -160,3 +160,33 @@ def test_rejects_malformed_weights(base, shared_classifier):
     for bad in (torch.zeros(1, 5), torch.tensor([[float("nan")] * 6]), -torch.ones(1, 6)):
         with pytest.raises(ValueError):
             ClassifierGuidedLogitsProcessor(shared_classifier, bad, mask)
+
+
+def test_guided_rows_never_repeat_an_ngram_of_their_generated_text(base, classifier):
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Explain rain"])
+    a, b, c = 11, 12, 13
+    prompt_with_trigram = input_ids.clone()
+    prompt_with_trigram[:, -3:] = torch.tensor([a, b, c])  # in the prompt: does not count
+    generated = torch.tensor([[a, b, c, 14, a, b]] * 2)
+    ids = torch.cat([prompt_with_trigram, generated], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(generated)], dim=1)
+    scores = next_scores(base, ids, full_mask)
+    guard = ClassifierGuidedLogitsProcessor(
+        classifier, weights([0] * 6, [0, 0, 3, 0, 0, 0]), mask, top_k=None, no_repeat_ngram=3, incremental=False
+    )
+    out = guard(ids, scores)
+    assert torch.equal(out[0], scores[0])  # the unguided row is left alone
+    assert out[1, c] == float("-inf")  # "a b c" was generated once: c may not follow "a b" again
+    free = ClassifierGuidedLogitsProcessor(
+        classifier, weights([0] * 6, [0, 0, 3, 0, 0, 0]), mask, top_k=None, incremental=False
+    )
+    unguarded = free(ids, scores)
+    assert torch.isfinite(unguarded[1, c])
+    assert torch.isfinite(out[1]).sum() == torch.isfinite(unguarded[1]).sum() - 1  # only c is masked
+    early = ClassifierGuidedLogitsProcessor(  # the prompt's "a b c" does not count before anything repeats
+        classifier, weights([0, 0, 3, 0, 0, 0]), mask[:1], top_k=None, no_repeat_ngram=3, incremental=False
+    )
+    short = torch.cat([prompt_with_trigram[:1], torch.tensor([[a, b]])], dim=1)
+    assert torch.isfinite(early(short, next_scores(base, short, torch.cat([mask[:1], torch.ones(1, 2)], 1)))[0, c])
+    with pytest.raises(ValueError, match="at least 2"):
+        ClassifierGuidedLogitsProcessor(classifier, weights([0] * 6), mask[:1], no_repeat_ngram=1)

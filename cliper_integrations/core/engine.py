@@ -265,6 +265,8 @@ class CLIPerEngine:
         overflow: prompts longer than the context window are ``"truncate"``-d from the left (with a
             warning in the result) or ``"refuse"``-d with ``PromptTooLongError``.
         max_batch_size: rows per ``generate`` call.
+        guided_no_repeat_ngram: on guided rows only, never repeat an n-gram of the generated text (a loop
+            guard: a strong push can lock greedy decoding into a loop); None turns it off.
     """
 
     def __init__(
@@ -275,6 +277,7 @@ class CLIPerEngine:
         top_k: int | None = 32,
         overflow: Literal["truncate", "refuse"] = "truncate",
         max_batch_size: int = 16,
+        guided_no_repeat_ngram: int | None = 4,
     ) -> None:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.classifier = self._resolve_classifier(classifier)
@@ -282,6 +285,7 @@ class CLIPerEngine:
         self.top_k = top_k
         self.overflow = overflow
         self.max_batch_size = max_batch_size
+        self.guided_no_repeat_ngram = guided_no_repeat_ngram
         tokenizer = self.loaded.tokenizer
         eos = self.loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id]
@@ -481,6 +485,7 @@ class CLIPerEngine:
                     top_k=self.top_k,
                     always_include=self.eos_token_ids,
                     suspend=_SpanGate(self.tokenizer, width, rows) if any(r.request.spans() for r in rows) else None,
+                    no_repeat_ngram=self.guided_no_repeat_ngram,
                 )
             )
         sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}

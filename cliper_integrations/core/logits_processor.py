@@ -29,6 +29,10 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       step; ``False`` recomputes it from the full sequence (slow, for checking).
     * ``suspend``: a callable giving, per step, the rows whose guidance is paused (inside a tool call
       or other span that must stay exactly as the base model writes it); those rows pass unchanged.
+    * ``no_repeat_ngram``: on guided rows, a token that would repeat an n-gram already in the row's
+      generated text is masked. Guidance pushes every step the same way, and a strong push can lock
+      greedy decoding into a loop (the same few words over and over); the base model's own decoding
+      is left alone (unguided rows and α = 0 stay bit for bit unguided) and the prompt does not count.
     * A row can never become all -inf or NaN: if guidance yields no finite score, the row falls back
       to the unguided distribution.
 
@@ -47,6 +51,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         always_include: Sequence[int] = (),
         incremental: bool = True,
         suspend: Callable[[torch.LongTensor], torch.Tensor] | None = None,
+        no_repeat_ngram: int | None = None,
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
             raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
@@ -60,6 +65,9 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         self.always_include = torch.tensor(sorted(set(always_include)), dtype=torch.long)
         self.state = BackboneState(incremental=incremental)
         self.suspend = suspend
+        if no_repeat_ngram is not None and no_repeat_ngram < 2:
+            raise ValueError(f"no_repeat_ngram must be at least 2, got {no_repeat_ngram}")
+        self.no_repeat_ngram = no_repeat_ngram
 
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_attention_mask.shape[1]
@@ -73,6 +81,18 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         if len(self.always_include):
             priority = log_lm.index_fill(1, self.always_include.to(log_lm.device), float("inf"))
         return priority.topk(min(self.top_k + len(self.always_include), log_lm.shape[-1]), dim=-1).indices
+
+    def _mask_repeats(self, input_ids: torch.Tensor, guided: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Mask, on active rows, each token that would complete an n-gram already in the generated text."""
+        n = self.no_repeat_ngram
+        generated = input_ids[:, self.prompt_attention_mask.shape[1] :]
+        if generated.shape[1] < n:
+            return guided
+        grams = generated.unfold(1, n, 1)  # [B, G, n]
+        tail = generated[:, -(n - 1) :].unsqueeze(1)  # [B, 1, n-1]
+        repeats = (grams[..., :-1] == tail).all(-1) & active[:, None]  # [B, G]
+        rows, starts = repeats.nonzero(as_tuple=True)
+        return guided.index_put((rows, grams[rows, starts, -1]), guided.new_tensor(float("-inf")))
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -95,6 +115,9 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = torch.full_like(log_lm, float("-inf"))
             guided.scatter_(1, candidates, candidate_log_lm + bonus)
-        guided = torch.log_softmax(guided.masked_fill(guided.isnan(), float("-inf")), dim=-1)
+        guided = guided.masked_fill(guided.isnan(), float("-inf"))
+        if self.no_repeat_ngram is not None:
+            guided = self._mask_repeats(input_ids, guided, active)
+        guided = torch.log_softmax(guided, dim=-1)
         usable = active & torch.isfinite(guided).any(dim=-1)
         return torch.where(usable[:, None], guided.to(scores.dtype), scores)
