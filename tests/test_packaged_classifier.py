@@ -23,7 +23,7 @@ def test_packaged_classifier_matches_its_config_and_fits_the_cap():
     assert tuple(config.classes) == DEFAULT_CLASSES
     weights = FOLDER / "classifier.safetensors"
     assert weights.stat().st_size <= 25 * 2**20
-    head = PreferenceHead(config.hidden_size, config.embedding_size, config.head_size, len(config.classes))
+    head = PreferenceHead.for_config(config)
     head.load_state_dict(load_file(weights))  # strict: every tensor present with the right shape
     assert all(torch.isfinite(p).all() for p in head.parameters())
     metrics = json.loads((FOLDER / "metrics.json").read_text())
