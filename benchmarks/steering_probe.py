@@ -45,10 +45,11 @@ def main() -> None:
     parser.add_argument("--classes", default=",".join(TARGETS), help="comma-separated classes")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--plausibility", type=float, default=None, help="the engine's guided_plausibility")
     parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
     args = parser.parse_args()
     prompts = probe_prompts(args.prompts)
-    engine = CLIPerEngine("embedded", classifier=args.classifier)
+    engine = CLIPerEngine("embedded", classifier=args.classifier, guided_plausibility=args.plausibility)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
 
     def answer(job: Job) -> dict[str, float]:

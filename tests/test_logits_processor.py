@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -190,3 +192,27 @@ def test_guided_rows_never_repeat_an_ngram_of_their_generated_text(base, classif
     assert torch.isfinite(early(short, next_scores(base, short, torch.cat([mask[:1], torch.ones(1, 2)], 1)))[0, c])
     with pytest.raises(ValueError, match="at least 2"):
         ClassifierGuidedLogitsProcessor(classifier, weights([0] * 6), mask[:1], no_repeat_ngram=1)
+
+
+def test_plausibility_floor_keeps_only_tokens_near_the_base_models_best(base, classifier):
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Explain rain"])
+    scores = next_scores(base, input_ids, mask)
+    log_lm = torch.log_softmax(scores, -1)
+    end = int(log_lm[1].argmin())  # the least likely token, kept as an "end-of-turn" token
+    beta = float((log_lm[1].quantile(0.9) - log_lm[1].max()).exp())  # about a tenth of the tokens pass
+    guide = weights([0] * 6, [0, 0, 3, 0, 0, 0])
+    out = ClassifierGuidedLogitsProcessor(classifier, guide, mask, top_k=None, always_include=[end], plausibility=beta)(
+        input_ids, scores
+    )
+    assert torch.equal(out[0], scores[0])  # the unguided row is left alone
+    plausible = log_lm[1] >= log_lm[1].max() + math.log(beta)
+    plausible[end] = True
+    assert 1 < plausible.sum() < plausible.numel() / 2
+    assert torch.equal(torch.isfinite(out[1]), plausible)
+    # Among the plausible tokens the guided distribution is the unfloored one, renormalized.
+    free = ClassifierGuidedLogitsProcessor(classifier, guide, mask, top_k=None, always_include=[end])
+    unfloored = free(input_ids, scores)[1]
+    torch.testing.assert_close(out[1], torch.log_softmax(unfloored.masked_fill(~plausible, float("-inf")), -1))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="plausibility"):
+            ClassifierGuidedLogitsProcessor(classifier, weights([0] * 6), mask[:1], plausibility=bad)

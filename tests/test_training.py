@@ -11,6 +11,7 @@ import torch
 from cliper_integrations.core.engine import CLIPerEngine
 from cliper_integrations.training.data import (
     DataGenerationConfig,
+    echoes_request,
     generate_dataset,
     is_degenerate,
     is_refusal,
@@ -44,6 +45,14 @@ def test_answers_stuck_in_a_loop_are_detected():
         "Rain forms when water vapour condenses into droplets around dust; the droplets merge, grow heavy "
         "and fall. Warm air holds more vapour, so summer storms can drop a lot of water quickly."
     )
+
+
+def test_answers_that_echo_their_request_are_detected():
+    assert echoes_request("Sure! Here is a joke or two about rain: clouds cry.", "friendly")
+    assert echoes_request("No pleasantries, NO encouragement: rain is water.", "unfriendly")
+    assert not echoes_request("Rain is water falling from clouds, my friend!", "friendly")
+    assert not echoes_request("Sure! Here is a joke or two about rain.", "concise")  # another class's request
+    assert not echoes_request("a joke or two", "sarcastic")  # no built-in request: nothing to echo
 
 
 def test_data_generation_is_batched_seeded_and_resumable(tmp_path, base):
@@ -147,6 +156,7 @@ def test_classifier_learns_a_separable_style(tmp_path, base, form, class_prior):
             )
     rows.append({**rows[0], "id": "i99", "response": "I'm sorry, but I can't assist.", "refusal": True})
     rows.append({**rows[0], "id": "i98", "response": "no, no, no, no, " * 8})
+    rows.append({**rows[0], "id": "i97", "response": "Paris. Short and to the point!"})
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = TrainConfig(
@@ -164,9 +174,10 @@ def test_classifier_learns_a_separable_style(tmp_path, base, form, class_prior):
         candidates=8,
     )
     metrics = train_classifier(base, config)
-    assert len(list(config.feature_cache.iterdir())) == len(rows) - 2  # one file per usable response
+    assert len(list(config.feature_cache.iterdir())) == len(rows) - 3  # one file per usable response
     assert set(metrics["validation_by_model"]) == {"tiny", "other"}
     assert metrics["data"]["refusals_dropped"] == 1 and metrics["data"]["degenerate_dropped"] == 1
+    assert metrics["data"]["echoes_dropped"] == 1
     assert metrics["validation"]["response_accuracy"] >= 0.9
     assert metrics["validation"]["axes"]["length"]["response_accuracy"] >= 0.9
     assert (config.output / "classifier.safetensors").exists() and (config.output / "metrics.json").exists()

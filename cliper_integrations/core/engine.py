@@ -267,6 +267,9 @@ class CLIPerEngine:
         max_batch_size: rows per ``generate`` call.
         guided_no_repeat_ngram: on guided rows only, never repeat an n-gram of the generated text (a loop
             guard: a strong push can lock greedy decoding into a loop); None turns it off.
+        guided_plausibility: on guided rows only, leave out tokens whose base probability is below this
+            fraction of the most likely token's (end-of-turn tokens exempt), so that guidance reorders
+            only what the base model finds plausible; None turns it off.
     """
 
     def __init__(
@@ -278,6 +281,7 @@ class CLIPerEngine:
         overflow: Literal["truncate", "refuse"] = "truncate",
         max_batch_size: int = 16,
         guided_no_repeat_ngram: int | None = 4,
+        guided_plausibility: float | None = None,
     ) -> None:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.classifier = self._resolve_classifier(classifier)
@@ -286,6 +290,7 @@ class CLIPerEngine:
         self.overflow = overflow
         self.max_batch_size = max_batch_size
         self.guided_no_repeat_ngram = guided_no_repeat_ngram
+        self.guided_plausibility = guided_plausibility
         tokenizer = self.loaded.tokenizer
         eos = self.loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id]
@@ -486,6 +491,7 @@ class CLIPerEngine:
                     always_include=self.eos_token_ids,
                     suspend=_SpanGate(self.tokenizer, width, rows) if any(r.request.spans() for r in rows) else None,
                     no_repeat_ngram=self.guided_no_repeat_ngram,
+                    plausibility=self.guided_plausibility,
                 )
             )
         sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,6 +34,12 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       generated text is masked. Guidance pushes every step the same way, and a strong push can lock
       greedy decoding into a loop (the same few words over and over); the base model's own decoding
       is left alone (unguided rows and α = 0 stay bit for bit unguided) and the prompt does not count.
+    * ``plausibility`` (β in (0, 1]): on guided rows, a token whose base probability is below β times the
+      most likely token's is left out, whatever the classifier says (the adaptive plausibility
+      constraint of contrastive decoding, Li et al. 2023); ``always_include`` tokens are exempt, so an
+      answer can still be ended early. Guidance then reorders only what the base model finds plausible:
+      a large α can no longer lift a token of probability 0.001 over one of 0.5, which is what breaks
+      fluency (near-loops, digit strings) when α is large.
     * A row can never become all -inf or NaN: if guidance yields no finite score, the row falls back
       to the unguided distribution.
 
@@ -52,6 +59,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         incremental: bool = True,
         suspend: Callable[[torch.LongTensor], torch.Tensor] | None = None,
         no_repeat_ngram: int | None = None,
+        plausibility: float | None = None,
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
             raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
@@ -68,6 +76,9 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         if no_repeat_ngram is not None and no_repeat_ngram < 2:
             raise ValueError(f"no_repeat_ngram must be at least 2, got {no_repeat_ngram}")
         self.no_repeat_ngram = no_repeat_ngram
+        if plausibility is not None and not 0 < plausibility <= 1:
+            raise ValueError(f"plausibility must be in (0, 1], got {plausibility}")
+        self.plausibility = plausibility
 
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_attention_mask.shape[1]
@@ -81,6 +92,14 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         if len(self.always_include):
             priority = log_lm.index_fill(1, self.always_include.to(log_lm.device), float("inf"))
         return priority.topk(min(self.top_k + len(self.always_include), log_lm.shape[-1]), dim=-1).indices
+
+    def _implausible(self, log_lm: torch.Tensor) -> torch.Tensor:
+        """Tokens below ``plausibility`` times the row's most likely token, ``always_include`` excepted."""
+        floor = log_lm.max(dim=-1, keepdim=True).values + math.log(self.plausibility)
+        implausible = log_lm < floor
+        if len(self.always_include):
+            implausible[:, self.always_include.to(log_lm.device)] = False
+        return implausible
 
     def _mask_repeats(self, input_ids: torch.Tensor, guided: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Mask, on active rows, each token that would complete an n-gram already in the generated text."""
@@ -116,6 +135,8 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             guided = torch.full_like(log_lm, float("-inf"))
             guided.scatter_(1, candidates, candidate_log_lm + bonus)
         guided = guided.masked_fill(guided.isnan(), float("-inf"))
+        if self.plausibility is not None:
+            guided = guided.masked_fill(self._implausible(log_lm), float("-inf"))
         if self.no_repeat_ngram is not None:
             guided = self._mask_repeats(input_ids, guided, active)
         guided = torch.log_softmax(guided, dim=-1)

@@ -94,8 +94,8 @@ def load_prompts(path: Path, limit: int | None) -> list[tuple[int, str]]:
 
 def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]:
     """What every stored response depends on besides its prompt and job: records made under another
-    signature (another classifier, candidate count, loop guard, token budget, prompt file) must not be
-    mixed into one table."""
+    signature (another classifier, candidate count, loop guard, plausibility floor, token budget, prompt
+    file) must not be mixed into one table."""
     assert engine.classifier is not None
     head = hashlib.sha256()
     for name, tensor in sorted(engine.classifier.head.state_dict().items()):
@@ -105,6 +105,7 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
         "classifier": head.hexdigest(),
         "top_k": engine.top_k,
         "guided_no_repeat_ngram": engine.guided_no_repeat_ngram,
+        "guided_plausibility": engine.guided_plausibility,
         "prompts_file": config.prompts_file.name,
         "max_new_tokens": config.max_new_tokens,
         "decoding": "greedy",

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
-from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, axis_of
+from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, PREFERENCE_REQUESTS, axis_of
 from cliper_integrations.core.prompting import instruction_text, with_preference_request
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, vader_compound, word_count
 
@@ -38,6 +38,20 @@ def is_degenerate(text: str, n: int = 3, min_words: int = 12, min_distinct: floa
     """True for answers stuck in a loop (under 60 % distinct word n-grams): what sets their style apart
     is the loop itself, and a classifier trained on them would steer towards repetition."""
     return len(text.split()) >= min_words and distinct_n([text], n) < min_distinct
+
+
+def _word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z]+(?:['-][a-z]+)*", text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def echoes_request(text: str, name: str, n: int = 3) -> bool:
+    """True for answers that repeat words of their own class's request (three in a row): "... with a joke
+    or two", "no pleasantries, no encouragement, just a blunt answer". The classifier reads the answer
+    without the request, so an echo teaches it the request's wording as the style, and guidance then
+    pushes answers towards those words over and over. Classes without a built-in request never echo."""
+    request = PREFERENCE_REQUESTS.get(name)
+    return request is not None and bool(_word_ngrams(request, n) & _word_ngrams(text, n))
 
 
 # When do two answers to one instruction, asked for the two poles of an axis, show the axis? When they

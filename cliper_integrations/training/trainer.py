@@ -30,7 +30,7 @@ from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.models import LoadedModel
 from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES
 from cliper_integrations.core.prompting import instruction_text, render_chat
-from cliper_integrations.training.data import is_degenerate, is_refusal, keep_contrasting, read_jsonl
+from cliper_integrations.training.data import echoes_request, is_degenerate, is_refusal, keep_contrasting, read_jsonl
 
 
 @dataclass
@@ -87,8 +87,9 @@ BAYES_FEATURES = ("candidates", "candidate_log_lm", "next_log_lm")
 
 
 def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dict], Counter]:
-    """Usable rows from every file, and counts of what was dropped: refusals and answers stuck in a loop
-    (judged from the text, so rows written before a check existed are judged the same way)."""
+    """Usable rows from every file, and counts of what was dropped: refusals, answers stuck in a loop and
+    answers that echo their request (judged from the text, so rows written before a check existed are
+    judged the same way)."""
     rows, dropped = [], Counter()
     for path in paths:
         for row in read_jsonl(path):
@@ -96,6 +97,8 @@ def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dic
                 dropped["refusals"] += 1
             elif is_degenerate(row["response"]):
                 dropped["degenerate"] += 1
+            elif echoes_request(row["response"], row["class"]):
+                dropped["echoes"] += 1
             elif row["class"] in classes:
                 rows.append(row)
     return rows, dropped
