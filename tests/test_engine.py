@@ -49,6 +49,20 @@ def test_guidance_changes_output_and_reports_weights(engine):
     assert guided.weights == {"concise": 8.0} and guided.weights_source == "explicit"
 
 
+def test_plausibility_floor_limits_guidance_to_what_the_base_model_would_write(base, classifier):
+    """At a floor of 1, a guided row may only take the base model's own greedy token or end the answer."""
+    unguided = CLIPerEngine(base, classifier=None).generate_batch(
+        [GenerationRequest(p, max_new_tokens=12) for p in PROMPTS]
+    )
+    strict = CLIPerEngine(base, classifier=classifier, top_k=8, guided_plausibility=1.0)
+    guided = strict.generate_batch([GenerationRequest(p, weights={"expert": 50}, max_new_tokens=12) for p in PROMPTS])
+    free = CLIPerEngine(base, classifier=classifier, top_k=8, guided_plausibility=None)
+    pushed = free.generate_batch([GenerationRequest(p, weights={"expert": 50}, max_new_tokens=12) for p in PROMPTS])
+    for plain, floored in zip(unguided, guided, strict=True):
+        assert plain.text.startswith(floored.text)
+    assert texts(pushed) != texts(unguided)  # without the floor the same push does change the answers
+
+
 def test_rows_of_a_batch_do_not_affect_each_other(engine):
     first = engine.generate_batch(
         [

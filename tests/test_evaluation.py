@@ -137,9 +137,10 @@ def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, b
 
     with pytest.raises(EvalStoreError, match="--restart"):
         run_eval(engine, _eval_config(tmp_path, prompts, limit=1, max_new_tokens=5))
-    unguarded = CLIPerEngine(base, classifier=shared_classifier, guided_no_repeat_ngram=None)
-    with pytest.raises(EvalStoreError, match="--restart"):  # guided answers would differ: not mixed in
-        run_eval(unguarded, _eval_config(tmp_path, prompts, limit=3))
+    for changed in ({"guided_no_repeat_ngram": None}, {"guided_plausibility": None}):
+        other = CLIPerEngine(base, classifier=shared_classifier, **changed)
+        with pytest.raises(EvalStoreError, match="--restart"):  # guided answers would differ: not mixed in
+            run_eval(other, _eval_config(tmp_path, prompts, limit=3))
     assert store.read_text() == text  # refusing loses nothing
     run_eval(engine, _eval_config(tmp_path, prompts, limit=1, max_new_tokens=5, restart=True))
     assert len(store.read_text().splitlines()) == 1 + jobs

@@ -281,7 +281,7 @@ class CLIPerEngine:
         overflow: Literal["truncate", "refuse"] = "truncate",
         max_batch_size: int = 16,
         guided_no_repeat_ngram: int | None = 4,
-        guided_plausibility: float | None = None,
+        guided_plausibility: float | None = 0.1,
     ) -> None:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.classifier = self._resolve_classifier(classifier)
