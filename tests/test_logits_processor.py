@@ -216,3 +216,30 @@ def test_plausibility_floor_keeps_only_tokens_near_the_base_models_best(base, cl
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="plausibility"):
             ClassifierGuidedLogitsProcessor(classifier, weights([0] * 6), mask[:1], plausibility=bad)
+
+
+def test_plausibility_is_measured_from_the_best_token_the_loop_guard_allows(base, classifier):
+    input_ids, mask = prompt_batch(base, ["Explain rain"])
+    a, b, c, end = 11, 12, 13, 3
+    generated = torch.tensor([[a, b, c, 14, a, b]])
+    ids = torch.cat([input_ids, generated], dim=1)
+    scores = next_scores(base, ids, torch.cat([mask, torch.ones_like(generated)], dim=1))
+    scores[0, c] = scores.max() + 10  # the base model's clear favourite, but it would repeat "a b c"
+    processor = ClassifierGuidedLogitsProcessor(
+        classifier,
+        weights([0, 0, 3, 0, 0, 0]),
+        mask,
+        top_k=None,
+        always_include=[end],
+        no_repeat_ngram=3,
+        plausibility=0.5,
+        incremental=False,
+    )
+    out = processor(ids, scores)[0]
+    log_lm = torch.log_softmax(scores[0], -1)
+    allowed = log_lm.clone()
+    allowed[c] = float("-inf")
+    expected = log_lm >= allowed.max() + math.log(0.5)
+    expected[c], expected[end] = False, True
+    assert expected.sum() > 2  # not just the end-of-turn token: the answer is not forced to end
+    assert torch.equal(torch.isfinite(out), expected)

@@ -34,12 +34,12 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       generated text is masked. Guidance pushes every step the same way, and a strong push can lock
       greedy decoding into a loop (the same few words over and over); the base model's own decoding
       is left alone (unguided rows and α = 0 stay bit for bit unguided) and the prompt does not count.
-    * ``plausibility`` (β in (0, 1]): on guided rows, a token whose base probability is below β times the
-      most likely token's is left out, whatever the classifier says (the adaptive plausibility
-      constraint of contrastive decoding, Li et al. 2023); ``always_include`` tokens are exempt, so an
-      answer can still be ended early. Guidance then reorders only what the base model finds plausible:
-      a large α can no longer lift a token of probability 0.001 over one of 0.5, which is what breaks
-      fluency (near-loops, digit strings) when α is large.
+    * ``plausibility`` (β in (0, 1]): on guided rows, a token whose base probability is below β times
+      that of the most likely token the loop guard allows is left out, whatever the classifier says
+      (the adaptive plausibility constraint of contrastive decoding, Li et al. 2023);
+      ``always_include`` tokens are exempt, so an answer can still be ended early. Guidance then
+      reorders only what the base model finds plausible: a large α can no longer lift a token of
+      probability 0.001 over one of 0.5, which is what breaks fluency (near-loops, digit strings).
     * A row can never become all -inf or NaN: if guidance yields no finite score, the row falls back
       to the unguided distribution.
 
@@ -93,25 +93,30 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             priority = log_lm.index_fill(1, self.always_include.to(log_lm.device), float("inf"))
         return priority.topk(min(self.top_k + len(self.always_include), log_lm.shape[-1]), dim=-1).indices
 
-    def _implausible(self, log_lm: torch.Tensor) -> torch.Tensor:
-        """Tokens below ``plausibility`` times the row's most likely token, ``always_include`` excepted."""
-        floor = log_lm.max(dim=-1, keepdim=True).values + math.log(self.plausibility)
+    def _implausible(self, log_lm: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+        """Tokens below ``plausibility`` times the row's most likely token that is not ``banned``,
+        ``always_include`` excepted. Measured from the best token still allowed: were it measured from a
+        banned favourite, the exempt end-of-turn token could be all that is left, ending the answer."""
+        best = log_lm.masked_fill(banned, float("-inf")).max(dim=-1, keepdim=True).values
+        floor = best + math.log(self.plausibility)
         implausible = log_lm < floor
         if len(self.always_include):
             implausible[:, self.always_include.to(log_lm.device)] = False
         return implausible
 
-    def _mask_repeats(self, input_ids: torch.Tensor, guided: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """Mask, on active rows, each token that would complete an n-gram already in the generated text."""
+    def _repeats(self, input_ids: torch.Tensor, active: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """[B, V] True, on active rows, for each token that would complete an n-gram already in the
+        generated text (all False without ``no_repeat_ngram``)."""
+        banned = torch.zeros((input_ids.shape[0], vocab_size), dtype=torch.bool, device=input_ids.device)
         n = self.no_repeat_ngram
         generated = input_ids[:, self.prompt_attention_mask.shape[1] :]
-        if generated.shape[1] < n:
-            return guided
+        if n is None or generated.shape[1] < n:
+            return banned
         grams = generated.unfold(1, n, 1)  # [B, G, n]
         tail = generated[:, -(n - 1) :].unsqueeze(1)  # [B, 1, n-1]
         repeats = (grams[..., :-1] == tail).all(-1) & active[:, None]  # [B, G]
         rows, starts = repeats.nonzero(as_tuple=True)
-        return guided.index_put((rows, grams[rows, starts, -1]), guided.new_tensor(float("-inf")))
+        return banned.index_put((rows, grams[rows, starts, -1]), banned.new_tensor(True))
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -134,11 +139,10 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = torch.full_like(log_lm, float("-inf"))
             guided.scatter_(1, candidates, candidate_log_lm + bonus)
-        guided = guided.masked_fill(guided.isnan(), float("-inf"))
+        banned = self._repeats(input_ids, active, log_lm.shape[-1])
         if self.plausibility is not None:
-            guided = guided.masked_fill(self._implausible(log_lm), float("-inf"))
-        if self.no_repeat_ngram is not None:
-            guided = self._mask_repeats(input_ids, guided, active)
+            banned = banned | self._implausible(log_lm, banned)
+        guided = guided.masked_fill(guided.isnan() | banned, float("-inf"))
         guided = torch.log_softmax(guided, dim=-1)
         usable = active & torch.isfinite(guided).any(dim=-1)
         return torch.where(usable[:, None], guided.to(scores.dtype), scores)
