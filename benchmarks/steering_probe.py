@@ -38,6 +38,10 @@ def probe_prompts(count: int) -> list[str]:
     return [instruction_text(r) for r in chosen[:count]]
 
 
+def _floor(value: str) -> float | None:
+    return None if value == "none" else float(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("classifier", help="a classifier folder, or 'default'")
@@ -45,11 +49,16 @@ def main() -> None:
     parser.add_argument("--classes", default=",".join(TARGETS), help="comma-separated classes")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--plausibility", type=float, default=None, help="the engine's guided_plausibility")
+    parser.add_argument(
+        "--plausibility",
+        default=None,
+        help="guided_plausibility: a number, or 'none' for no floor (default: the engine's)",
+    )
     parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
     args = parser.parse_args()
     prompts = probe_prompts(args.prompts)
-    engine = CLIPerEngine("embedded", classifier=args.classifier, guided_plausibility=args.plausibility)
+    floor = {} if args.plausibility is None else {"guided_plausibility": _floor(args.plausibility)}
+    engine = CLIPerEngine("embedded", classifier=args.classifier, **floor)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
 
     def answer(job: Job) -> dict[str, float]:

@@ -268,8 +268,8 @@ class CLIPerEngine:
         guided_no_repeat_ngram: on guided rows only, never repeat an n-gram of the generated text (a loop
             guard: a strong push can lock greedy decoding into a loop); None turns it off.
         guided_plausibility: on guided rows only, leave out tokens whose base probability is below this
-            fraction of the most likely token's (end-of-turn tokens exempt), so that guidance reorders
-            only what the base model finds plausible; None turns it off.
+            fraction of that of the most likely token the loop guard allows (end-of-turn tokens exempt),
+            so that guidance reorders only what the base model finds plausible; None turns it off.
     """
 
     def __init__(
