@@ -210,7 +210,6 @@ def train(
     ] = "uniform",
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
-    from cliper_integrations.core.classifier import PreferenceClassifier
     from cliper_integrations.core.models import load_model
     from cliper_integrations.training.trainer import TrainConfig, train_classifier
 
@@ -232,19 +231,7 @@ def train(
         class_prior=class_prior,
     )
     try:
-        base = load_model(model)
-        classifier = None
-        if backbone is not None:
-            classifier = PreferenceClassifier.create(
-                base,
-                list(config.classes),
-                kind="separate",
-                backbone=load_model(backbone),
-                head_size=head_size,
-                seed=seed,
-                form=form,
-            )
-        metrics = train_classifier(base, config, classifier)
+        metrics = train_classifier(load_model(model), config, load_model(backbone) if backbone else None)
     except (CLIPerError, OSError, ValueError) as error:
         raise _fail(error) from error
     reports = [("validation", metrics["validation"]), *metrics["validation_by_model"].items()]
@@ -320,7 +307,7 @@ def data_generate(
     model: ModelOption = EMBEDDED_SPEC,
 ) -> None:
     """Ask the base model for every class in plain words (batched, seeded, resumable)."""
-    from cliper_integrations.core.preferences import canonical_class
+    from cliper_integrations.core.preferences import BACKGROUND_CLASSES, canonical_class
     from cliper_integrations.training.data import DataGenerationConfig, generate_dataset
 
     if "eval" in instructions.parts:
@@ -330,7 +317,7 @@ def data_generate(
             instructions=instructions,
             output=output,
             num_instructions=num_instructions,
-            classes=tuple(canonical_class(name) for name in classes.split(",")),
+            classes=tuple(canonical_class(name, DEFAULT_CLASSES + BACKGROUND_CLASSES) for name in classes.split(",")),
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             temperature=temperature,

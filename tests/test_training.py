@@ -135,25 +135,37 @@ def test_split_keeps_each_instruction_on_one_side_as_data_grows():
     assert other_seed != val
 
 
-@pytest.mark.parametrize(("form", "class_prior"), [("bayes", "uniform"), ("bayes", "learned"), ("direct", "uniform")])
-def test_classifier_learns_a_separable_style(tmp_path, base, form, class_prior):
+def _style_rows(count: int) -> list[dict]:
+    """Answers to ``count`` instructions in two separable styles, one per length class."""
     rng = random.Random(0)
-    rows = []
-    for n in range(40):
-        for name in ("concise", "informative"):
-            words = rng.sample(STYLE_WORDS[name], 3)
-            rows.append(
-                {
-                    "id": f"i{n}",
-                    "instruction": f"Question {n}?",
-                    "input": "",
-                    "class": name,
-                    "response": " ".join(words[:3]),
-                    "truncated": False,
-                    "refusal": False,
-                    "model": "tiny" if n % 2 else "other",
-                }
-            )
+    return [
+        {
+            "id": f"i{n}",
+            "instruction": f"Question {n}?",
+            "input": "",
+            "class": name,
+            "response": " ".join(rng.sample(STYLE_WORDS[name], 3)),
+            "truncated": False,
+            "refusal": False,
+            "model": "tiny" if n % 2 else "other",
+        }
+        for n in range(count)
+        for name in ("concise", "informative")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("form", "class_prior", "kind"),
+    [
+        ("bayes", "uniform", "shared"),
+        ("bayes", "learned", "shared"),
+        ("direct", "uniform", "shared"),
+        ("direct", "uniform", "separate"),
+    ],
+)
+def test_classifier_learns_a_separable_style(tmp_path, base, separate_backbone, form, class_prior, kind):
+    backbone = separate_backbone if kind == "separate" else None
+    rows = _style_rows(40)
     rows.append({**rows[0], "id": "i99", "response": "I'm sorry, but I can't assist.", "refusal": True})
     rows.append({**rows[0], "id": "i98", "response": "no, no, no, no, " * 8})
     rows.append({**rows[0], "id": "i97", "response": "Paris. Short and to the point!"})
@@ -173,7 +185,7 @@ def test_classifier_learns_a_separable_style(tmp_path, base, form, class_prior):
         class_prior=class_prior,
         candidates=8,
     )
-    metrics = train_classifier(base, config)
+    metrics = train_classifier(base, config, backbone)
     assert len(list(config.feature_cache.iterdir())) == len(rows) - 3  # one file per usable response
     assert set(metrics["validation_by_model"]) == {"tiny", "other"}
     assert metrics["data"]["refusals_dropped"] == 1 and metrics["data"]["degenerate_dropped"] == 1
@@ -184,23 +196,65 @@ def test_classifier_learns_a_separable_style(tmp_path, base, form, class_prior):
     # the saved classifier steers: "concise" favours the short style's first token
     from cliper_integrations.core.classifier import PreferenceClassifier
 
-    loaded = PreferenceClassifier.load(config.output, base)
-    first_tokens = torch.tensor([[base.tokenizer(w)["input_ids"][0] for w in ("Paris.", "The")]])
-    prompt = base.tokenizer(
-        base.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Question 7?"}], tokenize=False, add_generation_prompt=True
-        )
-    )["input_ids"]
-    from cliper_integrations.core.classifier import BackboneState
-
-    hidden = loaded.prefix_hidden(
-        BackboneState(incremental=False), torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long)
-    )
-    prompt_logits = base.model(input_ids=torch.tensor([prompt])).logits[:, -1].detach()
-    log_lm = torch.log_softmax(prompt_logits, -1).gather(1, first_tokens)
-    assert loaded.config.form == form and loaded.config.class_prior == class_prior
-    scores = loaded.log_probs(hidden, first_tokens, log_lm)[0]
+    loaded = PreferenceClassifier.load(config.output, base, backbone)
+    assert loaded.config.form == form and loaded.config.class_prior == class_prior and loaded.kind == kind
+    scores = _first_token_posteriors(loaded, base, "Question 7?", ["Paris.", "The"])
     assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
     # a second run reads every response from the feature cache and reproduces the first
-    again = train_classifier(base, TrainConfig(**{**config.__dict__, "output": tmp_path / "again"}))
+    again = train_classifier(base, TrainConfig(**{**config.__dict__, "output": tmp_path / "again"}), backbone)
     assert again["validation"] == metrics["validation"]
+
+
+def _first_token_posteriors(classifier, base, question: str, words: list[str]) -> torch.Tensor:
+    """log p_cls(c | prompt, x) [len(words), K] for the first token x of each word, as guidance reads it."""
+    from cliper_integrations.core.classifier import BackboneState
+
+    first_tokens = torch.tensor([[base.tokenizer(w)["input_ids"][0] for w in words]])
+    rendered = base.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = torch.tensor([base.tokenizer(rendered)["input_ids"]])
+    hidden = classifier.prefix_hidden(BackboneState(incremental=False), prompt, torch.ones_like(prompt))
+    log_lm = torch.log_softmax(base.model(input_ids=prompt).logits[:, -1].detach(), -1).gather(1, first_tokens)
+    return classifier.log_probs(hidden, first_tokens, log_lm)[0]
+
+
+def test_refusals_train_a_background_class_that_no_request_may_weight(tmp_path, base):
+    from cliper_integrations.core.classifier import PreferenceClassifier
+    from cliper_integrations.core.errors import UnknownClassError
+
+    rows = _style_rows(40)
+    refusals = ["I'm sorry, but I can't assist with that.", "I cannot help with that request.", "Sorry, I can't."]
+    for n in range(40):  # asked to decline, or declining what was asked: either way a refusal
+        rows.append({**rows[2 * n], "class": "refusal" if n % 2 else "concise", "response": refusals[n % 3]})
+    rows.append({**rows[0], "id": "i77", "class": "refusal", "response": "Paris. Yes. Done."})  # did not decline
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = TrainConfig(
+        data=[data],
+        output=tmp_path / "clf",
+        classes=("concise", "informative", "refusal"),
+        epochs=40,
+        head_size=32,
+        learning_rate=1e-2,
+        patience=10,
+        dropout=0.0,
+        candidates=8,
+    )
+    metrics = train_classifier(base, config)
+    assert metrics["data"]["per_class"]["refusal"] == 40
+    assert metrics["data"]["refusal_requests_answered_dropped"] == 1 and metrics["data"]["refusals_dropped"] == 0
+    loaded = PreferenceClassifier.load(config.output, base)
+    assert loaded.classes == ["concise", "informative", "refusal"]
+    # the refusal's opening token belongs to the background class, so no requested class is rewarded for it
+    scores = _first_token_posteriors(loaded, base, "Question 7?", ["I", "Paris."])
+    assert scores[0].argmax() == 2 and scores[1].argmax() == 0
+    engine = CLIPerEngine(base, classifier=loaded)
+    assert engine.classes == ("concise", "informative")
+    with pytest.raises(UnknownClassError, match="background"):
+        engine.generate("Question 7?", weights={"refusal": 1})
+    assert set(engine.measure_style("Paris.", prompt="Question 7?")) == {"concise", "informative"}
+    # without refusals in the data the background class is left out: untrained, it would skew every posterior
+    data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(40)))
+    metrics = train_classifier(base, TrainConfig(**{**config.__dict__, "output": tmp_path / "plain", "epochs": 1}))
+    assert PreferenceClassifier.load(tmp_path / "plain", base).classes == ["concise", "informative"]

@@ -34,7 +34,7 @@ from cliper_integrations.core.errors import (
 )
 from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
 from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, load_model
-from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, validate_weights
+from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES, DEFAULT_CLASSES, validate_weights
 from cliper_integrations.core.prompting import (
     Message,
     as_messages,
@@ -309,7 +309,10 @@ class CLIPerEngine:
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.classifier.classes) if self.classifier else DEFAULT_CLASSES
+        """The classes a request may weight: the classifier's, less its background classes."""
+        if self.classifier is None:
+            return DEFAULT_CLASSES
+        return tuple(name for name in self.classifier.classes if name not in BACKGROUND_CLASSES)
 
     def _resolve_classifier(self, spec: str | Path | PreferenceClassifier | None) -> PreferenceClassifier | None:
         if spec is None or isinstance(spec, PreferenceClassifier):
@@ -410,8 +413,8 @@ class CLIPerEngine:
             if first in classes and second in classes:
                 pair = torch.softmax(mean[[classes.index(first), classes.index(second)]], -1)
                 style[first], style[second] = float(pair[0]), float(pair[1])
-        for index, name in enumerate(classes):
-            style.setdefault(name, float(mean[index].exp()))
+        for name in self.classes:
+            style.setdefault(name, float(mean[classes.index(name)].exp()))
         return style
 
     # --- internals ---------------------------------------------------------------------------

@@ -16,6 +16,11 @@ AXES: dict[str, tuple[str, str]] = {
     "tone": ("friendly", "unfriendly"),
 }
 DEFAULT_CLASSES: tuple[str, ...] = tuple(pole for poles in AXES.values() for pole in poles)
+# Classes a classifier may tell apart but no user may ask for. "refusal" (answers that decline the task):
+# trained beside the real classes, it takes the posterior of every requested class away from a refusal's
+# tokens, so guidance steers away from refusing instead of into it ("I" is warm, "I'm sorry" follows).
+REFUSAL = "refusal"
+BACKGROUND_CLASSES: tuple[str, ...] = (REFUSAL,)
 ALIASES: dict[str, str] = {
     "P1A": "elementary",
     "P1B": "expert",
@@ -25,7 +30,7 @@ ALIASES: dict[str, str] = {
     "P3B": "unfriendly",
 }
 
-# Requests in plain words: used to build training data and for ``--preference-prompt``.
+# Requests in plain words: used to build training data and (the user classes') for ``--preference-prompt``.
 PREFERENCE_REQUESTS: dict[str, str] = {
     "elementary": "Explain it so simply that a primary-school child could understand it, with everyday words.",
     "expert": "Answer for a specialist: use precise technical terms and skip the basics; only an expert should follow.",
@@ -33,6 +38,7 @@ PREFERENCE_REQUESTS: dict[str, str] = {
     "informative": "Be thorough: give background, details and examples so the answer is complete.",
     "friendly": "Be warm, witty and funny, like a close friend chatting, with a joke or two.",
     "unfriendly": "Be curt, cold and unfriendly: no pleasantries, no encouragement, just a blunt answer.",
+    "refusal": "Do not do the task. Politely decline it instead, in one or two sentences.",
 }
 
 
@@ -77,6 +83,10 @@ def validate_weights(weights: Mapping[str, float], classes: Iterable[str] = DEFA
         try:
             canonical = canonical_class(name, classes)
         except UnknownClassError:
+            if name.strip().lower() in BACKGROUND_CLASSES:
+                raise UnknownClassError(
+                    f"{name!r} is a background class: guidance steers away from it, no request may ask for it"
+                ) from None
             canonical = canonical_class(name, DEFAULT_CLASSES)
             raise ClassNotInClassifierError(
                 f"The classifier has no class {canonical!r}; it has: {', '.join(classes)}"

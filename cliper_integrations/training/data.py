@@ -22,8 +22,8 @@ from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, PREFEREN
 from cliper_integrations.core.prompting import instruction_text, with_preference_request
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, vader_compound, word_count
 
-REFUSAL = re.compile(
-    r"^\W*(i'?m sorry|i am sorry|sorry, but|i can(?:no|')t (?:assist|help|comply|provide|do)|"
+REFUSAL_OPENING = re.compile(
+    r"^\W*(i'?m sorry|i am sorry|sorry, (?:but|i can)|i can(?:no|')t (?:assist|help|comply|provide|do)|"
     r"i cannot (?:assist|help|comply|provide|fulfill)|as an ai\b|i'm unable to|i am unable to)",
     re.IGNORECASE,
 )
@@ -31,7 +31,7 @@ REFUSAL = re.compile(
 
 def is_refusal(text: str) -> bool:
     """True for answers that decline the task instead of doing it in the requested style."""
-    return bool(REFUSAL.search(text.strip())) or not text.strip()
+    return bool(REFUSAL_OPENING.search(text.strip())) or not text.strip()
 
 
 def is_degenerate(text: str, n: int = 3, min_words: int = 12, min_distinct: float = 0.6) -> bool:

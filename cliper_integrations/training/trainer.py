@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.models import LoadedModel
-from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES
+from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES, DEFAULT_CLASSES, REFUSAL
 from cliper_integrations.core.prompting import instruction_text, render_chat
 from cliper_integrations.training.data import echoes_request, is_degenerate, is_refusal, keep_contrasting, read_jsonl
 
@@ -38,7 +38,7 @@ class TrainConfig:
     data: Sequence[Path]
     """One or more JSONL files written by ``cliper data generate`` (possibly by different models)."""
     output: Path
-    classes: tuple[str, ...] = DEFAULT_CLASSES
+    classes: tuple[str, ...] = DEFAULT_CLASSES + BACKGROUND_CLASSES
     val_fraction: float = 0.15
     epochs: int = 40
     learning_rate: float = 2e-3
@@ -89,12 +89,20 @@ BAYES_FEATURES = ("candidates", "candidate_log_lm", "next_log_lm")
 def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dict], Counter]:
     """Usable rows from every file, and counts of what was dropped: refusals, answers stuck in a loop and
     answers that echo their request (judged from the text, so rows written before a check existed are
-    judged the same way)."""
+    judged the same way).
+
+    With the background class ``refusal`` among ``classes``, a refusal is kept as that class whatever was
+    asked for, and an answer to the request to decline that does not decline is dropped."""
     rows, dropped = [], Counter()
     for path in paths:
         for row in read_jsonl(path):
-            if row.get("refusal") or is_refusal(row["response"]):
+            refused = bool(row.get("refusal")) or is_refusal(row["response"])
+            if refused and REFUSAL in classes:
+                rows.append({**row, "class": REFUSAL, "asked": row["class"]})
+            elif refused:
                 dropped["refusals"] += 1
+            elif row["class"] == REFUSAL:
+                dropped["refusal_requests_answered"] += 1
             elif is_degenerate(row["response"]):
                 dropped["degenerate"] += 1
             elif echoes_request(row["response"], row["class"]):
@@ -250,19 +258,27 @@ def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[
     return metrics
 
 
-def train_classifier(base: LoadedModel, config: TrainConfig, classifier: PreferenceClassifier | None = None) -> dict:
-    """Train, early-stop on validation loss, save the best head and a metrics JSON; return the metrics."""
+def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedModel | None = None) -> dict:
+    """Train, early-stop on validation loss, save the best head and a metrics JSON; return the metrics.
+
+    With ``backbone``, the classifier reads that model's hidden states (``kind: separate``) instead of the
+    base model's. A background class with no rows in the data is left out (an untrained class would
+    compete in every posterior)."""
     torch.manual_seed(config.seed)
     rows, dropped = load_rows(config.data, config.classes)
+    present = {row["class"] for row in rows}
+    classes = tuple(name for name in config.classes if name not in BACKGROUND_CLASSES or name in present)
     train_rows, all_val_rows = split_by_instruction(rows, config.val_fraction, config.seed)
     val_rows = all_val_rows
     if config.contrast_filter:
         train_rows, uncontrasted = keep_contrasting(train_rows)
         val_rows, val_uncontrasted = keep_contrasting(all_val_rows)
         dropped.update({f"uncontrasted_{axis}": n for axis, n in (uncontrasted + val_uncontrasted).items()})
-    classifier = classifier or PreferenceClassifier.create(
+    classifier = PreferenceClassifier.create(
         base,
-        list(config.classes),
+        list(classes),
+        kind="shared" if backbone is None else "separate",
+        backbone=backbone,
         head_size=config.head_size,
         seed=config.seed,
         form=config.form,
@@ -270,14 +286,14 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
     )
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
-    train = assemble(features[: len(train_rows)], train_rows, config.classes)
+    train = assemble(features[: len(train_rows)], train_rows, classes)
     all_val_features = features[len(train_rows) :]
     kept = {id(row) for row in val_rows}
     val_features = [f for f, row in zip(all_val_features, all_val_rows, strict=True) if id(row) in kept]
-    val = assemble(val_features, val_rows, config.classes)
+    val = assemble(val_features, val_rows, classes)
     # Balance classes by token count, so long answers do not drown short ones.
-    class_tokens = torch.bincount(train.labels, minlength=len(config.classes)).float().clamp(min=1)
-    class_weight = class_tokens.sum() / (len(config.classes) * class_tokens)
+    class_tokens = torch.bincount(train.labels, minlength=len(classes)).float().clamp(min=1)
+    class_weight = class_tokens.sum() / (len(classes) * class_tokens)
     head = classifier.head
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     best, best_state, stale, history = float("inf"), None, 0, []
@@ -294,7 +310,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
             loss.backward()
             optimizer.step()
         head.eval()
-        val_metrics = evaluate(classifier, val, config.classes)
+        val_metrics = evaluate(classifier, val, classes)
         history.append(
             {
                 "epoch": epoch + 1,
@@ -314,13 +330,11 @@ def train_classifier(base: LoadedModel, config: TrainConfig, classifier: Prefere
         head.load_state_dict(best_state)
     head.eval()
     metrics = {
-        "train": evaluate(classifier, train, config.classes),
-        "validation": evaluate(classifier, val, config.classes),
-        "validation_by_model": _by_model(classifier, val_features, val_rows, config.classes),
-        "validation_unfiltered": evaluate(
-            classifier, assemble(all_val_features, all_val_rows, config.classes), config.classes
-        ),
-        "validation_unfiltered_by_model": _by_model(classifier, all_val_features, all_val_rows, config.classes),
+        "train": evaluate(classifier, train, classes),
+        "validation": evaluate(classifier, val, classes),
+        "validation_by_model": _by_model(classifier, val_features, val_rows, classes),
+        "validation_unfiltered": evaluate(classifier, assemble(all_val_features, all_val_rows, classes), classes),
+        "validation_unfiltered_by_model": _by_model(classifier, all_val_features, all_val_rows, classes),
         "data": {
             "files": [str(path) for path in config.data],
             "responses": len(rows),
