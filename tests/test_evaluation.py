@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 
 import pytest
@@ -105,7 +106,7 @@ def _eval_config(tmp_path, prompts, **options):
     return EvalConfig(path, tmp_path / "out", **options)
 
 
-def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, base, shared_classifier):
+def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, monkeypatch, base, shared_classifier):
     from cliper_integrations.core.engine import CLIPerEngine
     from cliper_integrations.core.errors import EvalStoreError
     from cliper_integrations.evaluation.steering import RESPONSES_FILE, plan, run_eval
@@ -141,6 +142,10 @@ def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, b
         other = CLIPerEngine(base, classifier=shared_classifier, **changed)
         with pytest.raises(EvalStoreError, match="--restart"):  # guided answers would differ: not mixed in
             run_eval(other, _eval_config(tmp_path, prompts, limit=3))
+    with monkeypatch.context() as patched:  # the decoding rule's code changed: its answers would differ too
+        patched.setattr(inspect, "getsource", lambda module: "another version of the rule")
+        with pytest.raises(EvalStoreError, match="--restart"):
+            run_eval(engine, _eval_config(tmp_path, prompts, limit=3))
     assert store.read_text() == text  # refusing loses nothing
     run_eval(engine, _eval_config(tmp_path, prompts, limit=1, max_new_tokens=5, restart=True))
     assert len(store.read_text().splitlines()) == 1 + jobs

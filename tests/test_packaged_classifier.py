@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from cliper_integrations.core.classifier import ClassifierConfig, PreferenceHead
 from cliper_integrations.core.engine import PACKAGED_CLASSIFIERS
 from cliper_integrations.core.models import EMBEDDED_MODEL_NAME
-from cliper_integrations.core.preferences import DEFAULT_CLASSES
+from cliper_integrations.core.preferences import BACKGROUND_CLASSES, DEFAULT_CLASSES
 
 FOLDER = PACKAGED_CLASSIFIERS / EMBEDDED_MODEL_NAME
 
@@ -20,7 +20,7 @@ FOLDER = PACKAGED_CLASSIFIERS / EMBEDDED_MODEL_NAME
 def test_packaged_classifier_matches_its_config_and_fits_the_cap():
     config = ClassifierConfig.model_validate_json((FOLDER / "classifier.json").read_text())
     assert config.base_model == EMBEDDED_MODEL_NAME and config.kind == "shared"
-    assert tuple(config.classes) == DEFAULT_CLASSES
+    assert tuple(config.classes) == DEFAULT_CLASSES + BACKGROUND_CLASSES  # steers away from refusing
     weights = FOLDER / "classifier.safetensors"
     assert weights.stat().st_size <= 25 * 2**20
     head = PreferenceHead.for_config(config)
@@ -37,7 +37,7 @@ def test_default_classifier_loads_for_the_embedded_model_and_moves_its_answer():
     from cliper_integrations.core.engine import shared_engine
 
     engine = shared_engine("embedded", classifier="default")
-    assert engine.classifier is not None and engine.classifier.classes == list(DEFAULT_CLASSES)
+    assert engine.classifier is not None and engine.classes == DEFAULT_CLASSES
     prompt = "Describe the water cycle."
     plain = engine.generate(prompt, weights={}, max_new_tokens=24).text
     guided = engine.generate(prompt, weights={"unfriendly": 8.0}, max_new_tokens=24).text

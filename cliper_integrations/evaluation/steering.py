@@ -10,6 +10,7 @@ so that a run resumes and a full evaluation set can be built up over several run
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import statistics
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cliper_integrations.core import logits_processor
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 from cliper_integrations.core.errors import EvalStoreError
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, perplexity, vader_compound, word_count
@@ -95,14 +97,15 @@ def load_prompts(path: Path, limit: int | None) -> list[tuple[int, str]]:
 def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]:
     """What every stored response depends on besides its prompt and job: records made under another
     signature (another classifier, candidate count, loop guard, plausibility floor, token budget, prompt
-    file) must not be mixed into one table."""
+    file, or another version of the decoding rule's code) must not be mixed into one table."""
     assert engine.classifier is not None
-    head = hashlib.sha256()
+    head = hashlib.sha256(json.dumps(engine.classifier.classes).encode())
     for name, tensor in sorted(engine.classifier.head.state_dict().items()):
         head.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     return {
         "model": engine.loaded.name,
         "classifier": head.hexdigest(),
+        "decoding_rule": hashlib.sha256(inspect.getsource(logits_processor).encode()).hexdigest()[:16],
         "top_k": engine.top_k,
         "guided_no_repeat_ngram": engine.guided_no_repeat_ngram,
         "guided_plausibility": engine.guided_plausibility,
