@@ -7,7 +7,6 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 from cliper_integrations.core.errors import (
@@ -253,28 +252,3 @@ def test_measure_style_gives_axis_probabilities(engine):
         assert abs(style[first] + style[second] - 1) < 1e-5
     with pytest.raises(EmptyPromptError):
         engine.measure_style("")
-
-
-def test_the_engine_leaves_a_step_to_the_base_model_where_its_favourite_reads_as_a_refusal(base):
-    from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
-    from tests.test_logits_processor import next_scores, prompt_batch
-    from tests.tiny import tiny_classifier
-
-    classifier = tiny_classifier(base, form="bayes")
-    engine = CLIPerEngine(base, classifier=classifier, top_k=8)
-    input_ids, mask = prompt_batch(base, [PROMPTS[0]])
-    scores = next_scores(base, input_ids, mask)
-
-    def leaves_first_step(k: int) -> bool:
-        guide = torch.tensor([[0.0 if j == k else 3.0 for j in range(6)]])
-        processor = ClassifierGuidedLogitsProcessor(
-            classifier, guide, mask, top_k=8, always_include=engine.eos_token_ids, background=[k]
-        )
-        return torch.equal(processor(input_ids, scores), scores)
-
-    favourite_class = next(k for k in range(6) if leaves_first_step(k))
-    others = {name: 3.0 for name in classifier.classes if name != classifier.classes[favourite_class]}
-    unguided = engine.generate(PROMPTS[0], max_new_tokens=1).text
-    assert engine.generate(PROMPTS[0], weights=others, max_new_tokens=1).text != unguided  # guidance moves it
-    classifier.config.classes[favourite_class] = "refusal"  # now the favourite reads as a refusal
-    assert engine.generate(PROMPTS[0], weights=others, max_new_tokens=1).text == unguided

@@ -243,26 +243,3 @@ def test_plausibility_is_measured_from_the_best_token_the_loop_guard_allows(base
     expected[c], expected[end] = False, True
     assert expected.sum() > 2  # not just the end-of-turn token: the answer is not forced to end
     assert torch.equal(torch.isfinite(out), expected)
-
-
-@pytest.mark.parametrize("top_k", [None, 8])
-def test_a_step_whose_favourite_reads_as_a_background_class_is_left_to_the_base_model(base, classifier, top_k):
-    input_ids, mask = prompt_batch(base, ["Explain rain", "Hi there, who are you?"])
-    scores = next_scores(base, input_ids, mask)
-
-    deferred = []  # [class, row]: rows left unguided when class k is the background one, the others guided
-    for k in range(6):
-        guide = weights(*[[0.0 if j == k else 3.0 for j in range(6)]] * 2)
-        out = ClassifierGuidedLogitsProcessor(classifier, guide, mask, top_k=top_k, background=[k])(input_ids, scores)
-        deferred.append([torch.equal(out[row], scores[row]) for row in range(2)])
-    deferred = torch.tensor(deferred)
-    # exactly one class is the base favourite's class on each row: naming it background leaves that row
-    # unguided; naming any other class background, the row is guided (and changed) as before
-    assert deferred.sum(0).tolist() == [1, 1]
-    if top_k is None:  # over the whole vocabulary, that class is the favourite's most probable one
-        from cliper_integrations.core.classifier import BackboneState
-
-        log_lm = torch.log_softmax(scores, -1)
-        hidden = classifier.prefix_hidden(BackboneState(incremental=False), input_ids, mask)
-        log_cls = classifier.log_probs(hidden, None, log_lm)[torch.arange(2), log_lm.argmax(-1)]
-        assert torch.equal(log_cls.argmax(-1), deferred.float().argmax(0))

@@ -495,7 +495,6 @@ class CLIPerEngine:
                     suspend=_SpanGate(self.tokenizer, width, rows) if any(r.request.spans() for r in rows) else None,
                     no_repeat_ngram=self.guided_no_repeat_ngram,
                     plausibility=self.guided_plausibility,
-                    background=[i for i, name in enumerate(self.classifier.classes) if name in BACKGROUND_CLASSES],
                 )
             )
         sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}

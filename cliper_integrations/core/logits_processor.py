@@ -40,12 +40,6 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       ``always_include`` tokens are exempt, so an answer can still be ended early. Guidance then
       reorders only what the base model finds plausible: a large α can no longer lift a token of
       probability 0.001 over one of 0.5, which is what breaks fluency (near-loops, digit strings).
-    * ``background``: indices of classes no row weights (``refusal``). Besides competing in the
-      posterior (which steers away from their tokens), they mark whose call a step is: where the base
-      model's most likely token reads as a background class (it is that class's by the classifier's
-      argmax), the step is left to the base model. Guidance then neither talks an answer into a refusal
-      nor out of one the base model would make (a guided row must not refuse what it would answer,
-      nor answer what it would refuse).
     * A row can never become all -inf or NaN: if guidance yields no finite score, the row falls back
       to the unguided distribution.
 
@@ -66,7 +60,6 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         suspend: Callable[[torch.LongTensor], torch.Tensor] | None = None,
         no_repeat_ngram: int | None = None,
         plausibility: float | None = None,
-        background: Sequence[int] = (),
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
             raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
@@ -86,7 +79,6 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         if plausibility is not None and not 0 < plausibility <= 1:
             raise ValueError(f"plausibility must be in (0, 1], got {plausibility}")
         self.plausibility = plausibility
-        self.background = torch.tensor(sorted(set(background)), dtype=torch.long)
 
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_attention_mask.shape[1]
@@ -136,12 +128,10 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         weights = self.weights.to(scores.device)
         prefix = self.classifier.prefix_hidden(self.state, input_ids, self._attention_mask(input_ids))
         log_lm = torch.log_softmax(scores.float(), dim=-1)
-        favourite = log_lm.argmax(dim=-1)
         if self.top_k is None:
             log_cls = self.classifier.log_probs(prefix, None, log_lm)[:, : log_lm.shape[-1]]
             bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = log_lm + bonus
-            at = favourite
         else:
             candidates = self._candidates(log_lm)
             candidate_log_lm = log_lm.gather(1, candidates)
@@ -149,10 +139,6 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = torch.full_like(log_lm, float("-inf"))
             guided.scatter_(1, candidates, candidate_log_lm + bonus)
-            at = (candidates == favourite[:, None]).float().argmax(dim=-1)  # the favourite is a candidate
-        if len(self.background):
-            favourite_class = log_cls[torch.arange(len(at), device=at.device), at].argmax(dim=-1)
-            active = active & ~torch.isin(favourite_class, self.background.to(scores.device))
         banned = self._repeats(input_ids, active, log_lm.shape[-1])
         if self.plausibility is not None:
             banned = banned | self._implausible(log_lm, banned)
