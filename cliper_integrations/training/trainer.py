@@ -98,7 +98,7 @@ def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dic
         for row in read_jsonl(path):
             refused = bool(row.get("refusal")) or is_refusal(row["response"])
             if refused and REFUSAL in classes:
-                rows.append({**row, "class": REFUSAL, "asked": row["class"]})
+                rows.append({**row, "class": REFUSAL})
             elif refused:
                 dropped["refusals"] += 1
             elif row["class"] == REFUSAL:
