@@ -304,6 +304,7 @@ def data_generate(
     batch_size: int = 16,
     temperature: float = 0.7,
     seed: int = 0,
+    samples: Annotated[int, typer.Option(min=1, help="answers per (instruction, class), each seeded apart")] = 1,
     model: ModelOption = EMBEDDED_SPEC,
 ) -> None:
     """Ask the base model for every class in plain words (batched, seeded, resumable)."""
@@ -322,6 +323,7 @@ def data_generate(
             batch_size=batch_size,
             temperature=temperature,
             seed=seed,
+            samples=samples,
         )
         counts = generate_dataset(_engine(model, "none"), config)
     except CLIPerError as error:

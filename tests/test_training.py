@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import defaultdict
 
 import pytest
 import torch
@@ -83,6 +84,14 @@ def test_data_generation_is_batched_seeded_and_resumable(tmp_path, base):
     generate_dataset(engine, DataGenerationConfig(**{**config.__dict__, "output": again}))
     assert sorted(again.read_text().splitlines()) == sorted(rows_as_lines(rows))
 
+    more = DataGenerationConfig(**{**config.__dict__, "samples": 3, "temperature": 1.5})
+    assert generate_dataset(engine, more)["written"] == 12  # samples 1 and 2 only: sample 0 is there
+    by_sample = defaultdict(dict)
+    for r in map(json.loads, config.output.read_text().splitlines()):
+        by_sample[r["sample"]][(r["id"], r["class"])] = r["response"]
+    assert set(by_sample) == {0, 1, 2} and all(len(answers) == 6 for answers in by_sample.values())
+    assert by_sample[1] != by_sample[2]  # each sample has its own seed
+
 
 def rows_as_lines(rows):
     return [json.dumps(r, ensure_ascii=False) for r in rows]
@@ -122,6 +131,23 @@ def test_only_answers_that_show_their_class_against_the_opposite_pole_are_kept()
         ("f", "pirate"),
     ]
     assert dropped == {"expertise": 2, "length": 2}
+
+
+def test_among_several_samples_the_clearest_pair_of_each_group_is_kept():
+    def row(name: str, response: str, sample: int) -> dict:
+        return {"id": "a", "class": name, "response": response, "model": "m", "sample": sample}
+
+    rows = [
+        row("friendly", "Okay.", 0),
+        row("unfriendly", "Fine.", 0),  # sample 0 alone shows no tone: the pair would be dropped
+        row("friendly", "I love this, you are wonderful and great!", 1),
+        row("unfriendly", "This is terrible, awful and stupid.", 1),
+        row("friendly", "Nice, thanks.", 2),
+        row("concise", "Paris.", 0),  # no informative answer from the same model: dropped
+    ]
+    kept, dropped = keep_contrasting(rows)
+    assert [(r["class"], r["sample"]) for r in kept] == [("friendly", 1), ("unfriendly", 1)]
+    assert dropped == {"tone": 3, "length": 1}
 
 
 def test_split_keeps_each_instruction_on_one_side_as_data_grows():

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
@@ -56,11 +57,12 @@ def echoes_request(text: str, name: str, n: int = 3) -> bool:
 
 # When do two answers to one instruction, asked for the two poles of an axis, show the axis? When they
 # differ at least as much as the steering targets ask of guidance (docs/results.md). Measured by the same
-# independent libraries as the evaluation, on the training instructions only.
-CONTRAST_RULES: dict[str, Callable[[str, str], bool]] = {
-    "expertise": lambda elementary, expert: fk_grade(expert) - fk_grade(elementary) >= 2.0,
-    "length": lambda concise, informative: word_count(concise) <= 0.6 * word_count(informative),
-    "tone": lambda friendly, unfriendly: vader_compound(friendly) - vader_compound(unfriendly) >= 0.4,
+# independent libraries as the evaluation, on the training instructions only. Each rule is a margin over
+# its threshold (>= 0 passes), so that among several sampled answers per pole the clearest pair wins.
+CONTRAST_MARGINS: dict[str, Callable[[str, str], float]] = {
+    "expertise": lambda elementary, expert: fk_grade(expert) - fk_grade(elementary) - 2.0,
+    "length": lambda concise, informative: 1.0 - word_count(concise) / max(0.6 * word_count(informative), 1e-9),
+    "tone": lambda friendly, unfriendly: vader_compound(friendly) - vader_compound(unfriendly) - 0.4,
 }
 
 
@@ -68,27 +70,26 @@ def keep_contrasting(rows: Sequence[dict]) -> tuple[list[dict], Counter]:
     """Keep the answers whose text does what their label says, judged against the opposite pole.
 
     A small model asked for "expert" often writes at the same grade as when asked for "elementary" (half
-    of the embedded model's pairs), so the label alone is noise. A pole's answer is kept only when the
-    same model answered the same instruction for the opposite pole and the pair passes the axis's rule;
-    both answers of a pair stay or go together. Classes outside the default axes pass untouched.
-    Returns the kept rows and how many were dropped per axis.
+    of the embedded model's pairs), so the label alone is noise. For each (model, instruction, axis) the
+    pair of pole answers (one per pole, from every sample ``cliper data generate --samples`` wrote) with
+    the largest margin is kept if it passes the axis's rule; every other answer of that group is dropped.
+    A pole without a partner from the same model is dropped. Classes outside the default axes pass
+    untouched. Returns the kept rows, in their order, and how many were dropped per axis.
     """
-    by_pair: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)
-    for row in rows:
-        by_pair[(row.get("model", ""), row["id"], axis_of(row["class"]))][row["class"]] = row["response"]
-    shows_axis = {
-        key: all(pole in pair for pole in AXES[key[2]]) and CONTRAST_RULES[key[2]](*(pair[p] for p in AXES[key[2]]))
-        for key, pair in by_pair.items()
-        if key[2] in CONTRAST_RULES
-    }
-    kept, dropped = [], Counter()
-    for row in rows:
-        key = (row.get("model", ""), row["id"], axis_of(row["class"]))
-        if shows_axis.get(key, True):
-            kept.append(row)
-        else:
-            dropped[key[2]] += 1
-    return kept, dropped
+    groups: dict[tuple[str, str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for index, row in enumerate(rows):
+        axis = axis_of(row["class"])
+        if axis in CONTRAST_MARGINS:
+            groups[(row.get("model", ""), row["id"], axis)][row["class"]].append(index)
+    keep = set(range(len(rows))) - {index for group in groups.values() for ids in group.values() for index in ids}
+    for (_, _, axis), by_pole in groups.items():
+        low, high = (by_pole.get(pole, []) for pole in AXES[axis])
+        pairs = [(CONTRAST_MARGINS[axis](rows[a]["response"], rows[b]["response"]), a, b) for a in low for b in high]
+        margin, a, b = max(pairs, default=(-1.0, -1, -1))
+        if margin >= 0:
+            keep.update((a, b))
+    dropped = Counter(axis_of(row["class"]) for index, row in enumerate(rows) if index not in keep)
+    return [row for index, row in enumerate(rows) if index in keep], dropped
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
@@ -109,6 +110,9 @@ class DataGenerationConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
+    samples: int = 1
+    """Answers per (instruction, class), each with its own seed: the contrast filter keeps the clearest
+    pair, for classes a small model rarely shows in one try (its tone pairs pass 4 times in 33)."""
 
 
 def select_instructions(config: DataGenerationConfig) -> list[dict]:
@@ -119,51 +123,74 @@ def select_instructions(config: DataGenerationConfig) -> list[dict]:
 
 
 def generate_dataset(engine: CLIPerEngine, config: DataGenerationConfig) -> Counter:
-    """Append one JSON line per (instruction, class) to ``config.output``, skipping pairs already there.
+    """Append one JSON line per (instruction, class, sample) to ``config.output``, skipping those already there.
 
     Returns counts of what was written this run: ``written``, ``refusals``, ``truncated``.
     """
     done = set()
     if config.output.exists():
-        done = {(row["id"], row["class"]) for row in read_jsonl(config.output)}
+        done = {(row["id"], row["class"], row.get("sample", 0)) for row in read_jsonl(config.output)}
     chosen = select_instructions(config)
-    todo = [(record, name) for record in chosen for name in config.classes if (record["id"], name) not in done]
+    todo = [
+        (record["id"], name, sample)
+        for sample in range(config.samples)
+        for record in chosen
+        for name in config.classes
+        if (record["id"], name, sample) not in done
+    ]
     counts: Counter = Counter()
     config.output.parent.mkdir(parents=True, exist_ok=True)
     with config.output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="Generating", unit="resp") as bar:
-        for start in range(0, len(chosen), config.batch_size):
-            chunk = chosen[start : start + config.batch_size]
-            for name in config.classes:
-                batch = [record for record in chunk if (record["id"], name) not in done]
-                if not batch:
-                    continue
-                requests = [
-                    GenerationRequest(
-                        with_preference_request([{"role": "user", "content": instruction_text(r)}], {name: 1.0}),
-                        max_new_tokens=config.max_new_tokens,
-                        temperature=config.temperature,
-                        top_p=config.top_p,
-                        seed=config.seed * 100_003 + start * 7 + config.classes.index(name),
-                        guidance=False,
-                    )
-                    for r in batch
-                ]
-                for record, result in zip(batch, engine.generate_batch(requests), strict=True):
-                    row = {
-                        "id": record["id"],
-                        "instruction": record["instruction"],
-                        "input": record.get("input") or "",
-                        "class": name,
-                        "response": result.text,
-                        "new_tokens": result.completion_tokens,
-                        "truncated": result.finish_reason == "length",
-                        "refusal": is_refusal(result.text),
-                        "degenerate": is_degenerate(result.text),
-                        "model": engine.loaded.name,
-                    }
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    counts.update(written=1, refusals=int(row["refusal"]), truncated=int(row["truncated"]))
-                out.flush()
-                bar.update(len(batch))
-                bar.set_postfix(refusals=counts["refusals"])
+        for sample in range(config.samples):
+            for start in range(0, len(chosen), config.batch_size):
+                chunk = chosen[start : start + config.batch_size]
+                for name in config.classes:
+                    batch = [record for record in chunk if (record["id"], name, sample) not in done]
+                    if not batch:
+                        continue
+                    seed = config.seed * 100_003 + start * 7 + config.classes.index(name) + sample * 1_000_003
+                    _write_answers(engine, config, batch, name, sample, seed, out, counts)
+                    bar.update(len(batch))
+                    bar.set_postfix(refusals=counts["refusals"])
     return counts
+
+
+def _write_answers(
+    engine: CLIPerEngine,
+    config: DataGenerationConfig,
+    batch: list[dict],
+    name: str,
+    sample: int,
+    seed: int,
+    out: TextIO,
+    counts: Counter,
+) -> None:
+    """Answer one batch of instructions for one class, unguided, and append the rows."""
+    requests = [
+        GenerationRequest(
+            with_preference_request([{"role": "user", "content": instruction_text(r)}], {name: 1.0}),
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            seed=seed,
+            guidance=False,
+        )
+        for r in batch
+    ]
+    for record, result in zip(batch, engine.generate_batch(requests), strict=True):
+        row = {
+            "id": record["id"],
+            "instruction": record["instruction"],
+            "input": record.get("input") or "",
+            "class": name,
+            "sample": sample,
+            "response": result.text,
+            "new_tokens": result.completion_tokens,
+            "truncated": result.finish_reason == "length",
+            "refusal": is_refusal(result.text),
+            "degenerate": is_degenerate(result.text),
+            "model": engine.loaded.name,
+        }
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        counts.update(written=1, refusals=int(row["refusal"]), truncated=int(row["truncated"]))
+    out.flush()
