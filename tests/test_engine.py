@@ -63,6 +63,23 @@ def test_plausibility_floor_limits_guidance_to_what_the_base_model_would_write(b
     assert texts(pushed) != texts(unguided)  # without the floor the same push does change the answers
 
 
+def test_a_row_whose_base_model_opens_with_a_refusal_is_left_unguided(base, shared_classifier):
+    """Whether to decline is the base model's call: a guided row whose unguided greedy draft "declines"
+    is answered as unguided; the other rows of the batch stay guided."""
+    unguided = CLIPerEngine(base, classifier=None).generate_batch(
+        [GenerationRequest(p, max_new_tokens=12) for p in PROMPTS[:2]]
+    )
+    refused_opening = unguided[0].text[:6]  # stands in for "I'm sorry" in this tiny model's vocabulary
+    engine = CLIPerEngine(base, classifier=shared_classifier, declines=lambda draft: draft.startswith(refused_opening))
+    requests = [GenerationRequest(p, weights={"expert": 8}, max_new_tokens=12) for p in PROMPTS[:2]]
+    declined, answered = engine.generate_batch(requests)
+    assert declined.text == unguided[0].text and declined.weights == {}
+    assert "declines" in declined.weights_source
+    assert answered.text != unguided[1].text and answered.weights == {"expert": 8.0}
+    without = CLIPerEngine(base, classifier=shared_classifier, refusal_lookahead=None, declines=engine.declines)
+    assert without.generate_batch(requests)[0].text != unguided[0].text  # the look-ahead is what kept it
+
+
 def test_rows_of_a_batch_do_not_affect_each_other(engine):
     first = engine.generate_batch(
         [

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,13 @@ from cliper_integrations.core.errors import (
 )
 from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
 from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, load_model
-from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES, DEFAULT_CLASSES, validate_weights
+from cliper_integrations.core.preferences import (
+    AXES,
+    BACKGROUND_CLASSES,
+    DEFAULT_CLASSES,
+    is_refusal,
+    validate_weights,
+)
 from cliper_integrations.core.prompting import (
     Message,
     as_messages,
@@ -270,6 +276,10 @@ class CLIPerEngine:
         guided_plausibility: on guided rows only, leave out tokens whose base probability is below this
             fraction of that of the most likely token the loop guard allows (end-of-turn tokens exempt),
             so that guidance reorders only what the base model finds plausible; None turns it off.
+        refusal_lookahead: before guiding, draft each guided row's first tokens greedily without guidance
+            (this many); a row whose draft ``declines`` is answered without guidance, so whether to refuse
+            stays the base model's decision and guidance cannot talk it out of a refusal. None turns it off.
+        declines: what counts as a refusal in a draft (default: the English openings of ``is_refusal``).
     """
 
     def __init__(
@@ -282,6 +292,8 @@ class CLIPerEngine:
         max_batch_size: int = 16,
         guided_no_repeat_ngram: int | None = 4,
         guided_plausibility: float | None = 0.1,
+        refusal_lookahead: int | None = 8,
+        declines: Callable[[str], bool] = is_refusal,
     ) -> None:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.classifier = self._resolve_classifier(classifier)
@@ -291,6 +303,8 @@ class CLIPerEngine:
         self.max_batch_size = max_batch_size
         self.guided_no_repeat_ngram = guided_no_repeat_ngram
         self.guided_plausibility = guided_plausibility
+        self.refusal_lookahead = refusal_lookahead
+        self.declines = declines
         tokenizer = self.loaded.tokenizer
         eos = self.loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id]
@@ -482,6 +496,7 @@ class CLIPerEngine:
         first = rows[0].request
         stop_criteria = _RowStopCriteria(self.tokenizer, width, rows)
         processors = []
+        self._leave_refusals_unguided(rows, input_ids, attention_mask)
         weights = self._weight_matrix(rows)
         if weights is not None:
             assert self.classifier is not None
@@ -517,6 +532,34 @@ class CLIPerEngine:
         for index, row in enumerate(rows):
             self._finish(row, output[index, width:].tolist(), stop_criteria.stopped_at[index], seconds)
             row.result.prompt_tokens = len(row.prompt_ids)
+
+    def _leave_refusals_unguided(
+        self, rows: list[_PreparedRow], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> None:
+        """Switch guidance off for guided rows whose unguided, greedy opening is a refusal.
+
+        Guidance steers towards a style, and a refusal is rarely in any style's favour: left alone, it
+        turns the base model's refusals into answers, harmful requests included (measured in
+        ``docs/classifier.md``). One short greedy draft per group costs a second prefill of its guided
+        rows and ``refusal_lookahead`` decoding steps.
+        """
+        guided = [index for index, row in enumerate(rows) if any(row.result.weights.values())]
+        if not self.refusal_lookahead or self.classifier is None or not guided:
+            return
+        picked = torch.tensor(guided)
+        with torch.inference_mode():
+            drafts = self.model.generate(
+                input_ids=input_ids[picked],
+                attention_mask=attention_mask[picked],
+                max_new_tokens=self.refusal_lookahead,
+                do_sample=False,
+                pad_token_id=self.pad_token_id,
+                eos_token_id=self.eos_token_ids,
+            )
+        for index, draft in zip(guided, drafts[:, input_ids.shape[1] :].tolist(), strict=True):
+            if self.declines(self.decode(draft)):
+                rows[index].result.weights = {}
+                rows[index].result.weights_source = "none: the base model declines this request (refusal look-ahead)"
 
     def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
         if self.classifier is None or not any(any(row.result.weights.values()) for row in rows):

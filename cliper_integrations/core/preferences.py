@@ -6,6 +6,7 @@ The six default classes follow the Personalized-Soups preference axes: three axe
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 
 from cliper_integrations.core.errors import ClassNotInClassifierError, InvalidWeightError, UnknownClassError
@@ -21,6 +22,20 @@ DEFAULT_CLASSES: tuple[str, ...] = tuple(pole for poles in AXES.values() for pol
 # tokens, so guidance steers away from refusing instead of into it ("I" is warm, "I'm sorry" follows).
 REFUSAL = "refusal"
 BACKGROUND_CLASSES: tuple[str, ...] = (REFUSAL,)
+# What reads as a refusal: the openings small instruction-tuned models decline with (English only).
+REFUSAL_OPENING = re.compile(
+    r"^\W*(i'?m sorry|i am sorry|sorry, (?:but|i can)|i can(?:no|')t (?:assist|help|comply|provide|do)|"
+    r"i cannot (?:assist|help|comply|provide|fulfill)|as an ai\b|i'm unable to|i am unable to)",
+    re.IGNORECASE,
+)
+
+
+def is_refusal(text: str) -> bool:
+    """True for answers that decline the task (or say nothing): training data drops or relabels them, the
+    evaluation counts them, and the engine leaves a row unguided when the base model opens with one."""
+    return bool(REFUSAL_OPENING.search(text.strip())) or not text.strip()
+
+
 ALIASES: dict[str, str] = {
     "P1A": "elementary",
     "P1B": "expert",

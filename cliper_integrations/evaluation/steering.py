@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from cliper_integrations.core import logits_processor
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 from cliper_integrations.core.errors import EvalStoreError
+from cliper_integrations.core.preferences import is_refusal
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, perplexity, vader_compound, word_count
-from cliper_integrations.training.data import is_refusal
 
 SETTINGS = {
     "unguided": {"guided": False, "prompted": False},
@@ -96,8 +96,9 @@ def load_prompts(path: Path, limit: int | None) -> list[tuple[int, str]]:
 
 def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]:
     """What every stored response depends on besides its prompt and job: records made under another
-    signature (another classifier, candidate count, loop guard, plausibility floor, token budget, prompt
-    file, or another version of the decoding rule's code) must not be mixed into one table."""
+    signature (another classifier, candidate count, loop guard, plausibility floor, refusal look-ahead,
+    token budget, prompt file, or another version of the decoding rule's code) must not be mixed into one
+    table."""
     assert engine.classifier is not None
     head = hashlib.sha256(json.dumps(engine.classifier.classes).encode())
     for name, tensor in sorted(engine.classifier.head.state_dict().items()):
@@ -109,6 +110,8 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
         "top_k": engine.top_k,
         "guided_no_repeat_ngram": engine.guided_no_repeat_ngram,
         "guided_plausibility": engine.guided_plausibility,
+        "refusal_lookahead": engine.refusal_lookahead,
+        "declines": f"{engine.declines.__module__}.{engine.declines.__qualname__}",
         "prompts_file": config.prompts_file.name,
         "max_new_tokens": config.max_new_tokens,
         "decoding": "greedy",

@@ -19,20 +19,9 @@ from typing import TextIO
 from tqdm.auto import tqdm
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
-from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, PREFERENCE_REQUESTS, axis_of
+from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, PREFERENCE_REQUESTS, axis_of, is_refusal
 from cliper_integrations.core.prompting import instruction_text, with_preference_request
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, vader_compound, word_count
-
-REFUSAL_OPENING = re.compile(
-    r"^\W*(i'?m sorry|i am sorry|sorry, (?:but|i can)|i can(?:no|')t (?:assist|help|comply|provide|do)|"
-    r"i cannot (?:assist|help|comply|provide|fulfill)|as an ai\b|i'm unable to|i am unable to)",
-    re.IGNORECASE,
-)
-
-
-def is_refusal(text: str) -> bool:
-    """True for answers that decline the task instead of doing it in the requested style."""
-    return bool(REFUSAL_OPENING.search(text.strip())) or not text.strip()
 
 
 def is_degenerate(text: str, n: int = 3, min_words: int = 12, min_distinct: float = 0.6) -> bool:

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.models import LoadedModel
-from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES, DEFAULT_CLASSES, REFUSAL
+from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES, DEFAULT_CLASSES, REFUSAL, is_refusal
 from cliper_integrations.core.prompting import instruction_text, render_chat
-from cliper_integrations.training.data import echoes_request, is_degenerate, is_refusal, keep_contrasting, read_jsonl
+from cliper_integrations.training.data import echoes_request, is_degenerate, keep_contrasting, read_jsonl
 
 
 @dataclass
