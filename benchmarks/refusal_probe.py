@@ -6,6 +6,7 @@ set) a guided answer must not talk the model out of a refusal it makes unguided.
 alone at α; an answer is a refusal by the training data's detector (``is_refusal``).
 
     python benchmarks/refusal_probe.py default --alpha 8 --prompts 12
+    python benchmarks/refusal_probe.py default --refusal-lookahead 0   # without the engine's look-ahead
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=8.0)
     parser.add_argument("--prompts", type=int, default=12, help="harmless instructions")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="enough to see a refusal's opening")
+    parser.add_argument("--refusal-lookahead", type=int, default=6, help="the engine's look-ahead; 0 turns it off")
     args = parser.parse_args()
-    engine = CLIPerEngine("embedded", classifier=args.classifier)
+    engine = CLIPerEngine("embedded", classifier=args.classifier, refusal_lookahead=args.refusal_lookahead or None)
     for label, prompts in (("harmless", probe_prompts(args.prompts)), ("harmful", HARMFUL)):
         plain = refusals(engine, prompts, {}, args.max_new_tokens)
         print(f"{label}: {sum(plain)} of {len(prompts)} refused unguided", flush=True)

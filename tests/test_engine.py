@@ -63,21 +63,29 @@ def test_plausibility_floor_limits_guidance_to_what_the_base_model_would_write(b
     assert texts(pushed) != texts(unguided)  # without the floor the same push does change the answers
 
 
-def test_a_row_whose_base_model_opens_with_a_refusal_is_left_unguided(base, shared_classifier):
+def test_a_row_whose_base_model_opens_with_a_refusal_is_left_unguided(base, classifier):
     """Whether to decline is the base model's call: a guided row whose unguided greedy draft "declines"
-    is answered as unguided; the other rows of the batch stay guided."""
+    is answered as unguided; the other rows of the batch stay guided, and answer as they would without
+    the look-ahead (the answer starts from the draft's cache of the prompt)."""
     unguided = CLIPerEngine(base, classifier=None).generate_batch(
-        [GenerationRequest(p, max_new_tokens=12) for p in PROMPTS[:2]]
+        [GenerationRequest(p, max_new_tokens=12) for p in PROMPTS[:3]]
     )
     refused_opening = unguided[0].text[:6]  # stands in for "I'm sorry" in this tiny model's vocabulary
-    engine = CLIPerEngine(base, classifier=shared_classifier, declines=lambda draft: draft.startswith(refused_opening))
-    requests = [GenerationRequest(p, weights={"expert": 8}, max_new_tokens=12) for p in PROMPTS[:2]]
-    declined, answered = engine.generate_batch(requests)
+    engine = CLIPerEngine(base, classifier=classifier, declines=lambda draft: draft.startswith(refused_opening))
+    requests = [
+        GenerationRequest(PROMPTS[0], weights={"expert": 8}, max_new_tokens=12),
+        GenerationRequest(PROMPTS[1], weights={"expert": 8}, max_new_tokens=12),
+        GenerationRequest(PROMPTS[2], max_new_tokens=12),
+    ]
+    declined, answered, plain = engine.generate_batch(requests)
     assert declined.text == unguided[0].text and declined.weights == {}
     assert "declines" in declined.weights_source
     assert answered.text != unguided[1].text and answered.weights == {"expert": 8.0}
-    without = CLIPerEngine(base, classifier=shared_classifier, refusal_lookahead=None, declines=engine.declines)
-    assert without.generate_batch(requests)[0].text != unguided[0].text  # the look-ahead is what kept it
+    assert plain.text == unguided[2].text
+    without = CLIPerEngine(base, classifier=classifier, refusal_lookahead=None, declines=engine.declines)
+    not_declined, same_answer, _ = without.generate_batch(requests)
+    assert not_declined.text != unguided[0].text  # the look-ahead is what kept it
+    assert same_answer.text == answered.text
 
 
 def test_rows_of_a_batch_do_not_affect_each_other(engine):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import Cache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from cliper_integrations.core.classifier import PreferenceClassifier
@@ -292,7 +292,7 @@ class CLIPerEngine:
         max_batch_size: int = 16,
         guided_no_repeat_ngram: int | None = 4,
         guided_plausibility: float | None = 0.1,
-        refusal_lookahead: int | None = 8,
+        refusal_lookahead: int | None = 6,
         declines: Callable[[str], bool] = is_refusal,
     ) -> None:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -496,7 +496,7 @@ class CLIPerEngine:
         first = rows[0].request
         stop_criteria = _RowStopCriteria(self.tokenizer, width, rows)
         processors = []
-        self._leave_refusals_unguided(rows, input_ids, attention_mask)
+        prompt_cache = self._leave_refusals_unguided(rows, input_ids, attention_mask)
         weights = self._weight_matrix(rows)
         if weights is not None:
             assert self.classifier is not None
@@ -526,6 +526,7 @@ class CLIPerEngine:
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_ids,
                 streamer=streamer,
+                cache=prompt_cache,
                 **(sampling if first.temperature > 0 else {"do_sample": False}),
             )
         seconds = time.perf_counter() - started
@@ -535,31 +536,36 @@ class CLIPerEngine:
 
     def _leave_refusals_unguided(
         self, rows: list[_PreparedRow], input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> None:
+    ) -> Cache | None:
         """Switch guidance off for guided rows whose unguided, greedy opening is a refusal.
 
         Guidance steers towards a style, and a refusal is rarely in any style's favour: left alone, it
         turns the base model's refusals into answers, harmful requests included (measured in
-        ``docs/classifier.md``). One short greedy draft per group costs a second prefill of its guided
-        rows and ``refusal_lookahead`` decoding steps.
+        ``docs/classifier.md``). The draft reads the prompts once for the whole group; its cache, cut
+        back to the prompts less their last token, is returned for the answer to start from, so the
+        look-ahead costs ``refusal_lookahead`` greedy steps, not a second reading of long prompts.
         """
         guided = [index for index, row in enumerate(rows) if any(row.result.weights.values())]
         if not self.refusal_lookahead or self.classifier is None or not guided:
-            return
-        picked = torch.tensor(guided)
+            return None
         with torch.inference_mode():
-            drafts = self.model.generate(
-                input_ids=input_ids[picked],
-                attention_mask=attention_mask[picked],
+            draft = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 max_new_tokens=self.refusal_lookahead,
                 do_sample=False,
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_ids,
+                return_dict_in_generate=True,
             )
-        for index, draft in zip(guided, drafts[:, input_ids.shape[1] :].tolist(), strict=True):
-            if self.declines(self.decode(draft)):
+        openings = draft.sequences[:, input_ids.shape[1] :].tolist()
+        for index in guided:
+            if self.declines(self.decode(openings[index])):
                 rows[index].result.weights = {}
                 rows[index].result.weights_source = "none: the base model declines this request (refusal look-ahead)"
+        cache = draft.cache
+        cache.crop(input_ids.shape[1] - 1 - cache.get_seq_length())
+        return cache
 
     def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
         if self.classifier is None or not any(any(row.result.weights.values()) for row in rows):
