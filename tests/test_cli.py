@@ -132,6 +132,9 @@ def test_info_and_bench(model_folder, classifier_folder):
     figures = json.loads(bench.stdout.splitlines()[-1])
     assert {"unguided_tok_s", "guided_tok_s", "ratio", "batch8_speedup", "peak_rss_mb"} <= set(figures)
     assert figures["ratio"] == pytest.approx(figures["guided_tok_s"] / figures["unguided_tok_s"], rel=0.01)
+    assert figures["refusal_lookahead"] == 6
+    without = figures["guided_without_lookahead_tok_s"]
+    assert figures["lookahead_ratio"] == pytest.approx(figures["guided_tok_s"] / without, rel=0.01)
 
 
 def test_memory_commands_round_trip(tmp_path, model_folder, classifier_folder):

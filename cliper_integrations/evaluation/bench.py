@@ -38,6 +38,10 @@ class BenchResult:
     unguided_tok_s: float
     guided_tok_s: float
     ratio: float
+    refusal_lookahead: int | None
+    guided_without_lookahead_tok_s: float
+    lookahead_ratio: float
+    """Guided tokens/s with the engine's refusal look-ahead over guided tokens/s without it."""
     single_guided_tok_s: float
     batch8_tok_s: float
     batch8_speedup: float
@@ -58,7 +62,8 @@ def _tokens_per_second(engine: CLIPerEngine, requests: list[GenerationRequest]) 
 
 
 def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) -> BenchResult:
-    """Interleave unguided and guided runs of the same prompts (greedy) and take medians.
+    """Interleave unguided and guided runs of the same prompts (greedy) and take medians; guided runs
+    also without the engine's refusal look-ahead, to measure what it costs.
 
     Without a trained classifier the guided runs use a freshly initialised shared-backbone head of the
     default architecture: decoding cost does not depend on the head's weights.
@@ -73,14 +78,22 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
         return GenerationRequest(prompt, weights=weights, max_new_tokens=max_new_tokens)
 
     engine.generate(single(BENCH_PROMPTS[0], WEIGHT_SETS[0]))  # warm-up
-    unguided, guided, batched = [], [], []
-    for _ in range(repeats):
-        for prompt, weights in zip(BENCH_PROMPTS, WEIGHT_SETS, strict=False):
-            unguided.append(_tokens_per_second(engine, [single(prompt, None)]))
-            guided.append(_tokens_per_second(engine, [single(prompt, weights)]))
-        batch = [single(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], w) for i, w in enumerate(WEIGHT_SETS)]
-        batched.append(_tokens_per_second(engine, batch))
+    lookahead = engine.refusal_lookahead
+    unguided, guided, without_lookahead, batched = [], [], [], []
+    try:
+        for _ in range(repeats):
+            for prompt, weights in zip(BENCH_PROMPTS, WEIGHT_SETS, strict=False):
+                unguided.append(_tokens_per_second(engine, [single(prompt, None)]))
+                guided.append(_tokens_per_second(engine, [single(prompt, weights)]))
+                engine.refusal_lookahead = None
+                without_lookahead.append(_tokens_per_second(engine, [single(prompt, weights)]))
+                engine.refusal_lookahead = lookahead
+            batch = [single(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], w) for i, w in enumerate(WEIGHT_SETS)]
+            batched.append(_tokens_per_second(engine, batch))
+    finally:
+        engine.refusal_lookahead = lookahead
     unguided_tok_s, guided_tok_s = statistics.median(unguided), statistics.median(guided)
+    without_lookahead_tok_s = statistics.median(without_lookahead)
     batch8 = statistics.median(batched)
     return BenchResult(
         model=engine.loaded.name,
@@ -88,6 +101,9 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
         unguided_tok_s=round(unguided_tok_s, 2),
         guided_tok_s=round(guided_tok_s, 2),
         ratio=round(guided_tok_s / unguided_tok_s, 3),
+        refusal_lookahead=lookahead,
+        guided_without_lookahead_tok_s=round(without_lookahead_tok_s, 2),
+        lookahead_ratio=round(guided_tok_s / without_lookahead_tok_s, 3),
         single_guided_tok_s=round(guided_tok_s, 2),
         batch8_tok_s=round(batch8, 2),
         batch8_speedup=round(batch8 / guided_tok_s, 2),
