@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from transformers import Cache, StoppingCriteria, StoppingCriteriaList
+from transformers import Cache, DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from cliper_integrations.core.classifier import PreferenceClassifier
@@ -564,6 +565,8 @@ class CLIPerEngine:
                 rows[index].result.weights = {}
                 rows[index].result.weights_source = "none: the base model declines this request (refusal look-ahead)"
         cache = draft.cache
+        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None  # sliding-window or recurrent layers cannot be cut back: the answer reads the prompt again
         cache.crop(input_ids.shape[1] - 1 - cache.get_seq_length())
         return cache
 
