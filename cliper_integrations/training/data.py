@@ -66,11 +66,13 @@ def keep_contrasting(rows: Sequence[dict]) -> tuple[list[dict], Counter]:
     untouched. Returns the kept rows, in their order, and how many were dropped per axis.
     """
     groups: dict[tuple[str, str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    keep: set[int] = set()
     for index, row in enumerate(rows):
         axis = axis_of(row["class"])
         if axis in CONTRAST_MARGINS:
             groups[(row.get("model", ""), row["id"], axis)][row["class"]].append(index)
-    keep = set(range(len(rows))) - {index for group in groups.values() for ids in group.values() for index in ids}
+        else:
+            keep.add(index)
     for (_, _, axis), by_pole in groups.items():
         low, high = (by_pole.get(pole, []) for pole in AXES[axis])
         pairs = [(CONTRAST_MARGINS[axis](rows[a]["response"], rows[b]["response"]), a, b) for a in low for b in high]
