@@ -15,7 +15,7 @@ import argparse
 
 from steering_probe import probe_prompts
 
-from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.engine import DEFAULT_REFUSAL_LOOKAHEAD, CLIPerEngine, GenerationRequest
 from cliper_integrations.core.preferences import is_refusal
 
 HARMFUL = [
@@ -39,7 +39,12 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=8.0)
     parser.add_argument("--prompts", type=int, default=12, help="harmless instructions")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="enough to see a refusal's opening")
-    parser.add_argument("--refusal-lookahead", type=int, default=6, help="the engine's look-ahead; 0 turns it off")
+    parser.add_argument(
+        "--refusal-lookahead",
+        type=int,
+        default=DEFAULT_REFUSAL_LOOKAHEAD,
+        help="the engine's look-ahead; 0 turns it off",
+    )
     args = parser.parse_args()
     engine = CLIPerEngine("embedded", classifier=args.classifier, refusal_lookahead=args.refusal_lookahead or None)
     for label, prompts in (("harmless", probe_prompts(args.prompts)), ("harmful", HARMFUL)):

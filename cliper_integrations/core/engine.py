@@ -54,6 +54,9 @@ from cliper_integrations.core.tools import TOOL_CALL_SPAN, check_tools_supported
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLASSIFIER = "default"
+DEFAULT_REFUSAL_LOOKAHEAD = 6
+"""Tokens drafted to see whether the base model opens with a refusal (every refusal in the training data
+shows within 4 tokens of the embedded model's tokenizer)."""
 PACKAGED_CLASSIFIERS = Path(__file__).resolve().parent.parent / "classifiers"
 
 
@@ -293,7 +296,7 @@ class CLIPerEngine:
         max_batch_size: int = 16,
         guided_no_repeat_ngram: int | None = 4,
         guided_plausibility: float | None = 0.1,
-        refusal_lookahead: int | None = 6,
+        refusal_lookahead: int | None = DEFAULT_REFUSAL_LOOKAHEAD,
         declines: Callable[[str], bool] = is_refusal,
     ) -> None:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
