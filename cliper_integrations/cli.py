@@ -308,7 +308,7 @@ def data_generate(
     model: ModelOption = EMBEDDED_SPEC,
 ) -> None:
     """Ask the base model for every class in plain words (batched, seeded, resumable)."""
-    from cliper_integrations.core.preferences import BACKGROUND_CLASSES, canonical_class
+    from cliper_integrations.core.preferences import TRAINABLE_CLASSES, canonical_class
     from cliper_integrations.training.data import DataGenerationConfig, generate_dataset
 
     if "eval" in instructions.parts:
@@ -318,7 +318,7 @@ def data_generate(
             instructions=instructions,
             output=output,
             num_instructions=num_instructions,
-            classes=tuple(canonical_class(name, DEFAULT_CLASSES + BACKGROUND_CLASSES) for name in classes.split(",")),
+            classes=tuple(canonical_class(name, TRAINABLE_CLASSES) for name in classes.split(",")),
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             temperature=temperature,

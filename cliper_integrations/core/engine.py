@@ -129,6 +129,11 @@ class _PreparedRow:
     result: GenerationResult
     prompt_ids: list[int]
 
+    @property
+    def guided(self) -> bool:
+        """Whether any class weighs on this row (a row with only zero weights decodes unguided)."""
+        return any(self.result.weights.values())
+
 
 class _RowStopCriteria(StoppingCriteria):
     """Per-row ``max_new_tokens`` and stop strings of any token length; remembers where each row stopped."""
@@ -549,7 +554,7 @@ class CLIPerEngine:
         back to the prompts less their last token, is returned for the answer to start from, so the
         look-ahead costs ``refusal_lookahead`` greedy steps, not a second reading of long prompts.
         """
-        guided = [index for index, row in enumerate(rows) if any(row.result.weights.values())]
+        guided = [index for index, row in enumerate(rows) if row.guided]
         if not self.refusal_lookahead or self.classifier is None or not guided:
             return None
         with torch.inference_mode():
@@ -574,7 +579,7 @@ class CLIPerEngine:
         return cache
 
     def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
-        if self.classifier is None or not any(any(row.result.weights.values()) for row in rows):
+        if self.classifier is None or not any(row.guided for row in rows):
             return None
         order = {name: index for index, name in enumerate(self.classifier.classes)}
         matrix = torch.zeros((len(rows), len(order)))

@@ -22,6 +22,8 @@ DEFAULT_CLASSES: tuple[str, ...] = tuple(pole for poles in AXES.values() for pol
 # tokens, so guidance steers away from refusing instead of into it ("I" is warm, "I'm sorry" follows).
 REFUSAL = "refusal"
 BACKGROUND_CLASSES: tuple[str, ...] = (REFUSAL,)
+# Every class the training data and a trained classifier may hold: the user classes and the background ones.
+TRAINABLE_CLASSES: tuple[str, ...] = DEFAULT_CLASSES + BACKGROUND_CLASSES
 # What reads as a refusal: the openings small instruction-tuned models decline with (English only).
 REFUSAL_OPENING = re.compile(
     r"^\W*(i'?m sorry|i am sorry|sorry, (?:but|i can)|i can(?:no|')t (?:assist|help|comply|provide|do)|"

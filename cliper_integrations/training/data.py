@@ -46,12 +46,13 @@ def echoes_request(text: str, name: str, n: int = 3) -> bool:
 
 # When do two answers to one instruction, asked for the two poles of an axis, show the axis? When they
 # differ at least as much as the steering targets ask of guidance (docs/results.md). Measured by the same
-# independent libraries as the evaluation, on the training instructions only. Each rule is a margin over
-# its threshold (>= 0 passes), so that among several sampled answers per pole the clearest pair wins.
-CONTRAST_MARGINS: dict[str, Callable[[str, str], float]] = {
-    "expertise": lambda elementary, expert: fk_grade(expert) - fk_grade(elementary) - 2.0,
-    "length": lambda concise, informative: 1.0 - word_count(concise) / max(0.6 * word_count(informative), 1e-9),
-    "tone": lambda friendly, unfriendly: vader_compound(friendly) - vader_compound(unfriendly) - 0.4,
+# independent libraries as the evaluation, on the training instructions only. Per axis: the measure of one
+# answer, and the margin of a (low pole, high pole) pair of measures over the threshold (>= 0 passes), so
+# that among several sampled answers per pole the clearest pair wins.
+CONTRAST_RULES: dict[str, tuple[Callable[[str], float], Callable[[float, float], float]]] = {
+    "expertise": (fk_grade, lambda elementary, expert: expert - elementary - 2.0),
+    "length": (word_count, lambda concise, informative: 1.0 - concise / max(0.6 * informative, 1e-9)),
+    "tone": (vader_compound, lambda friendly, unfriendly: friendly - unfriendly - 0.4),
 }
 
 
@@ -65,17 +66,19 @@ def keep_contrasting(rows: Sequence[dict]) -> tuple[list[dict], Counter]:
     A pole without a partner from the same model is dropped. Classes outside the default axes pass
     untouched. Returns the kept rows, in their order, and how many were dropped per axis.
     """
-    groups: dict[tuple[str, str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple[str, str, str], dict[str, list[tuple[float, int]]]] = defaultdict(lambda: defaultdict(list))
     keep: set[int] = set()
     for index, row in enumerate(rows):
         axis = axis_of(row["class"])
-        if axis in CONTRAST_MARGINS:
-            groups[(row.get("model", ""), row["id"], axis)][row["class"]].append(index)
+        if axis in CONTRAST_RULES:
+            measure, _ = CONTRAST_RULES[axis]
+            groups[(row.get("model", ""), row["id"], axis)][row["class"]].append((measure(row["response"]), index))
         else:
             keep.add(index)
     for (_, _, axis), by_pole in groups.items():
+        _, margin_of = CONTRAST_RULES[axis]
         low, high = (by_pole.get(pole, []) for pole in AXES[axis])
-        pairs = [(CONTRAST_MARGINS[axis](rows[a]["response"], rows[b]["response"]), a, b) for a in low for b in high]
+        pairs = [(margin_of(low_value, high_value), a, b) for low_value, a in low for high_value, b in high]
         margin, a, b = max(pairs, default=(-1.0, -1, -1))
         if margin >= 0:
             keep.update((a, b))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.models import LoadedModel
-from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES, DEFAULT_CLASSES, REFUSAL, is_refusal
+from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES, REFUSAL, TRAINABLE_CLASSES, is_refusal
 from cliper_integrations.core.prompting import instruction_text, render_chat
 from cliper_integrations.training.data import echoes_request, is_degenerate, keep_contrasting, read_jsonl
 
@@ -38,7 +38,7 @@ class TrainConfig:
     data: Sequence[Path]
     """One or more JSONL files written by ``cliper data generate`` (possibly by different models)."""
     output: Path
-    classes: tuple[str, ...] = DEFAULT_CLASSES + BACKGROUND_CLASSES
+    classes: tuple[str, ...] = TRAINABLE_CLASSES
     val_fraction: float = 0.15
     epochs: int = 40
     learning_rate: float = 2e-3
