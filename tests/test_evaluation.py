@@ -149,3 +149,16 @@ def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, m
     assert store.read_text() == text  # refusing loses nothing
     run_eval(engine, _eval_config(tmp_path, prompts, limit=1, max_new_tokens=5, restart=True))
     assert len(store.read_text().splitlines()) == 1 + jobs
+
+
+def test_bench_leaves_the_engine_it_measures_as_it_was(base):
+    """The bench measures with and without the look-ahead and with a stand-in head; an engine that also
+    serves live requests must come out with its own settings."""
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.evaluation.bench import run_bench
+
+    engine = CLIPerEngine(base, classifier=None, refusal_lookahead=3)
+    figures = run_bench(engine, max_new_tokens=2, repeats=1)
+    assert engine.classifier is None and engine.refusal_lookahead == 3
+    assert figures.refusal_lookahead == 3
+    assert figures.classifier == "shared, untrained head of the default architecture"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 import resource
 import statistics
@@ -68,32 +69,31 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
     Without a trained classifier the guided runs use a freshly initialised shared-backbone head of the
     default architecture: decoding cost does not depend on the head's weights.
     """
+    # Copies share the model and classifier but not the settings changed here, so an engine that also
+    # serves live requests is left as it was.
+    engine = copy.copy(engine)
     label = f"{engine.classifier.kind} ({engine.classifier.config.base_model})" if engine.classifier else ""
     if engine.classifier is None:
         engine.classifier = PreferenceClassifier.create(engine.loaded, list(DEFAULT_CLASSES)).eval()
         label = "shared, untrained head of the default architecture"
+    without_lookahead = copy.copy(engine)
+    without_lookahead.refusal_lookahead = None
 
     def single(prompt: str, weights: dict | None) -> GenerationRequest:
         # End-of-turn stays possible; lengths differ per run, tokens/s normalises for that.
         return GenerationRequest(prompt, weights=weights, max_new_tokens=max_new_tokens)
 
     engine.generate(single(BENCH_PROMPTS[0], WEIGHT_SETS[0]))  # warm-up
-    lookahead = engine.refusal_lookahead
-    unguided, guided, without_lookahead, batched = [], [], [], []
-    try:
-        for _ in range(repeats):
-            for prompt, weights in zip(BENCH_PROMPTS, WEIGHT_SETS, strict=False):
-                unguided.append(_tokens_per_second(engine, [single(prompt, None)]))
-                guided.append(_tokens_per_second(engine, [single(prompt, weights)]))
-                engine.refusal_lookahead = None
-                without_lookahead.append(_tokens_per_second(engine, [single(prompt, weights)]))
-                engine.refusal_lookahead = lookahead
-            batch = [single(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], w) for i, w in enumerate(WEIGHT_SETS)]
-            batched.append(_tokens_per_second(engine, batch))
-    finally:
-        engine.refusal_lookahead = lookahead
+    unguided, guided, unguarded, batched = [], [], [], []
+    for _ in range(repeats):
+        for prompt, weights in zip(BENCH_PROMPTS, WEIGHT_SETS, strict=False):
+            unguided.append(_tokens_per_second(engine, [single(prompt, None)]))
+            guided.append(_tokens_per_second(engine, [single(prompt, weights)]))
+            unguarded.append(_tokens_per_second(without_lookahead, [single(prompt, weights)]))
+        batch = [single(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], w) for i, w in enumerate(WEIGHT_SETS)]
+        batched.append(_tokens_per_second(engine, batch))
     unguided_tok_s, guided_tok_s = statistics.median(unguided), statistics.median(guided)
-    without_lookahead_tok_s = statistics.median(without_lookahead)
+    without_lookahead_tok_s = statistics.median(unguarded)
     batch8 = statistics.median(batched)
     return BenchResult(
         model=engine.loaded.name,
@@ -101,7 +101,7 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
         unguided_tok_s=round(unguided_tok_s, 2),
         guided_tok_s=round(guided_tok_s, 2),
         ratio=round(guided_tok_s / unguided_tok_s, 3),
-        refusal_lookahead=lookahead,
+        refusal_lookahead=engine.refusal_lookahead,
         guided_without_lookahead_tok_s=round(without_lookahead_tok_s, 2),
         lookahead_ratio=round(guided_tok_s / without_lookahead_tok_s, 3),
         single_guided_tok_s=round(guided_tok_s, 2),
