@@ -30,12 +30,12 @@ INSTRUCTIONS = Path("../shared/data/instructions/alpaca_train.jsonl")
 QUESTION_WORDS = ("Explain", "Describe", "What", "Why", "How")
 
 
-def probe_prompts(count: int) -> list[str]:
+def probe_prompts(count: int, skip: int = 0) -> list[str]:
     """Open questions (no input) from the part of the seeded shuffle that data generation never reaches."""
     records = [json.loads(line) for line in INSTRUCTIONS.read_text().splitlines() if line.strip()]
     random.Random(0).shuffle(records)
     chosen = [r for r in records[3000:] if not r.get("input") and r["instruction"].split()[0] in QUESTION_WORDS]
-    return [instruction_text(r) for r in chosen[:count]]
+    return [instruction_text(r) for r in chosen[skip : skip + count]]
 
 
 def _floor(value: str) -> float | None:
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--alphas", default="8", help="comma-separated α values")
     parser.add_argument("--classes", default=",".join(TARGETS), help="comma-separated classes")
     parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--skip", type=int, default=0, help="start after this many prompts (a fresh set of them)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
         "--plausibility",
@@ -56,7 +57,7 @@ def main() -> None:
     )
     parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
     args = parser.parse_args()
-    prompts = probe_prompts(args.prompts)
+    prompts = probe_prompts(args.prompts, args.skip)
     floor = {} if args.plausibility is None else {"guided_plausibility": _floor(args.plausibility)}
     engine = CLIPerEngine("embedded", classifier=args.classifier, **floor)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
