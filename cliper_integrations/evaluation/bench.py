@@ -76,24 +76,24 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
     if engine.classifier is None:
         engine.classifier = PreferenceClassifier.create(engine.loaded, list(DEFAULT_CLASSES)).eval()
         label = "shared, untrained head of the default architecture"
-    without_lookahead = copy.copy(engine)
-    without_lookahead.refusal_lookahead = None
+    no_lookahead = copy.copy(engine)
+    no_lookahead.refusal_lookahead = None
 
     def single(prompt: str, weights: dict | None) -> GenerationRequest:
         # End-of-turn stays possible; lengths differ per run, tokens/s normalises for that.
         return GenerationRequest(prompt, weights=weights, max_new_tokens=max_new_tokens)
 
     engine.generate(single(BENCH_PROMPTS[0], WEIGHT_SETS[0]))  # warm-up
-    unguided, guided, unguarded, batched = [], [], [], []
+    unguided, guided, without_lookahead, batched = [], [], [], []
     for _ in range(repeats):
         for prompt, weights in zip(BENCH_PROMPTS, WEIGHT_SETS, strict=False):
             unguided.append(_tokens_per_second(engine, [single(prompt, None)]))
             guided.append(_tokens_per_second(engine, [single(prompt, weights)]))
-            unguarded.append(_tokens_per_second(without_lookahead, [single(prompt, weights)]))
+            without_lookahead.append(_tokens_per_second(no_lookahead, [single(prompt, weights)]))
         batch = [single(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], w) for i, w in enumerate(WEIGHT_SETS)]
         batched.append(_tokens_per_second(engine, batch))
     unguided_tok_s, guided_tok_s = statistics.median(unguided), statistics.median(guided)
-    without_lookahead_tok_s = statistics.median(unguarded)
+    without_lookahead_tok_s = statistics.median(without_lookahead)
     batch8 = statistics.median(batched)
     return BenchResult(
         model=engine.loaded.name,
