@@ -165,7 +165,7 @@ def test_bench_leaves_the_engine_it_measures_as_it_was(base):
 
 
 def test_one_table_does_not_decide_a_settings_grade():
-    """A table reads to Flesch-Kincaid as one long sentence (grade 50 and more): the grade of a setting is
+    """A table reads to Flesch-Kincaid as one long sentence (grade 30 to 50): the grade of a setting is
     the median over its answers, so one such answer cannot flip a class's verdict."""
     from cliper_integrations.evaluation.metrics import fk_grade
     from cliper_integrations.evaluation.steering import summarize
@@ -174,8 +174,14 @@ def test_one_table_does_not_decide_a_settings_grade():
     table = "| name | price | renewal date | notes |\n" + "| Netflix | 10 | monthly | shared with family |\n" * 12
     assert fk_grade(table) > 20
     records = [
-        {"response": text, "words": len(text.split()), "fk_grade": fk_grade(text), "vader": 0.0}
-        | {"perplexity": 2.0, "refusal": False}
+        {
+            "response": text,
+            "words": len(text.split()),
+            "fk_grade": fk_grade(text),
+            "vader": 0.0,
+            "perplexity": 2.0,
+            "refusal": False,
+        }
         for text in [*prose, table]
     ]
     assert summarize(records)["fk_grade"] < 5

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from cliper_integrations.core.classifier import ClassifierConfig, PreferenceHead
 from cliper_integrations.core.engine import PACKAGED_CLASSIFIERS
 from cliper_integrations.core.models import EMBEDDED_MODEL_NAME
-from cliper_integrations.core.preferences import BACKGROUND_CLASSES, DEFAULT_CLASSES
+from cliper_integrations.core.preferences import DEFAULT_CLASSES, TRAINABLE_CLASSES
 
 FOLDER = PACKAGED_CLASSIFIERS / EMBEDDED_MODEL_NAME
 
@@ -20,7 +20,7 @@ FOLDER = PACKAGED_CLASSIFIERS / EMBEDDED_MODEL_NAME
 def test_packaged_classifier_matches_its_config_and_fits_the_cap():
     config = ClassifierConfig.model_validate_json((FOLDER / "classifier.json").read_text())
     assert config.base_model == EMBEDDED_MODEL_NAME and config.kind == "shared"
-    assert tuple(config.classes) == DEFAULT_CLASSES + BACKGROUND_CLASSES  # steers away from refusing
+    assert tuple(config.classes) == TRAINABLE_CLASSES  # the background class steers away from refusing
     weights = FOLDER / "classifier.safetensors"
     assert weights.stat().st_size <= 25 * 2**20
     head = PreferenceHead.for_config(config)
