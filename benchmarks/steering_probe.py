@@ -63,11 +63,11 @@ def main() -> None:
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
 
     def answer(job: Job) -> dict[str, float]:
-        texts = generate(engine, prompts, job, config)
+        results = generate(engine, prompts, job, config)
         if args.show:
-            print(f"  [{job.key}] {texts[0][: args.show]!r}", flush=True)
+            print(f"  [{job.key}] {results[0].text[: args.show]!r}", flush=True)
         return summarize(
-            [response_record(engine, job, i, p, t) for i, (p, t) in enumerate(zip(prompts, texts, strict=True))]
+            [response_record(engine, job, i, p, r) for i, (p, r) in enumerate(zip(prompts, results, strict=True))]
         )
 
     unguided = answer(Job((), "unguided", 0.0))

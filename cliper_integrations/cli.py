@@ -263,6 +263,9 @@ def evaluate(
     restart: Annotated[
         bool, typer.Option(help="discard the responses stored in the output folder instead of resuming from them")
     ] = False,
+    classes: Annotated[
+        str | None, typer.Option(help="comma-separated classes to measure (and the combinations among them)")
+    ] = None,
     model: ModelOption = EMBEDDED_SPEC,
     classifier: ClassifierOption = "default",
 ) -> None:
@@ -270,9 +273,11 @@ def evaluate(
 
     Every response is stored (results_responses.jsonl) as it is made: rerunning the same command resumes,
     and a larger --limit only answers the new prompts."""
+    from cliper_integrations.core.preferences import canonical_class
     from cliper_integrations.evaluation.steering import EvalConfig, run_eval
 
     try:
+        measured = tuple(canonical_class(name) for name in classes.split(",")) if classes else EvalConfig.classes
         engine = _engine(model, classifier)
         if engine.classifier is None:
             raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))
@@ -286,6 +291,7 @@ def evaluate(
                 sweep=EvalConfig.sweep if sweep else (),
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                classes=measured,
                 restart=restart,
             ),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 
@@ -86,6 +87,36 @@ def test_a_row_whose_base_model_opens_with_a_refusal_is_left_unguided(base, clas
     not_declined, same_answer, _ = without.generate_batch(requests)
     assert not_declined.text != unguided[0].text  # the look-ahead is what kept it
     assert same_answer.text == answered.text
+
+
+def test_a_guided_opening_that_declines_where_the_base_model_does_not_is_answered_from_the_base_opening(
+    base, classifier
+):
+    """Guidance must not turn an answer into a refusal: a guided row that opens with what ``declines``
+    where the base model's own opening does not is answered again, still guided, from the base model's
+    opening (its first ``refusal_lookahead`` greedy tokens); a stream never shows the declined opening."""
+    lookahead = 6
+    plain = CLIPerEngine(base, classifier=None)
+    free = CLIPerEngine(base, classifier=classifier, top_k=8, refusal_lookahead=None)
+    requests = [GenerationRequest(p, weights={"expert": 8}, max_new_tokens=12) for p in PROMPTS]
+    unguided = plain.generate_batch([GenerationRequest(p, max_new_tokens=12) for p in PROMPTS])
+    guided = free.generate_batch(requests)
+    base_opening = plain.generate(PROMPTS[0], max_new_tokens=lookahead).text
+    # row 0's guided opening stands in for "I'm sorry" in this tiny model's vocabulary
+    refused, other = (r.text for r in free.generate_batch([replace(r, max_new_tokens=lookahead) for r in requests[:2]]))
+    assert refused not in (base_opening, other)
+    engine = CLIPerEngine(
+        base, classifier=classifier, top_k=8, refusal_lookahead=lookahead, declines=lambda text: text == refused
+    )
+    restarted, untouched, _ = engine.generate_batch(requests)
+    assert restarted.text.startswith(base_opening) and restarted.text != unguided[0].text
+    assert restarted.weights == {"expert": 8.0} and "answered again" in restarted.warnings[0]
+    assert restarted.completion_tokens <= 12 and restarted.prompt_tokens == guided[0].prompt_tokens
+    assert untouched.text == guided[1].text and not untouched.warnings
+    stream = engine.stream(requests[0])
+    deltas = list(stream)
+    assert "".join(deltas) == restarted.text and not deltas[0].startswith(refused)
+    assert stream.result.warnings == restarted.warnings
 
 
 def test_rows_of_a_batch_do_not_affect_each_other(engine):

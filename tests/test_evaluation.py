@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import math
 
 import pytest
 
@@ -67,6 +68,38 @@ def test_eval_command_writes_a_report(tmp_path, base, shared_classifier, sweep):
     assert numbers["sweep"]["concise"]["8.0"] == numbers["table"]["concise"]["guidance"]  # measured once
     assert numbers["sweep"]["concise"]["0.0"] == numbers["unguided"]
     assert (tmp_path / "out" / "results_alpha_sweep.png").stat().st_size > 1000
+
+
+def test_eval_measures_the_classes_asked_for_and_counts_answers_cut_off(tmp_path, base, shared_classifier):
+    """``--classes`` measures those classes and their combinations only; every answer records whether it
+    ran out of new tokens, and a setting's ``cut_off`` is that share (unknown for records made before)."""
+    from typer.testing import CliRunner
+
+    from cliper_integrations.cli import app
+    from cliper_integrations.evaluation.steering import summarize
+
+    folder = tmp_path / "model"
+    base.model.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"id": i, "prompt": p} for i, p in enumerate(["Explain rain.", "Hi"])]))
+    options = ["eval", "--prompts", str(prompts), "--output", str(tmp_path / "out"), "--no-sweep"]
+    options += ["--max-new-tokens", "4", "--model", str(folder)]
+    options += ["--classifier", str(shared_classifier.save(tmp_path / "classifier"))]
+    unknown = CliRunner().invoke(app, [*options, "--classes", "concise,cheerful"])
+    assert unknown.exit_code != 0 and "cheerful" in unknown.output
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, [*options, "--classes", "Concise,friendly"])
+    assert result.exit_code == 0, result.output
+    numbers = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(numbers["table"]) == {"concise", "friendly", "concise+friendly"}
+    records = [json.loads(line) for line in (tmp_path / "out" / "results_responses.jsonl").read_text().splitlines()]
+    unguided = [r for r in records[1:] if r["job"] == "-|unguided|0"]
+    cut = [r["finish_reason"] == "length" for r in unguided]
+    assert numbers["unguided"]["cut_off"] == pytest.approx(sum(cut) / len(cut))
+    assert "| cut off |" in (tmp_path / "out" / "results.md").read_text()
+    older = [{key: value for key, value in r.items() if key != "finish_reason"} for r in unguided]
+    assert math.isnan(summarize(older)["cut_off"])
 
 
 def test_rewriting_the_report_keeps_the_hand_written_notes(tmp_path):

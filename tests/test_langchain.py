@@ -194,8 +194,10 @@ def test_bind_tools_parses_tool_calls_under_strong_guidance(tools_chat):
     assert message.tool_calls[0]["args"] == {"a": 2, "b": 3}
     assert message.response_metadata["weights"] == {"concise": 30.0, "friendly": 30.0}
     streamed = list(tools_chat.bind_tools([Add]).stream("What is 2 plus 3?"))
-    # the same weights do steer ordinary text, so the tool call survived because guidance paused
-    assert tools_chat.invoke("Thanks").content != tools_chat.invoke("Thanks", weights={}).content
+    # the same weights do steer ordinary text (here into an empty answer, which the engine's opening check
+    # answers again from the base model's opening), so the tool call survived because guidance paused
+    assert "answered again" in tools_chat.invoke("Thanks").response_metadata["warnings"][0]
+    assert not tools_chat.invoke("Thanks", weights={}).response_metadata["warnings"]
     assert streamed[-1].tool_call_chunks[0]["name"] == "Add"
 
 

@@ -128,6 +128,9 @@ class _PreparedRow:
     request: GenerationRequest
     result: GenerationResult
     prompt_ids: list[int]
+    opening: list[int] = field(default_factory=list)
+    """Answer tokens fixed before decoding (the last of ``prompt_ids``): the base model's opening, given
+    to a guided row whose guided opening declined (``_OpeningCheck``)."""
 
     @property
     def guided(self) -> bool:
@@ -141,7 +144,7 @@ class _RowStopCriteria(StoppingCriteria):
     def __init__(self, tokenizer, prompt_length: int, rows: list[_PreparedRow]) -> None:
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
-        self.max_new = [row.request.max_new_tokens for row in rows]
+        self.max_new = [row.request.max_new_tokens - len(row.opening) for row in rows]
         self.stops = [row.request.stop_strings() for row in rows]
         # A token holds at least one character, so this many trailing tokens cover any stop string.
         self.windows = [max((len(s) for s in stops), default=0) + 2 for stops in self.stops]
@@ -164,6 +167,45 @@ class _RowStopCriteria(StoppingCriteria):
         return done
 
 
+class _OpeningCheck(StoppingCriteria):
+    """Stops a guided row whose first ``length`` tokens ``declines`` where the base model's opening did not.
+
+    Guidance must not turn an answer into a refusal: at an opening, a warm or blunt "I" or "As" can pass
+    the plausibility floor, and the base model then writes "I'm sorry, I can't …" on its own (and
+    ``is_refusal`` also counts an answer a strong push ended at once, saying nothing). A stopped row is
+    answered again from the base model's opening (``CLIPerEngine._answer_from_base_openings``)."""
+
+    def __init__(
+        self,
+        decode: Callable[[Sequence[int]], str],
+        declines: Callable[[str], bool],
+        prompt_length: int,
+        length: int,
+        rows: list[int],
+    ) -> None:
+        self.decode = decode
+        self.declines = declines
+        self.prompt_length = prompt_length
+        self.length = length
+        self.unchecked = set(rows)
+        self.declined: set[int] = set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if input_ids.shape[1] - self.prompt_length >= self.length:
+            self.check(input_ids[:, self.prompt_length :])
+        done[list(self.declined)] = True
+        return done
+
+    def check(self, generated: torch.Tensor) -> None:
+        """Judge the unchecked rows' openings (once each; after ``generate``, rows of a batch that ended
+        before ``length`` tokens)."""
+        for row in sorted(self.unchecked):
+            if self.declines(self.decode(generated[row, : self.length].tolist())):
+                self.declined.add(row)
+        self.unchecked.clear()
+
+
 class _SpanGate:
     """Per step, the rows that are inside an open unguided span (e.g. ``<tool_call>`` … ``</tool_call>``)."""
 
@@ -172,12 +214,14 @@ class _SpanGate:
         self.prompt_length = prompt_length
         self.spans = [row.request.spans() for row in rows]
         self.prefixes = [row.request.response_prefix for row in rows]
+        self.openings = [row.opening for row in rows]
 
     def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
         inside = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         for row, spans in enumerate(self.spans):
             if spans:
-                text = self.prefixes[row] + self.tokenizer.decode(input_ids[row, self.prompt_length :])
+                answer = self.openings[row] + input_ids[row, self.prompt_length :].tolist()
+                text = self.prefixes[row] + self.tokenizer.decode(answer)
                 opening = text.lstrip()
                 # inside an open span, or still possibly writing a span's opening marker
                 inside[row] = any(
@@ -195,11 +239,15 @@ def as_request(prompt: str | Sequence[Message] | GenerationRequest, options: dic
     return prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(prompt, **options)
 
 
+RESTART = object()
+"""Queued by ``_TokenQueueStreamer.restart``: the tokens received so far are no longer the answer."""
+
+
 class _TokenQueueStreamer(BaseStreamer):
     """Receives generated token ids (batch of one) and hands them to the consuming thread."""
 
     def __init__(self) -> None:
-        self.queue: queue.Queue[list[int] | None] = queue.Queue()
+        self.queue: queue.Queue[list[int] | object | None] = queue.Queue()
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -208,7 +256,18 @@ class _TokenQueueStreamer(BaseStreamer):
             return
         self.queue.put(value.reshape(-1).tolist())
 
+    def restart(self, opening: list[int]) -> None:
+        """The answer so far is dropped and starts again from ``opening``; the next ``generate`` sends its
+        prompt first, like the last one."""
+        self.queue.put(RESTART)
+        self.queue.put(opening)
+        self.prompt_seen = False
+
     def end(self) -> None:
+        """Called by ``generate`` at its end; an answer may go on in another call (``restart``)."""
+
+    def finish(self) -> None:
+        """The engine is done with the row: ends the consumer's iteration."""
         self.queue.put(None)
 
 
@@ -235,7 +294,8 @@ class TextStream:
                 self._engine._run_group([row], streamer=streamer)
             except BaseException as error:  # re-raised in the consuming thread
                 outcome["error"] = error
-                streamer.end()
+            finally:
+                streamer.finish()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
@@ -243,11 +303,18 @@ class TextStream:
         emitted = ""
         stops = self._request.stop_strings()
         holdback = max((len(s) for s in stops), default=1) - 1
+        # a guided opening is only shown once it is known not to be a refusal guidance wrote (_OpeningCheck)
+        opening = (self._engine.refusal_lookahead or 0) if row.guided else 0
         eos = set(self._engine.eos_token_ids)
         while (chunk := streamer.queue.get()) is not None:
+            if chunk is RESTART:
+                tokens = []
+                continue
             if any(token in eos for token in chunk):
                 continue
             tokens.extend(chunk)
+            if len(tokens) <= opening:
+                continue
             text = self._engine.decode(tokens)
             cut = first_stop(text, stops)
             safe = text[:cut] if cut >= 0 else text[: max(len(text) - holdback, 0)]
@@ -287,8 +354,11 @@ class CLIPerEngine:
             so that guidance reorders only what the base model finds plausible; None turns it off.
         refusal_lookahead: before guiding, draft each guided row's first tokens greedily without guidance
             (this many); a row whose draft ``declines`` is answered without guidance, so whether to refuse
-            stays the base model's decision and guidance cannot talk it out of a refusal. None turns it off.
-        declines: what counts as a refusal in a draft (default: the English openings of ``is_refusal``).
+            stays the base model's decision and guidance cannot talk it out of a refusal. Nor into one: a
+            guided answer whose first this-many tokens decline, where the draft did not, is answered again
+            (guided) from the draft's opening; streams hold these tokens back until that is decided. None
+            turns both off.
+        declines: what counts as a refusal in an opening (default: the English openings of ``is_refusal``).
     """
 
     def __init__(
@@ -493,8 +563,9 @@ class CLIPerEngine:
         row.result.warnings.append(message)
         return ids[-limit:]
 
-    def _run_group(self, rows: list[_PreparedRow], streamer: BaseStreamer | None = None) -> None:
-        """One ``generate`` call for rows that share sampling settings."""
+    def _run_group(self, rows: list[_PreparedRow], streamer: _TokenQueueStreamer | None = None) -> None:
+        """One ``generate`` call for rows that share sampling settings (and one more for the rows whose
+        guided opening declined, from the base model's opening)."""
         started = time.perf_counter()
         width = max(len(row.prompt_ids) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -505,7 +576,11 @@ class CLIPerEngine:
         first = rows[0].request
         stop_criteria = _RowStopCriteria(self.tokenizer, width, rows)
         processors = []
-        prompt_cache = self._leave_refusals_unguided(rows, input_ids, attention_mask)
+        prompt_cache, openings = self._leave_refusals_unguided(rows, input_ids, attention_mask)
+        opening_check = None
+        if openings is not None and self.refusal_lookahead:
+            checked = [index for index, row in enumerate(rows) if row.guided and not row.opening]
+            opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked)
         weights = self._weight_matrix(rows)
         if weights is not None:
             assert self.classifier is not None
@@ -531,7 +606,7 @@ class CLIPerEngine:
                 attention_mask=attention_mask,
                 max_new_tokens=max(row.request.max_new_tokens for row in rows),
                 logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([stop_criteria]),
+                stopping_criteria=StoppingCriteriaList([stop_criteria, *filter(None, [opening_check])]),
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_ids,
                 streamer=streamer,
@@ -541,22 +616,47 @@ class CLIPerEngine:
         seconds = time.perf_counter() - started
         for index, row in enumerate(rows):
             self._finish(row, output[index, width:].tolist(), stop_criteria.stopped_at[index], seconds)
-            row.result.prompt_tokens = len(row.prompt_ids)
+            row.result.prompt_tokens = len(row.prompt_ids) - len(row.opening)
+        if opening_check is not None:
+            opening_check.check(output[:, width:])
+            declined = sorted(opening_check.declined)
+            self._answer_from_base_openings([rows[i] for i in declined], [openings[i] for i in declined], streamer)
+
+    def _answer_from_base_openings(
+        self, rows: list[_PreparedRow], openings: list[list[int]], streamer: _TokenQueueStreamer | None
+    ) -> None:
+        """Answer again, still guided, the rows whose guided opening declined, each from the base model's
+        own (greedy) opening, which did not decline: the refusal was guidance's doing, not the model's."""
+        if not rows:
+            return
+        restarted = []
+        for row, opening in zip(rows, openings, strict=True):
+            opening = opening[: row.request.max_new_tokens]
+            row.result.warnings.append(
+                "Guidance opened this answer with a refusal (or ended it at once) where the base model does "
+                "not; answered again, guided, from the base model's opening"
+            )
+            restarted.append(_PreparedRow(row.request, row.result, row.prompt_ids + opening, opening))
+            if streamer is not None:
+                streamer.restart(opening)
+        self._run_group(restarted, streamer)
 
     def _leave_refusals_unguided(
         self, rows: list[_PreparedRow], input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> Cache | None:
-        """Switch guidance off for guided rows whose unguided, greedy opening is a refusal.
+    ) -> tuple[Cache | None, list[list[int]] | None]:
+        """Switch guidance off for guided rows whose unguided, greedy opening is a refusal; return the
+        prompts' cache and every row's opening (up to its first end token), or Nones without a draft.
 
         Guidance steers towards a style, and a refusal is rarely in any style's favour: left alone, it
         turns the base model's refusals into answers, harmful requests included (measured in
         ``docs/classifier.md``). The draft reads the prompts once for the whole group; its cache, cut
         back to the prompts less their last token, is returned for the answer to start from, so the
         look-ahead costs ``refusal_lookahead`` greedy steps, not a second reading of long prompts.
+        Rows that already start from a fixed opening are past this decision.
         """
-        guided = [index for index, row in enumerate(rows) if row.guided]
+        guided = [index for index, row in enumerate(rows) if row.guided and not row.opening]
         if not self.refusal_lookahead or self.classifier is None or not guided:
-            return None
+            return None, None
         with torch.inference_mode():
             draft = self.model.generate(
                 input_ids=input_ids,
@@ -567,16 +667,21 @@ class CLIPerEngine:
                 eos_token_id=self.eos_token_ids,
                 return_dict_in_generate=True,
             )
-        openings = draft.sequences[:, input_ids.shape[1] :].tolist()
+        openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
         for index in guided:
             if self.declines(self.decode(openings[index])):
                 rows[index].result.weights = {}
                 rows[index].result.weights_source = "none: the base model declines this request (refusal look-ahead)"
         cache = draft.cache
         if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-            return None  # sliding-window or recurrent layers cannot be cut back: the answer reads the prompt again
+            return None, openings  # sliding-window or recurrent layers cannot be cut back: the prompt is read again
         cache.crop(input_ids.shape[1] - 1 - cache.get_seq_length())
-        return cache
+        return cache, openings
+
+    def _until_end(self, tokens: list[int]) -> list[int]:
+        """``tokens`` up to (not including) the first end token."""
+        end = next((i for i, token in enumerate(tokens) if token in self.eos_token_ids), len(tokens))
+        return tokens[:end]
 
     def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
         if self.classifier is None or not any(row.guided for row in rows):
@@ -589,8 +694,10 @@ class CLIPerEngine:
         return matrix
 
     def _finish(self, row: _PreparedRow, generated: list[int], stopped_at: int | None, seconds: float) -> None:
-        """Cut the row at its end token, stop point or stop string, and fill in its result."""
-        end = len(generated) if stopped_at is None else stopped_at
+        """Cut the row at its end token, stop point or stop string, and fill in its result (``seconds``
+        added to any spent on it before, by an answer that was started again)."""
+        generated = row.opening + generated
+        end = len(generated) if stopped_at is None else stopped_at + len(row.opening)
         eos_hit = next((i for i, token in enumerate(generated[:end]) if token in self.eos_token_ids), None)
         tokens = generated[: eos_hit + 1] if eos_hit is not None else generated[:end]
         text = self.decode(tokens)
@@ -601,7 +708,7 @@ class CLIPerEngine:
         result.text = text
         result.completion_tokens = len(tokens)
         result.finish_reason = "stop" if eos_hit is not None or cut >= 0 else "length"
-        result.seconds = seconds
+        result.seconds += seconds
 
 
 _SHARED: dict[tuple, CLIPerEngine] = {}

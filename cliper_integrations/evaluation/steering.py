@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cliper_integrations.core import logits_processor
-from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.core.errors import EvalStoreError
 from cliper_integrations.core.preferences import is_refusal
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, perplexity, vader_compound, word_count
@@ -72,13 +72,17 @@ class Job:
 
 
 def plan(config: EvalConfig) -> list[Job]:
-    """Unguided, the three other settings per class, the combinations, then the rest of the α sweep
+    """Unguided, the three other settings per class, the combinations of those classes, then the rest of the α sweep
     (α = 0 is the unguided job and α = ``config.alpha`` the "guidance" one: each is run once)."""
     jobs = [Job((), "unguided", 0.0)]
     jobs += [
         Job((name,), setting, config.alpha) for name in config.classes for setting in SETTINGS if setting != "unguided"
     ]
-    jobs += [Job(tuple(combo), "prompt+guidance", config.alpha) for combo in config.combinations]
+    jobs += [
+        Job(tuple(combo), "prompt+guidance", config.alpha)
+        for combo in config.combinations
+        if set(combo) <= set(config.classes)
+    ]
     jobs += [
         Job((name,), "guidance", alpha)
         for name in config.classes
@@ -111,6 +115,8 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
         "guided_no_repeat_ngram": engine.guided_no_repeat_ngram,
         "guided_plausibility": engine.guided_plausibility,
         "refusal_lookahead": engine.refusal_lookahead,
+        # since session 9 the look-ahead also answers again a guided opening that declines (engine.py)
+        "guided_opening_check": bool(engine.refusal_lookahead),
         "declines": f"{engine.declines.__module__}.{engine.declines.__qualname__}",
         "prompts_file": config.prompts_file.name,
         "max_new_tokens": config.max_new_tokens,
@@ -161,11 +167,13 @@ class ResponseStore:
         return [self.records[(pid, job.key)] for pid, _ in prompts]
 
 
-def response_record(engine: CLIPerEngine, job: Job, prompt_id: int, prompt: str, response: str) -> dict:
+def response_record(engine: CLIPerEngine, job: Job, prompt_id: int, prompt: str, result: GenerationResult) -> dict:
+    response = result.text
     return {
         "prompt_id": prompt_id,
         "job": job.key,
         "response": response,
+        "finish_reason": result.finish_reason,
         "words": word_count(response),
         "fk_grade": fk_grade(response),
         "vader": vader_compound(response),
@@ -179,8 +187,10 @@ def summarize(records: list[dict]) -> dict[str, float]:
     """A setting's metrics over its responses: means, distinct-2 over all of them, and medians for the two
     metrics without an upper bound, where a few answers would dominate a mean: perplexity (run-on answers;
     empty answers have none and are left out) and Flesch-Kincaid grade (a table or a list without full
-    stops reads as one sentence of 150 words: grade 50)."""
+    stops reads as one sentence of 150 words: grade 50). ``cut_off``: the share of answers that ran out of
+    new tokens (NaN when a record predates it): a length ratio means little where answers were cut off."""
     perplexities = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
+    known = all("finish_reason" in r for r in records)
     return {
         "words": statistics.mean(r["words"] for r in records),
         "fk_grade": statistics.median(r["fk_grade"] for r in records),
@@ -188,10 +198,11 @@ def summarize(records: list[dict]) -> dict[str, float]:
         "distinct2": distinct_n([r["response"] for r in records], 2),
         "perplexity": statistics.median(perplexities) if perplexities else float("nan"),
         "refusals": statistics.mean(r["refusal"] for r in records),
+        "cut_off": statistics.mean(r["finish_reason"] == "length" for r in records) if known else float("nan"),
     }
 
 
-def generate(engine: CLIPerEngine, prompts: list[str], job: Job, config: EvalConfig) -> list[str]:
+def generate(engine: CLIPerEngine, prompts: list[str], job: Job, config: EvalConfig) -> list[GenerationResult]:
     flags = SETTINGS[job.setting]
     requests = [
         GenerationRequest(
@@ -203,7 +214,11 @@ def generate(engine: CLIPerEngine, prompts: list[str], job: Job, config: EvalCon
         )
         for prompt in prompts
     ]
-    return [result.text for result in engine.generate_batch(requests)]
+    return engine.generate_batch(requests)
+
+
+def _share(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.0%}"
 
 
 def _ratio(value: float, reference: float) -> float:
@@ -250,11 +265,11 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
         chunk = prompts[start : start + config.batch_size]
         for job in jobs:
             if missing := store.missing(job, chunk):
-                texts = generate(engine, [prompt for _, prompt in missing], job, config)
+                results = generate(engine, [prompt for _, prompt in missing], job, config)
                 store.add(
                     [
-                        response_record(engine, job, pid, prompt, text)
-                        for (pid, prompt), text in zip(missing, texts, strict=True)
+                        response_record(engine, job, pid, prompt, result)
+                        for (pid, prompt), result in zip(missing, results, strict=True)
                     ]
                 )
                 bar.update(len(missing))
@@ -320,19 +335,22 @@ def report(results: dict, config: EvalConfig) -> str:
         "",
         f"Generated by `cliper eval` on `{results['file']}` ({results['prompts']} prompts), greedy decoding, "
         f"at most {config.max_new_tokens} new tokens, α = {config.alpha} per requested class. "
-        "FK grade and perplexity are medians over the prompts, the other metrics means.",
+        "FK grade and perplexity are medians over the prompts, the other metrics means; cut off: answers "
+        "that ran out of new tokens (– where the stored answers predate that record).",
         "",
-        "Unguided: " + ", ".join(f"{k} {v:.2f}" for k, v in base.items()),
+        "Unguided: " + ", ".join(f"{k} {v:.2f}" for k, v in base.items() if not math.isnan(v)),
         "",
-        "| classes | setting | words | FK grade | VADER | distinct-2 | perplexity | refusals | target vs unguided |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| classes | setting | words | FK grade | VADER | distinct-2 | perplexity | refusals | cut off "
+        "| target vs unguided |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for classes, settings in results["table"].items():
         for setting, row in settings.items():
             target = verdict(classes, base, row) if classes in TARGETS else ""
             lines.append(
                 f"| {classes} | {setting} | {row['words']:.1f} | {row['fk_grade']:.2f} | {row['vader']:.3f} | "
-                f"{row['distinct2']:.3f} | {row['perplexity']:.2f} | {row['refusals']:.0%} | {target} |"
+                f"{row['distinct2']:.3f} | {row['perplexity']:.2f} | {row['refusals']:.0%} | {_share(row['cut_off'])} "
+                f"| {target} |"
             )
     lines += [
         "",
