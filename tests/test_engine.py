@@ -117,6 +117,13 @@ def test_a_guided_opening_that_declines_where_the_base_model_does_not_is_answere
     deltas = list(stream)
     assert "".join(deltas) == restarted.text and not deltas[0].startswith(refused)
     assert stream.result.warnings == restarted.warnings
+    # an answer no longer than its opening is the base model's opening
+    short = replace(requests[0], max_new_tokens=3)
+    refused_short = free.generate(short).text
+    strict = CLIPerEngine(base, classifier=classifier, top_k=8, declines=lambda text: text == refused_short)
+    answer = strict.generate(short)
+    assert answer.text == plain.generate(PROMPTS[0], max_new_tokens=3).text != refused_short
+    assert answer.completion_tokens == 3 and answer.finish_reason == "length" and answer.warnings
 
 
 def test_rows_of_a_batch_do_not_affect_each_other(engine):

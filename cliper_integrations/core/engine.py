@@ -578,7 +578,7 @@ class CLIPerEngine:
         processors = []
         prompt_cache, openings = self._leave_refusals_unguided(rows, input_ids, attention_mask)
         opening_check = None
-        if openings is not None and self.refusal_lookahead:
+        if openings is not None:
             checked = [index for index, row in enumerate(rows) if row.guided and not row.opening]
             opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked)
         weights = self._weight_matrix(rows)
@@ -604,7 +604,7 @@ class CLIPerEngine:
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                max_new_tokens=max(row.request.max_new_tokens for row in rows),
+                max_new_tokens=max(row.request.max_new_tokens - len(row.opening) for row in rows),
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([stop_criteria, *filter(None, [opening_check])]),
                 pad_token_id=self.pad_token_id,
@@ -627,19 +627,22 @@ class CLIPerEngine:
     ) -> None:
         """Answer again, still guided, the rows whose guided opening declined, each from the base model's
         own (greedy) opening, which did not decline: the refusal was guidance's doing, not the model's."""
-        if not rows:
-            return
         restarted = []
         for row, opening in zip(rows, openings, strict=True):
-            opening = opening[: row.request.max_new_tokens]
             row.result.warnings.append(
                 "Guidance opened this answer with a refusal (or ended it at once) where the base model does "
                 "not; answered again, guided, from the base model's opening"
             )
-            restarted.append(_PreparedRow(row.request, row.result, row.prompt_ids + opening, opening))
+            opening = opening[: row.request.max_new_tokens]
+            again = _PreparedRow(row.request, row.result, row.prompt_ids + opening, opening)
             if streamer is not None:
                 streamer.restart(opening)
-        self._run_group(restarted, streamer)
+            if len(opening) < row.request.max_new_tokens:
+                restarted.append(again)
+            else:  # the opening is all the answer may hold
+                self._finish(again, [], None, 0.0)
+        if restarted:
+            self._run_group(restarted, streamer)
 
     def _leave_refusals_unguided(
         self, rows: list[_PreparedRow], input_ids: torch.Tensor, attention_mask: torch.Tensor
