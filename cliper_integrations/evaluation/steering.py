@@ -72,8 +72,9 @@ class Job:
 
 
 def plan(config: EvalConfig) -> list[Job]:
-    """Unguided, the three other settings per class, the combinations of those classes, then the rest of the α sweep
-    (α = 0 is the unguided job and α = ``config.alpha`` the "guidance" one: each is run once)."""
+    """Unguided, the three other settings per class, the combinations among those classes, then the rest
+    of the α sweep (α = 0 is the unguided job and α = ``config.alpha`` the "guidance" one: each is run
+    once)."""
     jobs = [Job((), "unguided", 0.0)]
     jobs += [
         Job((name,), setting, config.alpha) for name in config.classes for setting in SETTINGS if setting != "unguided"
@@ -115,7 +116,7 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
         "guided_no_repeat_ngram": engine.guided_no_repeat_ngram,
         "guided_plausibility": engine.guided_plausibility,
         "refusal_lookahead": engine.refusal_lookahead,
-        # since session 9 the look-ahead also answers again a guided opening that declines (engine.py)
+        # with the look-ahead, a guided opening that declines is answered again (engine.py, _OpeningCheck)
         "guided_opening_check": bool(engine.refusal_lookahead),
         "declines": f"{engine.declines.__module__}.{engine.declines.__qualname__}",
         "prompts_file": config.prompts_file.name,
