@@ -1,4 +1,5 @@
-"""Decoding speed: unguided vs guided tokens/s, and the gain from batching rows with different weights."""
+"""Decoding speed: unguided vs guided tokens/s, the gain from batching rows with different weights, and how
+soon a stream shows its first text."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import platform
 import resource
 import statistics
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,6 +46,10 @@ class BenchResult:
     lookahead_ratio: float
     """Guided tokens/s with the engine's refusal look-ahead over guided tokens/s without it."""
     single_guided_tok_s: float
+    unguided_first_text_s: float
+    guided_first_text_s: float
+    """Seconds from asking for a stream to its first text; a guided stream holds back the opening the
+    engine checks for refusals (``refusal_lookahead`` tokens)."""
     batch8_tok_s: float
     batch8_speedup: float
     peak_rss_mb: float
@@ -56,6 +62,20 @@ class BenchResult:
         return asdict(self)
 
 
+STREAM_TOKENS = 16
+"""Tokens per timed stream: enough to pass a guided stream's held-back opening."""
+
+
+def _first_text_seconds(engine: CLIPerEngine, request: GenerationRequest) -> float:
+    """Seconds until the stream's first text; the stream is read to its end so that no generation is still
+    running when the next measurement starts."""
+    started = time.perf_counter()
+    first = None
+    for _ in engine.stream(request):
+        first = first if first is not None else time.perf_counter() - started
+    return first if first is not None else time.perf_counter() - started
+
+
 def _tokens_per_second(engine: CLIPerEngine, requests: list[GenerationRequest]) -> float:
     results = engine.generate_batch(requests)
     tokens = sum(r.completion_tokens for r in results)
@@ -64,7 +84,8 @@ def _tokens_per_second(engine: CLIPerEngine, requests: list[GenerationRequest]) 
 
 def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) -> BenchResult:
     """Interleave unguided and guided runs of the same prompts (greedy) and take medians; guided runs
-    also without the engine's refusal look-ahead, to measure what it costs.
+    also without the engine's refusal look-ahead, to measure what it costs, and streams of both, timed to
+    their first text.
 
     Without a trained classifier the guided runs use a freshly initialised shared-backbone head of the
     default architecture: decoding cost does not depend on the head's weights.
@@ -84,12 +105,16 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
         return GenerationRequest(prompt, weights=weights, max_new_tokens=max_new_tokens)
 
     engine.generate(single(BENCH_PROMPTS[0], WEIGHT_SETS[0]))  # warm-up
-    unguided, guided, without_lookahead, batched = [], [], [], []
+    unguided, guided, without_lookahead, batched, unguided_first, guided_first = [], [], [], [], [], []
     for _ in range(repeats):
         for prompt, weights in zip(BENCH_PROMPTS, WEIGHT_SETS, strict=False):
             unguided.append(_tokens_per_second(engine, [single(prompt, None)]))
             guided.append(_tokens_per_second(engine, [single(prompt, weights)]))
             without_lookahead.append(_tokens_per_second(no_lookahead, [single(prompt, weights)]))
+            unguided_first.append(_first_text_seconds(engine, GenerationRequest(prompt, max_new_tokens=STREAM_TOKENS)))
+            guided_first.append(
+                _first_text_seconds(engine, GenerationRequest(prompt, weights=weights, max_new_tokens=STREAM_TOKENS))
+            )
         batch = [single(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], w) for i, w in enumerate(WEIGHT_SETS)]
         batched.append(_tokens_per_second(engine, batch))
     unguided_tok_s, guided_tok_s = statistics.median(unguided), statistics.median(guided)
@@ -105,6 +130,8 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
         guided_without_lookahead_tok_s=round(without_lookahead_tok_s, 2),
         lookahead_ratio=round(guided_tok_s / without_lookahead_tok_s, 3),
         single_guided_tok_s=round(guided_tok_s, 2),
+        unguided_first_text_s=round(statistics.median(unguided_first), 3),
+        guided_first_text_s=round(statistics.median(guided_first), 3),
         batch8_tok_s=round(batch8, 2),
         batch8_speedup=round(batch8 / guided_tok_s, 2),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
