@@ -46,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("classifier", help="a classifier folder, or 'default'")
     parser.add_argument("--alphas", default="8", help="comma-separated α values")
-    parser.add_argument("--classes", default=",".join(TARGETS), help="comma-separated classes")
+    parser.add_argument("--classes", default=",".join(TARGETS), help="comma-separated classes; '+' joins a combination")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--skip", type=int, default=0, help="start after this many prompts (a fresh set of them)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -72,11 +72,13 @@ def main() -> None:
 
     unguided = answer(Job((), "unguided", 0.0))
     print("unguided", {name: round(value, 2) for name, value in unguided.items()}, flush=True)
-    for name in args.classes.split(","):
+    for spec in args.classes.split(","):
+        names = tuple(spec.split("+"))
         for alpha in (float(a) for a in args.alphas.split(",")):
-            row = answer(Job((name,), "guidance", alpha))
+            row = answer(Job(names, "guidance", alpha))
+            verdicts = "  ".join(verdict(name, unguided, row) for name in names)
             print(
-                f"{name:>11} α={alpha}: {verdict(name, unguided, row)}  words {row['words']:.1f} "
+                f"{spec:>11} α={alpha}: {verdicts}  words {row['words']:.1f} "
                 f"fk {row['fk_grade']:.1f} vader {row['vader']:.2f} ppl {row['perplexity']:.1f} "
                 f"distinct-2 {row['distinct2']:.2f} refusals {row['refusals']:.2f}",
                 flush=True,

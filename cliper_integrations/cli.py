@@ -172,8 +172,8 @@ def info(model: ModelOption = EMBEDDED_SPEC, classifier: ClassifierOption = "def
     else:
         config = engine.classifier.config
         typer.echo(
-            f"classifier: {config.kind} backbone, {config.form} form, classes {', '.join(config.classes)}, "
-            f"trained for {config.base_model}"
+            f"classifier: {config.kind} backbone, {config.form} form, {config.posterior} posterior, "
+            f"classes {', '.join(config.classes)}, trained for {config.base_model}"
         )
 
 
@@ -208,6 +208,9 @@ def train(
     class_prior: Annotated[
         str, typer.Option(help="bayes form: uniform, or learned (a second small head's p(class | prefix))")
     ] = "uniform",
+    posterior: Annotated[
+        str, typer.Option(help="joint (each class against all) or axis (against its own axis's other pole)")
+    ] = "joint",
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
     from cliper_integrations.core.models import load_model
@@ -229,6 +232,7 @@ def train(
         form=form,
         generative_weight=generative_weight,
         class_prior=class_prior,
+        posterior=posterior,
     )
     try:
         metrics = train_classifier(load_model(model), config, load_model(backbone) if backbone else None)

@@ -15,6 +15,7 @@ from cliper_integrations.core.errors import (
     ModelResolutionError,
     VocabularyMismatchError,
 )
+from cliper_integrations.core.preferences import AXES
 from tests.tiny import build_tokenizer, tiny_classifier, tiny_loaded
 
 
@@ -153,6 +154,52 @@ def test_a_learned_prior_eases_guidance_towards_a_class_the_prefix_already_shows
     torch.testing.assert_close(sure[:, concise], torch.zeros(4), atol=1e-4, rtol=0)  # ... not once it is sure
     first, second = [i for i in range(len(classifier.classes)) if i != concise][:2]
     torch.testing.assert_close(sure[:, first] - sure[:, second], uniform[:, first] - uniform[:, second])
+
+
+@pytest.mark.parametrize("form", ["bayes", "direct"])
+def test_an_axis_posterior_keeps_preferences_on_different_axes_apart(base, form):
+    """With ``posterior: axis`` a class competes only with its own axis's other pole: each axis's two
+    posteriors sum to 1, their ratio is the joint form's, and changing how "friendly" scores the
+    candidates leaves the posterior of "concise" as it was (under ``joint`` it moves)."""
+    joint = tiny_classifier(base, "shared", seed=5, form=form)
+    axis = tiny_classifier(base, "shared", seed=5, form=form, posterior="axis")
+    hidden = torch.randn(1, joint.config.hidden_size)
+    candidates, log_lm = torch.tensor([[1, 2, 3, 4]]), torch.log_softmax(torch.randn(1, 4), -1)
+
+    def posteriors(classifier):
+        return classifier.log_probs(hidden, candidates, log_lm if form == "bayes" else None)[0]
+
+    before_joint, before_axis = posteriors(joint), posteriors(axis)
+    index = joint.classes.index
+    for first, second in AXES.values():
+        pair = [index(first), index(second)]
+        torch.testing.assert_close(before_axis[:, pair].exp().sum(-1), torch.ones(4))
+        torch.testing.assert_close(
+            before_axis[:, pair[0]] - before_axis[:, pair[1]], before_joint[:, pair[0]] - before_joint[:, pair[1]]
+        )
+    for classifier in (joint, axis):
+        with torch.no_grad():
+            classifier.head.out.weight[index("friendly")] += 5 * torch.randn(classifier.config.head_size)
+    torch.testing.assert_close(posteriors(axis)[:, index("concise")], before_axis[:, index("concise")])
+    assert (posteriors(joint)[:, index("concise")] - before_joint[:, index("concise")]).abs().max() > 1e-2
+
+
+def test_an_axis_posterior_keeps_the_refusal_class_in_every_axis(base):
+    """The background class still takes its share on each axis (so guidance keeps steering away from
+    refusals), and its own posterior is taken against every class, as in the joint form."""
+    classes = ["concise", "informative", "friendly", "unfriendly", "refusal"]
+    joint, axis = (
+        PreferenceClassifier.create(base, classes, form="bayes", seed=2, posterior=posterior)
+        for posterior in ("joint", "axis")
+    )
+    hidden = torch.randn(1, joint.config.hidden_size)
+    candidates, log_lm = torch.tensor([[1, 2, 3]]), torch.log_softmax(torch.randn(1, 3), -1)
+    by_axis, by_all = (c.log_probs(hidden, candidates, log_lm)[0] for c in (axis, joint))
+    torch.testing.assert_close(by_axis[:, 4], by_all[:, 4])
+    likelihood_ratio = (by_all - by_all[:, 4:]).exp()  # L_c / L_refusal
+    for first, second in ((0, 1), (2, 3)):
+        expected = likelihood_ratio[:, first] / (likelihood_ratio[:, first] + likelihood_ratio[:, second] + 1)
+        torch.testing.assert_close(by_axis[:, first].exp(), expected)
 
 
 def test_a_class_prior_belongs_to_the_bayes_form(base):

@@ -181,15 +181,16 @@ def _style_rows(count: int) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("form", "class_prior", "kind"),
+    ("form", "class_prior", "kind", "posterior"),
     [
-        ("bayes", "uniform", "shared"),
-        ("bayes", "learned", "shared"),
-        ("direct", "uniform", "shared"),
-        ("direct", "uniform", "separate"),
+        ("bayes", "uniform", "shared", "joint"),
+        ("bayes", "uniform", "shared", "axis"),
+        ("bayes", "learned", "shared", "joint"),
+        ("direct", "uniform", "shared", "joint"),
+        ("direct", "uniform", "separate", "joint"),
     ],
 )
-def test_classifier_learns_a_separable_style(tmp_path, base, separate_backbone, form, class_prior, kind):
+def test_classifier_learns_a_separable_style(tmp_path, base, separate_backbone, form, class_prior, kind, posterior):
     backbone = separate_backbone if kind == "separate" else None
     rows = _style_rows(40)
     rows.append({**rows[0], "id": "i99", "response": "I'm sorry, but I can't assist.", "refusal": True})
@@ -209,6 +210,7 @@ def test_classifier_learns_a_separable_style(tmp_path, base, separate_backbone, 
         feature_cache=tmp_path / "features",
         form=form,
         class_prior=class_prior,
+        posterior=posterior,
         candidates=8,
     )
     metrics = train_classifier(base, config, backbone)
@@ -224,6 +226,7 @@ def test_classifier_learns_a_separable_style(tmp_path, base, separate_backbone, 
 
     loaded = PreferenceClassifier.load(config.output, base, backbone)
     assert loaded.config.form == form and loaded.config.class_prior == class_prior and loaded.kind == kind
+    assert loaded.config.posterior == posterior
     scores = _first_token_posteriors(loaded, base, "Question 7?", ["Paris.", "The"])
     assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
     # a second run reads every response from the feature cache and reproduces the first

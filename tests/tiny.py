@@ -79,6 +79,7 @@ def tiny_classifier(
     seed: int = 1,
     form: str = "direct",
     class_prior: str = "uniform",
+    posterior: str = "joint",
 ):
     """A random classifier whose head is scaled up so that guidance visibly changes the output."""
     classifier = PreferenceClassifier.create(
@@ -90,6 +91,7 @@ def tiny_classifier(
         seed=seed,
         form=form,
         class_prior=class_prior,
+        posterior=posterior,
     )
     with torch.no_grad():
         classifier.head.out.weight.mul_(20)

@@ -23,6 +23,10 @@ class, s(h, x) = W_out · LayerNorm(GELU(W_h h + W_e e(x) + b)), read in one of 
   about the class (what the direct form is good at) and, at decoding, eases guidance towards a class
   the text already clearly shows while pushing harder where it does not.
 
+Either form normalises each class's posterior over every class (``posterior: joint``) or, with
+``posterior: axis``, over its own preference axis and the background classes only (``normalizer``):
+the axes are independent, so two requested classes on different axes then do not compete.
+
 Saved as ``classifier.safetensors`` (head only) plus ``classifier.json`` (config); never pickle.
 """
 
@@ -44,6 +48,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from cliper_integrations.core.errors import ModelResolutionError, VocabularyMismatchError
 from cliper_integrations.core.models import LoadedModel, load_model
+from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES
 
 CONFIG_FILE = "classifier.json"
 WEIGHTS_FILE = "classifier.safetensors"
@@ -69,6 +74,8 @@ class ClassifierConfig(BaseModel):
     form: Literal["direct", "bayes"] = "direct"
     class_prior: Literal["uniform", "learned"] = "uniform"
     """Bayes form only: the class prior p(c | prefix) in Bayes' rule."""
+    posterior: Literal["joint", "axis"] = "joint"
+    """What each class's posterior is normalised over: every class, or its own axis (``normalizer``)."""
     format_version: int = 1
 
 
@@ -119,14 +126,24 @@ def class_conditional(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> t
     return joint - torch.logsumexp(joint, dim=-2, keepdim=True)
 
 
-def bayes_posterior(scores: torch.Tensor, candidate_log_lm: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
-    """log p(c | prefix, x) = log_softmax_c [log p(c | prefix) + log p(x | prefix, c)], from class scores
-    [..., N, K], the candidates' base log-probs [..., N] and the class prior [..., K].
+def normalizer(classes: list[str], posterior: str) -> torch.Tensor | None:
+    """Which classes each class's posterior is normalised over, as a [K, K] log-mask (0: included,
+    -inf: not), or None for all of them (``joint``).
 
-    Candidates with log p_LM = -inf take no part in the sums and come out as NaN rows, which the
-    logits processor masks.
-    """
-    return torch.log_softmax(class_conditional(scores, candidate_log_lm) + log_prior.unsqueeze(-2), dim=-1)
+    With ``axis``, a class on a preference axis is told apart only from the axis's other pole and the
+    background classes (``refusal``): the axes are independent preferences, so a request for "concise"
+    and "friendly" multiplies two axis posteriors (FUDGE's product of attributes) instead of having the
+    two compete in one softmax, where pushing towards "concise" also pushes away from "friendly" text.
+    Classes on no axis and background classes are normalised over all classes."""
+    if posterior == "joint":
+        return None
+    opposite = {first: second for first, second in AXES.values()} | {second: first for first, second in AXES.values()}
+    mask = torch.zeros(len(classes), len(classes))
+    for row, name in enumerate(classes):
+        if opposite.get(name) in classes:
+            members = {name, opposite[name], *BACKGROUND_CLASSES}
+            mask[row] = torch.tensor([0.0 if other in members else float("-inf") for other in classes])
+    return mask
 
 
 _TAP_LOCAL = threading.local()
@@ -158,6 +175,7 @@ class PreferenceClassifier(nn.Module):
         self.backbone = backbone
         self.head = head or PreferenceHead.for_config(config)
         self._projected_vocab: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._normalizer = normalizer(config.classes, config.posterior)
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
 
@@ -172,6 +190,7 @@ class PreferenceClassifier(nn.Module):
         seed: int = 0,
         form: Literal["direct", "bayes"] = "direct",
         class_prior: Literal["uniform", "learned"] = "uniform",
+        posterior: Literal["joint", "axis"] = "joint",
     ) -> PreferenceClassifier:
         """A freshly initialised classifier for ``base`` (train it before use)."""
         if kind == "separate" and backbone is None:
@@ -197,6 +216,7 @@ class PreferenceClassifier(nn.Module):
             base_model=base.name,
             form=form,
             class_prior=class_prior,
+            posterior=posterior,
         )
         return cls(config, source.model)
 
@@ -298,10 +318,14 @@ class PreferenceClassifier(nn.Module):
             projected = self._project(candidates)
         scores = self.head(prefix_hidden.float(), projected)
         if self.config.form == "direct":
-            return torch.log_softmax(scores, dim=-1)
+            return self.normalize(scores)
         if candidate_log_lm is None:
             raise ValueError("A bayes-form classifier needs the base model's log-probs of the candidates")
-        return bayes_posterior(scores, candidate_log_lm, self.head.log_prior(prefix_hidden))
+        # candidates with log p_LM = -inf take no part in the sums and come out as NaN rows, which the
+        # logits processor masks
+        return self.posterior(
+            class_conditional(scores, candidate_log_lm), self.head.log_prior(prefix_hidden).unsqueeze(-2)
+        )
 
     def base_candidates(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, top_k: int
@@ -346,14 +370,23 @@ class PreferenceClassifier(nn.Module):
         log-probs [..., k] and its own [...])."""
         if self.config.form == "direct":
             projected = self._project(next_ids).unsqueeze(-2)
-            return torch.log_softmax(self.head(hidden, projected).squeeze(-2), dim=-1)
+            return self.normalize(self.head(hidden, projected).squeeze(-2))
         return self.posterior(
-            hidden, self.token_log_likelihoods(hidden, next_ids, candidates, candidate_log_lm, next_log_lm)
+            self.token_log_likelihoods(hidden, next_ids, candidates, candidate_log_lm, next_log_lm),
+            self.head.log_prior(hidden),
         )
 
-    def posterior(self, hidden: torch.Tensor, log_likelihoods: torch.Tensor) -> torch.Tensor:
-        """Bayes form: log p(c | prefix, x) from log p(x | prefix, c) [..., K] and the class prior."""
-        return torch.log_softmax(log_likelihoods + self.head.log_prior(hidden), -1)
+    def posterior(self, log_likelihoods: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+        """Bayes form: log p(c | prefix, x) from log p(x | prefix, c) [..., K] and the class prior
+        log p(c | prefix) (broadcast to it), by Bayes' rule."""
+        return self.normalize(log_likelihoods + log_prior)
+
+    def normalize(self, class_scores: torch.Tensor) -> torch.Tensor:
+        """Class scores [..., K] -> log-probs, each class normalised over its ``normalizer`` set."""
+        if self._normalizer is None:
+            return torch.log_softmax(class_scores, dim=-1)
+        mask = self._normalizer.to(class_scores.device)
+        return class_scores - torch.logsumexp(class_scores.unsqueeze(-2) + mask, dim=-1)
 
     def token_log_likelihoods(
         self,

@@ -55,6 +55,8 @@ class TrainConfig:
     """Bayes form: a uniform class prior, or a learned p(c | prefix) (see ``core/classifier.py``)."""
     generative_weight: float = 0.5
     """Bayes form: loss = (1 - w) · class cross-entropy + w · class-conditional next-token loss."""
+    posterior: Literal["joint", "axis"] = "joint"
+    """Normalise each class's posterior over all classes, or over its own axis (``core/classifier.py``)."""
     candidates: int = 32
     """Bayes form: the base model's top-k tokens the observed one is scored among (as at decoding)."""
     contrast_filter: bool = True
@@ -283,6 +285,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         seed=config.seed,
         form=config.form,
         class_prior=config.class_prior,
+        posterior=config.posterior,
     )
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
@@ -369,7 +372,7 @@ def _loss(
         return functional.nll_loss(classifier.token_log_probs(**features), labels, weight=class_weight)
     conditional = classifier.token_log_likelihoods(**features)
     discriminative = functional.nll_loss(
-        classifier.posterior(features["hidden"], conditional), labels, weight=class_weight
+        classifier.posterior(conditional, classifier.head.log_prior(features["hidden"])), labels, weight=class_weight
     )
     generative = functional.nll_loss(conditional, labels, weight=class_weight)
     return (1 - generative_weight) * discriminative + generative_weight * generative
