@@ -126,6 +126,9 @@ def test_target_verdicts_read_the_direction_of_each_class():
     assert verdict("unfriendly", unguided, shorter_simpler_sadder) == "-0.40 ✔"
     assert moves_further("concise", unguided, shorter_simpler_sadder).endswith("✔")
     assert moves_further("friendly", unguided, shorter_simpler_sadder).endswith("✘")
+    # a difference too small to print is a tie, whichever its sign: it beats nothing
+    for nudge in (0.001, -0.001):
+        assert moves_further("unfriendly", unguided, {**unguided, "vader": 0.5 + nudge}) == "±0.00 ✘ (tie)"
     assert fluency(unguided, shorter_simpler_sadder) == "ppl 1.67× ✘, distinct-2 0.87× ✘"
     assert fluency(unguided, unguided) == "ppl 1.00× ✔, distinct-2 1.00× ✔"
 

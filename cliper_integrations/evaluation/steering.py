@@ -239,9 +239,12 @@ def verdict(name: str, base: dict[str, float], row: dict[str, float]) -> str:
 
 
 def moves_further(name: str, prompt_only: dict[str, float], combined: dict[str, float]) -> str:
-    """Does adding guidance to the prompt move the class's metric further in the requested direction?"""
+    """Does adding guidance to the prompt move the class's metric further in the requested direction?
+    A difference that rounds to zero at the printed precision is a tie, which does not beat the prompt."""
     metric, rule, _ = TARGETS[name]
-    delta = combined[metric] - prompt_only[metric]
+    delta = round(combined[metric] - prompt_only[metric], 2)
+    if delta == 0:
+        return "±0.00 ✘ (tie)"
     right = delta < 0 if rule.endswith("<=") else delta > 0
     return f"{delta:+.2f} {'✔' if right else '✘'}"
 
