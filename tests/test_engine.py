@@ -299,8 +299,8 @@ def test_weights_come_from_memory_for_a_known_user(tmp_path, base, shared_classi
     memory.set("ann", {"concise": 1.0})
     engine = CLIPerEngine(base, classifier=shared_classifier, memory=memory, top_k=8)
     from_memory = engine.generate(PROMPTS[0], user_id="ann", max_new_tokens=8)
-    assert from_memory.weights == {"concise": 4.0} and from_memory.weights_source == "memory"
-    assert from_memory.text == engine.generate(PROMPTS[0], weights={"concise": 4.0}, max_new_tokens=8).text
+    assert from_memory.weights == {"concise": 8.0} and from_memory.weights_source == "memory"
+    assert from_memory.text == engine.generate(PROMPTS[0], weights={"concise": 8.0}, max_new_tokens=8).text
     explicit = engine.generate(PROMPTS[0], user_id="ann", weights={"expert": 1}, max_new_tokens=4)
     assert explicit.weights == {"expert": 1.0} and explicit.weights_source == "explicit"
     stranger = engine.generate(PROMPTS[0], user_id="stranger", max_new_tokens=8)

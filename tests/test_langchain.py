@@ -52,14 +52,14 @@ def chat(base, classifier_folder, memory):
 
 def test_user_id_by_keyword_bind_and_config(chat):
     by_keyword = chat.invoke(QUESTION, user_id="ann")
-    assert by_keyword.response_metadata["weights"] == {"concise": 4.0}
+    assert by_keyword.response_metadata["weights"] == {"concise": 8.0}
     assert by_keyword.response_metadata["weights_source"] == "memory"
     assert chat.bind(user_id="ann").invoke(QUESTION).content == by_keyword.content
     engine = chat.engine
     by_config = chat.invoke(QUESTION, config={"configurable": {"user_id": "ann"}})
-    assert by_config.content == by_keyword.content and by_config.response_metadata["weights"] == {"concise": 4.0}
+    assert by_config.content == by_keyword.content and by_config.response_metadata["weights"] == {"concise": 8.0}
     bob = chat.invoke(QUESTION, config={"configurable": {"user_id": "bob"}})
-    assert bob.response_metadata["weights"] == {"informative": 4.0, "expert": 2.0}
+    assert bob.response_metadata["weights"] == {"informative": 8.0, "expert": 4.0}
     assert bob.content != by_keyword.content
     assert chat.engine is engine  # per-call settings never rebuild or reload anything
 
@@ -164,7 +164,7 @@ def test_llm_batch_stream_and_user(base, classifier_folder, memory):
     assert "".join(llm.stream(QUESTION, user_id="ann")) == single
     assert asyncio.run(llm.ainvoke(QUESTION, user_id="ann")) == single
     result = llm.generate([QUESTION], user_id="ann")
-    assert result.generations[0][0].generation_info["weights"] == {"concise": 4.0}
+    assert result.generations[0][0].generation_info["weights"] == {"concise": 8.0}
 
 
 # --- tools and structured output on a tiny model that has memorised its answers -------------------

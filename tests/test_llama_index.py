@@ -40,7 +40,7 @@ def test_metadata(llm):
 
 def test_complete_chat_stream_and_async_agree(llm):
     whole = llm.complete(QUESTION, user_id="ann")
-    assert whole.additional_kwargs["weights"] == {"concise": 4.0}
+    assert whole.additional_kwargs["weights"] == {"concise": 8.0}
     streamed = list(llm.stream_complete(QUESTION, user_id="ann"))
     assert streamed[-1].text == whole.text and "".join(r.delta for r in streamed) == whole.text
     chat = llm.chat([ChatMessage(role="user", content=QUESTION)], user_id="ann")

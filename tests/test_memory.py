@@ -64,11 +64,11 @@ sql_backends = pytest.mark.parametrize("sql_url", ["sqlite", "postgres"], indire
 def test_profile_maps_strengths_to_weights(memory):
     assert memory.weights("nobody") == {} and not memory.known("nobody")
     memory.set("ann", {"concise": 0.5, "P3A": 1.0})
-    assert memory.weights("ann") == {"concise": 2.0, "friendly": 4.0}
-    memory.set("ann", {"scale": 10.0})
-    assert memory.weights("ann") == {"concise": 5.0, "friendly": 6.0}  # capped at 6
+    assert memory.weights("ann") == {"concise": 4.0, "friendly": 8.0}
+    memory.set("ann", {"scale": 20.0})
+    assert memory.weights("ann") == {"concise": 10.0, "friendly": 16.0}  # capped at 16
     memory.set("ann", {"friendly": 0.01})
-    assert memory.weights("ann") == {"concise": 5.0}  # below the 0.05 threshold
+    assert memory.weights("ann") == {"concise": 10.0}  # below the 0.05 threshold
 
 
 def test_setting_a_pole_clears_its_opposite(memory):

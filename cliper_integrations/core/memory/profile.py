@@ -4,8 +4,9 @@ Strengths are in [0, 1] per class; on each default axis at most one pole is acti
 
     α_c = min(scale · s_c, cap)   for s_c ≥ threshold, else 0
 
-with defaults scale = 4.0, cap = 6.0, threshold = 0.05 (so strength 0.5 gives α = 2, strength 1
-gives α = 4; a profile may raise ``scale`` up to the cap).
+with defaults scale = 8.0, cap = 16.0, threshold = 0.05 (so strength 0.5 gives α = 4, strength 1
+gives α = 8, the weight guidance was tuned at on training-side probes; a profile may raise ``scale``
+up to the cap, α = 16, the strongest weight whose fluency has been measured: ``docs/results.md``).
 
 Feedback works per axis on v = s_first − s_second ∈ [−1, 1]. A response whose measured style on the
 axis is d = p_first − p_second ∈ [−1, 1] (from the classifier), rated r ∈ [−1, 1] (thumbs up = 1,
@@ -59,8 +60,8 @@ class PreferenceProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     strengths: dict[str, float] = Field(default_factory=dict)
-    scale: float = Field(default=4.0, gt=0, le=20)
-    cap: float = Field(default=6.0, gt=0, le=20)
+    scale: float = Field(default=8.0, gt=0, le=20)
+    cap: float = Field(default=16.0, gt=0, le=20)
 
     @field_validator("strengths")
     @classmethod
