@@ -211,6 +211,9 @@ def train(
     posterior: Annotated[
         str, typer.Option(help="joint (each class against all) or axis (against its own axis's other pole)")
     ] = "joint",
+    response_weight: Annotated[
+        float, typer.Option(help="weight of the response-level term (class of a whole response from its tokens)")
+    ] = 0.0,
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
     from cliper_integrations.core.models import load_model
@@ -233,6 +236,7 @@ def train(
         generative_weight=generative_weight,
         class_prior=class_prior,
         posterior=posterior,
+        response_weight=response_weight,
     )
     try:
         metrics = train_classifier(load_model(model), config, load_model(backbone) if backbone else None)

@@ -181,16 +181,18 @@ def _style_rows(count: int) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("form", "class_prior", "kind", "posterior"),
+    ("form", "class_prior", "kind", "posterior", "response_weight"),
     [
-        ("bayes", "uniform", "shared", "joint"),
-        ("bayes", "uniform", "shared", "axis"),
-        ("bayes", "learned", "shared", "joint"),
-        ("direct", "uniform", "shared", "joint"),
-        ("direct", "uniform", "separate", "joint"),
+        ("bayes", "uniform", "shared", "joint", 0.0),
+        ("bayes", "uniform", "shared", "axis", 0.5),
+        ("bayes", "learned", "shared", "joint", 0.0),
+        ("direct", "uniform", "shared", "joint", 0.0),
+        ("direct", "uniform", "separate", "joint", 0.0),
     ],
 )
-def test_classifier_learns_a_separable_style(tmp_path, base, separate_backbone, form, class_prior, kind, posterior):
+def test_classifier_learns_a_separable_style(
+    tmp_path, base, separate_backbone, form, class_prior, kind, posterior, response_weight
+):
     backbone = separate_backbone if kind == "separate" else None
     rows = _style_rows(40)
     rows.append({**rows[0], "id": "i99", "response": "I'm sorry, but I can't assist.", "refusal": True})
@@ -211,6 +213,7 @@ def test_classifier_learns_a_separable_style(tmp_path, base, separate_backbone, 
         form=form,
         class_prior=class_prior,
         posterior=posterior,
+        response_weight=response_weight,
         candidates=8,
     )
     metrics = train_classifier(base, config, backbone)
@@ -287,3 +290,19 @@ def test_refusals_train_a_background_class_that_no_request_may_weight(tmp_path, 
     data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(40)))
     metrics = train_classifier(base, TrainConfig(**{**config.__dict__, "output": tmp_path / "plain", "epochs": 1}))
     assert PreferenceClassifier.load(tmp_path / "plain", base).classes == ["concise", "informative"]
+
+
+def test_training_batches_hold_whole_responses_once_each():
+    from cliper_integrations.training.trainer import EncodedSet, _response_batches
+
+    lengths = torch.tensor([3, 1, 5, 2, 4])
+    response = torch.repeat_interleave(torch.arange(5), lengths)
+    data = EncodedSet({}, torch.zeros(len(response), dtype=torch.long), response, torch.zeros(5, dtype=torch.long))
+    batches = _response_batches(data, 4, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(batches).tolist()) == list(range(len(response)))  # every row, once
+    for batch in batches:
+        assert len(batch) >= 4 or batch is batches[-1]
+        for index in response[batch].unique():  # a response is never split across batches
+            assert (response[batch] == index).sum() == lengths[index]
+    again = _response_batches(data, 4, torch.Generator().manual_seed(0))
+    assert [b.tolist() for b in again] == [b.tolist() for b in batches]  # seeded

@@ -55,6 +55,9 @@ class TrainConfig:
     """Bayes form: a uniform class prior, or a learned p(c | prefix) (see ``core/classifier.py``)."""
     generative_weight: float = 0.5
     """Bayes form: loss = (1 - w) · class cross-entropy + w · class-conditional next-token loss."""
+    response_weight: float = 0.0
+    """Weight of a response-level term: the class of each whole response from the sum of its tokens'
+    class log-probs (what response accuracy reads), trained beside the token-level loss."""
     posterior: Literal["joint", "axis"] = "joint"
     """Normalise each class's posterior over all classes, or over its own axis (``core/classifier.py``)."""
     candidates: int = 32
@@ -240,6 +243,7 @@ def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[
     response_scores = sums / counts[:, None]
     metrics: dict = {
         "loss": loss,
+        "response_loss": functional.nll_loss(classifier.normalize(sums), data.response_labels).item(),
         "token_accuracy": (log_probs.argmax(-1) == data.labels).float().mean().item(),
         "response_accuracy": (response_scores.argmax(-1) == data.response_labels).float().mean().item(),
         "axes": {},
@@ -297,23 +301,33 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     # Balance classes by token count, so long answers do not drown short ones.
     class_tokens = torch.bincount(train.labels, minlength=len(classes)).float().clamp(min=1)
     class_weight = class_tokens.sum() / (len(classes) * class_tokens)
+    response_counts = torch.bincount(train.response_labels, minlength=len(classes)).float().clamp(min=1)
+    response_class_weight = response_counts.sum() / (len(classes) * response_counts)
     head = classifier.head
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     best, best_state, stale, history = float("inf"), None, 0, []
     generator = torch.Generator().manual_seed(config.seed)
     for epoch in (bar := tqdm(range(config.epochs), desc="Training", unit="epoch")):
         head.train()
-        order = torch.randperm(len(train.labels), generator=generator)
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start : start + config.batch_size]
+        for batch in _response_batches(train, config.batch_size, generator):
             picked = train.select(batch)
             picked["hidden"] = functional.dropout(picked["hidden"], config.dropout, training=True)
-            loss = _loss(classifier, picked, train.labels[batch], class_weight, config.generative_weight)
+            token_log_probs, loss = _token_loss(
+                classifier, picked, train.labels[batch], class_weight, config.generative_weight
+            )
+            if config.response_weight:
+                responses, local = train.response[batch].unique_consecutive(return_inverse=True)
+                sums = token_log_probs.new_zeros(len(responses), len(classes)).index_add(0, local, token_log_probs)
+                response_loss = functional.nll_loss(
+                    classifier.normalize(sums), train.response_labels[responses], weight=response_class_weight
+                )
+                loss = (1 - config.response_weight) * loss + config.response_weight * response_loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         head.eval()
         val_metrics = evaluate(classifier, val, classes)
+        val_metrics["loss"] += config.response_weight * val_metrics["response_loss"]
         history.append(
             {
                 "epoch": epoch + 1,
@@ -359,23 +373,41 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     return metrics
 
 
-def _loss(
+def _response_batches(data: EncodedSet, size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Row indices of whole responses in a seeded random order, about ``size`` rows per batch: a
+    response-level term needs every token of a response in the same batch."""
+    lengths = torch.bincount(data.response, minlength=len(data.response_labels))
+    starts = lengths.cumsum(0) - lengths
+    batches, current, filled = [], [], 0
+    for response in torch.randperm(len(lengths), generator=generator).tolist():
+        current.append(torch.arange(starts[response], starts[response] + lengths[response]))
+        filled += int(lengths[response])
+        if filled >= size:
+            batches.append(torch.cat(current))
+            current, filled = [], 0
+    if current:
+        batches.append(torch.cat(current))
+    return batches
+
+
+def _token_loss(
     classifier: PreferenceClassifier,
     features: dict[str, torch.Tensor],
     labels: torch.Tensor,
     class_weight: torch.Tensor,
     generative_weight: float,
-) -> torch.Tensor:
-    """Class cross-entropy for the observed tokens; the bayes form adds the class-conditional next-token
-    loss of the response's own class (both weighted by class, so long answers do not drown short ones)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens' class log-probs and the token-level loss: class cross-entropy for the observed tokens;
+    the bayes form adds the class-conditional next-token loss of the response's own class (both weighted
+    by class, so long answers do not drown short ones)."""
     if classifier.config.form == "direct":
-        return functional.nll_loss(classifier.token_log_probs(**features), labels, weight=class_weight)
+        log_probs = classifier.token_log_probs(**features)
+        return log_probs, functional.nll_loss(log_probs, labels, weight=class_weight)
     conditional = classifier.token_log_likelihoods(**features)
-    discriminative = functional.nll_loss(
-        classifier.posterior(conditional, classifier.head.log_prior(features["hidden"])), labels, weight=class_weight
-    )
+    log_probs = classifier.posterior(conditional, classifier.head.log_prior(features["hidden"]))
+    discriminative = functional.nll_loss(log_probs, labels, weight=class_weight)
     generative = functional.nll_loss(conditional, labels, weight=class_weight)
-    return (1 - generative_weight) * discriminative + generative_weight * generative
+    return log_probs, (1 - generative_weight) * discriminative + generative_weight * generative
 
 
 def _by_model(
