@@ -309,7 +309,11 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     generator = torch.Generator().manual_seed(config.seed)
     for epoch in (bar := tqdm(range(config.epochs), desc="Training", unit="epoch")):
         head.train()
-        for batch in _response_batches(train, config.batch_size, generator):
+        if config.response_weight:
+            batches = _response_batches(train, config.batch_size, generator)
+        else:
+            batches = torch.randperm(len(train.labels), generator=generator).split(config.batch_size)
+        for batch in batches:
             picked = train.select(batch)
             picked["hidden"] = functional.dropout(picked["hidden"], config.dropout, training=True)
             token_log_probs, loss = _token_loss(
@@ -375,7 +379,8 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
 
 def _response_batches(data: EncodedSet, size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Row indices of whole responses in a seeded random order, about ``size`` rows per batch: a
-    response-level term needs every token of a response in the same batch."""
+    response-level term needs every token of a response in the same batch (without one, batches are
+    random positions, which mix more responses per step)."""
     lengths = torch.bincount(data.response, minlength=len(data.response_labels))
     starts = lengths.cumsum(0) - lengths
     batches, current, filled = [], [], 0
