@@ -144,7 +144,7 @@ def test_memory_commands_round_trip(tmp_path, model_folder, classifier_folder):
     learned = run("memory", "learn", "ann", "I'm a cardiologist, skip the basics.", "--db", db)
     assert json.loads(learned.stdout)["changed"] == {"expert": 0.75}
     shown = json.loads(run("memory", "show", "ann", "--db", db).stdout)
-    assert shown["weights"] == {"concise": 2.0, "expert": 3.0}
+    assert shown["weights"] == {"concise": 4.0, "expert": 6.0}
     rated = run(
         "memory",
         "feedback",

@@ -78,8 +78,8 @@ def test_langchain_agent_remembers_a_stated_preference(tmp_path):
     first, acknowledged, last = outcome["answers"]
     assert first.content == "Plants make sugar from light." and first.response_metadata["weights"] == {}
     assert acknowledged.content == "Noted."
-    assert outcome["weights"] == {"concise": 3.0}
-    assert last.response_metadata["weights"] == {"concise": 3.0}
+    assert outcome["weights"] == {"concise": 6.0}
+    assert last.response_metadata["weights"] == {"concise": 6.0}
     assert last.response_metadata["weights_source"] == "memory"
 
 
