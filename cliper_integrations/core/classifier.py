@@ -48,7 +48,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from cliper_integrations.core.errors import ModelResolutionError, VocabularyMismatchError
 from cliper_integrations.core.models import LoadedModel, load_model
-from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES
+from cliper_integrations.core.preferences import BACKGROUND_CLASSES, opposite
 
 CONFIG_FILE = "classifier.json"
 WEIGHTS_FILE = "classifier.safetensors"
@@ -137,11 +137,10 @@ def normalizer(classes: list[str], posterior: str) -> torch.Tensor | None:
     Classes on no axis and background classes are normalised over all classes."""
     if posterior == "joint":
         return None
-    opposite = {first: second for first, second in AXES.values()} | {second: first for first, second in AXES.values()}
     mask = torch.zeros(len(classes), len(classes))
     for row, name in enumerate(classes):
-        if opposite.get(name) in classes:
-            members = {name, opposite[name], *BACKGROUND_CLASSES}
+        if (other_pole := opposite(name)) in classes:
+            members = {name, other_pole, *BACKGROUND_CLASSES}
             mask[row] = torch.tensor([0.0 if other in members else float("-inf") for other in classes])
     return mask
 
