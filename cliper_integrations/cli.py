@@ -214,6 +214,13 @@ def train(
     response_weight: Annotated[
         float, typer.Option(help="weight of the response-level term (class of a whole response from its tokens)")
     ] = 0.0,
+    prior_on: Annotated[
+        Path | None,
+        typer.Option(help="fit only a learned class prior on top of this trained bayes classifier (kept frozen)"),
+    ] = None,
+    guidance_prior: Annotated[
+        str, typer.Option(help="with a learned prior: learned (decoding uses it too) or uniform (reading only)")
+    ] = "learned",
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
     from cliper_integrations.core.models import load_model
@@ -237,6 +244,8 @@ def train(
         class_prior=class_prior,
         posterior=posterior,
         response_weight=response_weight,
+        prior_on=prior_on,
+        guidance_prior=guidance_prior,
     )
     try:
         metrics = train_classifier(load_model(model), config, load_model(backbone) if backbone else None)

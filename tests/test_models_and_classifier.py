@@ -156,6 +156,29 @@ def test_a_learned_prior_eases_guidance_towards_a_class_the_prefix_already_shows
     torch.testing.assert_close(sure[:, first] - sure[:, second], uniform[:, first] - uniform[:, second])
 
 
+def test_a_prior_kept_out_of_guidance_still_reads_the_prefix(base):
+    """``guidance_prior: uniform``: decoding scores candidates by the likelihood ratio alone, exactly as the
+    same head without a prior does, while reading a text (``token_log_probs``) keeps the learned prior."""
+    with_prior = tiny_classifier(base, "shared", seed=5, form="bayes", class_prior="learned")
+    with_prior.config.guidance_prior = "uniform"
+    without = tiny_classifier(base, "shared", seed=5, form="bayes")
+    without.head.load_state_dict(with_prior.head.state_dict(), strict=False)
+    hidden = torch.randn(2, with_prior.config.hidden_size)
+    candidates, log_lm = torch.tensor([[1, 2, 3, 4]] * 2), torch.log_softmax(torch.randn(2, 4), -1)
+    torch.testing.assert_close(
+        with_prior.log_probs(hidden, candidates, log_lm), without.log_probs(hidden, candidates, log_lm)
+    )
+    observed = candidates[:, 0], candidates[:, 1:], log_lm[:, 1:], log_lm[:, 0]
+    read_with, read_without = with_prior.token_log_probs(hidden, *observed), without.token_log_probs(hidden, *observed)
+    log_prior = with_prior.head.log_prior(hidden)
+    torch.testing.assert_close(read_with, torch.log_softmax(read_without + log_prior, -1))  # Bayes' rule
+    assert (read_with - read_without).abs().max() > 0.1
+    with_prior.config.guidance_prior = "learned"
+    assert not torch.allclose(
+        with_prior.log_probs(hidden, candidates, log_lm), without.log_probs(hidden, candidates, log_lm)
+    )
+
+
 @pytest.mark.parametrize("form", ["bayes", "direct"])
 def test_an_axis_posterior_keeps_preferences_on_different_axes_apart(base, form):
     """With ``posterior: axis`` a class competes only with its own axis's other pole: each axis's two

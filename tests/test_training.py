@@ -251,6 +251,46 @@ def _first_token_posteriors(classifier, base, question: str, words: list[str]) -
     return classifier.log_probs(hidden, first_tokens, log_lm)[0]
 
 
+def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_path, base):
+    """``prior_on``: the likelihood head is copied and frozen, only the learned prior trains; with
+    ``guidance_prior: uniform`` the new classifier steers exactly as the old one and reads with the prior."""
+    from cliper_integrations.core.classifier import PreferenceClassifier
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(30)))
+    first = TrainConfig(
+        data=[data],
+        output=tmp_path / "likelihood",
+        classes=("concise", "informative"),
+        epochs=3,
+        head_size=32,
+        learning_rate=1e-2,
+        dropout=0.0,
+        feature_cache=tmp_path / "features",
+        candidates=8,
+    )
+    train_classifier(base, first)
+    second = TrainConfig(
+        **{**first.__dict__, "output": tmp_path / "prior", "prior_on": first.output, "guidance_prior": "uniform"}
+    )
+    metrics = train_classifier(base, second)
+    old, new = PreferenceClassifier.load(first.output, base), PreferenceClassifier.load(second.output, base)
+    assert new.config.class_prior == "learned" and new.config.guidance_prior == "uniform"
+    assert metrics["config"]["prior_on"] == str(first.output)
+    for name, tensor in old.head.state_dict().items():
+        torch.testing.assert_close(new.head.state_dict()[name], tensor, rtol=0, atol=0)
+    untrained = PreferenceClassifier.create(base, new.classes, form="bayes", class_prior="learned", head_size=32)
+    assert not torch.equal(new.head.prior[0].weight, untrained.head.prior[0].weight)
+    words = ["Paris.", "The"]
+    guided_old, guided_new = (_first_token_posteriors(c, base, "Question 3?", words) for c in (old, new))
+    torch.testing.assert_close(guided_new, guided_old)
+    # a head with a prior already, or of another size, is refused before any training
+    with pytest.raises(ValueError, match="prior-on"):
+        train_classifier(base, TrainConfig(**{**second.__dict__, "prior_on": second.output}))
+    with pytest.raises(ValueError, match="prior-on"):
+        train_classifier(base, TrainConfig(**{**second.__dict__, "head_size": 16}))
+
+
 def test_refusals_train_a_background_class_that_no_request_may_weight(tmp_path, base):
     from cliper_integrations.core.classifier import PreferenceClassifier
     from cliper_integrations.core.errors import UnknownClassError

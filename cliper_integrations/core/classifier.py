@@ -21,7 +21,11 @@ class, s(h, x) = W_out · LayerNorm(GELU(W_h h + W_e e(x) + b)), read in one of 
   log p_cls(c | prefix, x) = log_softmax_c [log p(c | prefix) + log p(x | prefix, c)]: the exact Bayes
   factorisation of the class of the text continued by x. The prior adds what the prefix already says
   about the class (what the direct form is good at) and, at decoding, eases guidance towards a class
-  the text already clearly shows while pushing harder where it does not.
+  the text already clearly shows while pushing harder where it does not. With ``guidance_prior:
+  uniform`` decoding leaves the learned prior out (each candidate is scored by the likelihood ratio
+  alone, as without a prior) while reading a text (``sequence_log_probs``) keeps it: the prior can then
+  be fitted on top of a trained head (``cliper train --prior-on``) to read styles better without
+  changing how guidance steers.
 
 Either form normalises each class's posterior over every class (``posterior: joint``) or, with
 ``posterior: axis``, over its own preference axis and the background classes only (``normalizer``):
@@ -74,6 +78,8 @@ class ClassifierConfig(BaseModel):
     form: Literal["direct", "bayes"] = "direct"
     class_prior: Literal["uniform", "learned"] = "uniform"
     """Bayes form only: the class prior p(c | prefix) in Bayes' rule."""
+    guidance_prior: Literal["learned", "uniform"] = "learned"
+    """With a learned prior: whether decoding uses it too, or scores candidates with a uniform prior."""
     posterior: Literal["joint", "axis"] = "joint"
     """What each class's posterior is normalised over: every class, or its own axis (``normalizer``)."""
     format_version: int = 1
@@ -190,6 +196,7 @@ class PreferenceClassifier(nn.Module):
         form: Literal["direct", "bayes"] = "direct",
         class_prior: Literal["uniform", "learned"] = "uniform",
         posterior: Literal["joint", "axis"] = "joint",
+        guidance_prior: Literal["learned", "uniform"] = "learned",
     ) -> PreferenceClassifier:
         """A freshly initialised classifier for ``base`` (train it before use)."""
         if kind == "separate" and backbone is None:
@@ -216,6 +223,7 @@ class PreferenceClassifier(nn.Module):
             form=form,
             class_prior=class_prior,
             posterior=posterior,
+            guidance_prior=guidance_prior,
         )
         return cls(config, source.model)
 
@@ -322,9 +330,12 @@ class PreferenceClassifier(nn.Module):
             raise ValueError("A bayes-form classifier needs the base model's log-probs of the candidates")
         # candidates with log p_LM = -inf take no part in the sums and come out as NaN rows, which the
         # logits processor masks
-        return self.posterior(
-            class_conditional(scores, candidate_log_lm), self.head.log_prior(prefix_hidden).unsqueeze(-2)
-        )
+        return self.posterior(class_conditional(scores, candidate_log_lm), self._guidance_log_prior(prefix_hidden))
+
+    def _guidance_log_prior(self, prefix_hidden: torch.Tensor) -> torch.Tensor:
+        """The class prior decoding uses [..., 1, K]: the learned one, or uniform (``guidance_prior``)."""
+        log_prior = self.head.log_prior(prefix_hidden).unsqueeze(-2)
+        return log_prior if self.config.guidance_prior == "learned" else torch.zeros_like(log_prior)
 
     def base_candidates(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, top_k: int

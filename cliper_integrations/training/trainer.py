@@ -60,6 +60,11 @@ class TrainConfig:
     class log-probs (what response accuracy reads), trained beside the token-level loss."""
     posterior: Literal["joint", "axis"] = "joint"
     """Normalise each class's posterior over all classes, or over its own axis (``core/classifier.py``)."""
+    prior_on: Path | None = None
+    """Fit only a learned class prior on top of this saved bayes classifier with a uniform prior: its
+    likelihood head is copied and frozen, so the tokens each class prefers stay exactly as they were."""
+    guidance_prior: Literal["learned", "uniform"] = "learned"
+    """With a learned prior: whether decoding uses it too (``core/classifier.py``)."""
     candidates: int = 32
     """Bayes form: the base model's top-k tokens the observed one is scored among (as at decoding)."""
     contrast_filter: bool = True
@@ -288,9 +293,11 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         head_size=config.head_size,
         seed=config.seed,
         form=config.form,
-        class_prior=config.class_prior,
+        class_prior="learned" if config.prior_on else config.class_prior,
         posterior=config.posterior,
+        guidance_prior=config.guidance_prior,
     )
+    trainable = _prior_on(classifier, config.prior_on, base) if config.prior_on else classifier.head.parameters()
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
     train = assemble(features[: len(train_rows)], train_rows, classes)
@@ -304,7 +311,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     response_counts = torch.bincount(train.response_labels, minlength=len(classes)).float().clamp(min=1)
     response_class_weight = response_counts.sum() / (len(classes) * response_counts)
     head = classifier.head
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     best, best_state, stale, history = float("inf"), None, 0, []
     generator = torch.Generator().manual_seed(config.seed)
     for epoch in (bar := tqdm(range(config.epochs), desc="Training", unit="epoch")):
@@ -370,11 +377,36 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
             "per_class": _count_by_class(train_rows + val_rows),
         },
         "history": history,
-        "config": {k: v for k, v in asdict(config).items() if k not in ("data", "output", "feature_cache")},
+        "config": {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in asdict(config).items()
+            if k not in ("data", "output", "feature_cache")
+        },
     }
     classifier.save(config.output)
     (Path(config.output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel) -> list[torch.nn.Parameter]:
+    """Copy a trained uniform-prior bayes head into ``classifier`` and freeze it; return the prior's
+    parameters, the only ones left to train."""
+    trained = PreferenceClassifier.load(folder, base)
+    wanted = {
+        "form": "bayes",
+        "class_prior": "uniform",
+        "posterior": classifier.config.posterior,
+        "head_size": classifier.config.head_size,
+        "classes": classifier.classes,
+    }
+    if mismatch := {
+        name: getattr(trained.config, name) for name, value in wanted.items() if getattr(trained.config, name) != value
+    }:
+        raise ValueError(f"--prior-on needs a classifier with {wanted}; {folder} has {mismatch}")
+    classifier.head.load_state_dict(trained.head.state_dict(), strict=False)  # all but the prior
+    for name, parameter in classifier.head.named_parameters():
+        parameter.requires_grad_(name.startswith("prior."))
+    return list(classifier.head.prior.parameters())
 
 
 def _response_batches(data: EncodedSet, size: int, generator: torch.Generator) -> list[torch.Tensor]:
