@@ -173,10 +173,16 @@ def test_a_prior_kept_out_of_guidance_still_reads_the_prefix(base):
     log_prior = with_prior.head.log_prior(hidden)
     torch.testing.assert_close(read_with, torch.log_softmax(read_without + log_prior, -1))  # Bayes' rule
     assert (read_with - read_without).abs().max() > 0.1
+    # they steer alike, so an evaluation run may carry over from one to the other; nothing else may
+    assert with_prior.guidance_digest() == without.guidance_digest()
+    per_axis = tiny_classifier(base, "shared", seed=5, form="bayes", posterior="axis")
+    per_axis.head.load_state_dict(without.head.state_dict())
+    assert per_axis.guidance_digest() != without.guidance_digest()
     with_prior.config.guidance_prior = "learned"
     assert not torch.allclose(
         with_prior.log_probs(hidden, candidates, log_lm), without.log_probs(hidden, candidates, log_lm)
     )
+    assert with_prior.guidance_digest() != without.guidance_digest()
 
 
 @pytest.mark.parametrize("form", ["bayes", "direct"])

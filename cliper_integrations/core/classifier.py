@@ -335,7 +335,7 @@ class PreferenceClassifier(nn.Module):
     def _guidance_log_prior(self, prefix_hidden: torch.Tensor) -> torch.Tensor:
         """The class prior decoding uses [..., 1, K]: the learned one, or uniform (``guidance_prior``)."""
         log_prior = self.head.log_prior(prefix_hidden).unsqueeze(-2)
-        return log_prior if self.config.guidance_prior == "learned" else torch.zeros_like(log_prior)
+        return log_prior if self.guides_with_prior else torch.zeros_like(log_prior)
 
     def base_candidates(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, top_k: int
@@ -416,6 +416,27 @@ class PreferenceClassifier(nn.Module):
         ids = torch.cat([next_ids.unsqueeze(-1), candidates.long()], dim=-1)
         log_lm = torch.cat([next_log_lm.float().unsqueeze(-1), others], dim=-1)
         return class_conditional(self.head(hidden.float(), self._project(ids)), log_lm)[..., 0, :]
+
+    @property
+    def guides_with_prior(self) -> bool:
+        """Whether decoding reads the learned class prior (``guidance_prior``)."""
+        return self.head.prior is not None and self.config.guidance_prior == "learned"
+
+    def guidance_digest(self) -> str:
+        """SHA-256 of everything that decides how candidates are scored at decoding: classes, form,
+        posterior, whether the prior takes part, and the weights guidance reads (a learned prior that
+        decoding leaves out is not among them). Two classifiers with one digest steer alike."""
+        settings = {
+            "classes": self.classes,
+            "form": self.config.form,
+            "posterior": self.config.posterior,
+            "prior": "learned" if self.guides_with_prior else "uniform",
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        for name, tensor in sorted(self.head.state_dict().items()):
+            if self.guides_with_prior or not name.startswith("prior."):
+                digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     # --- persistence --------------------------------------------------------------------------
 

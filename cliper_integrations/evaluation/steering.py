@@ -101,16 +101,13 @@ def load_prompts(path: Path, limit: int | None) -> list[tuple[int, str]]:
 
 def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]:
     """What every stored response depends on besides its prompt and job: records made under another
-    signature (another classifier, candidate count, loop guard, plausibility floor, refusal look-ahead,
-    token budget, prompt file, or another version of the decoding rule's code) must not be mixed into one
-    table."""
+    signature (a classifier that steers differently, candidate count, loop guard, plausibility floor,
+    refusal look-ahead, token budget, prompt file, or another version of the decoding rule's code) must not
+    be mixed into one table."""
     assert engine.classifier is not None
-    head = hashlib.sha256(json.dumps(engine.classifier.classes).encode())
-    for name, tensor in sorted(engine.classifier.head.state_dict().items()):
-        head.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     return {
         "model": engine.loaded.name,
-        "classifier": head.hexdigest(),
+        "classifier": engine.classifier.guidance_digest(),
         "decoding_rule": hashlib.sha256(inspect.getsource(logits_processor).encode()).hexdigest()[:16],
         "top_k": engine.top_k,
         "guided_no_repeat_ngram": engine.guided_no_repeat_ngram,
