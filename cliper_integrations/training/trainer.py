@@ -71,6 +71,10 @@ class TrainConfig:
     """Train and validate only on answers whose text shows their class against the opposite pole
     (``keep_contrasting``); validation is also scored on every usable answer, as ``validation_unfiltered``."""
 
+    def __post_init__(self) -> None:
+        if self.prior_on is not None:
+            self.class_prior = "learned"  # what fitting a prior on top means
+
 
 @dataclass
 class EncodedSet:
@@ -293,7 +297,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         head_size=config.head_size,
         seed=config.seed,
         form=config.form,
-        class_prior="learned" if config.prior_on else config.class_prior,
+        class_prior=config.class_prior,
         posterior=config.posterior,
         guidance_prior=config.guidance_prior,
     )
