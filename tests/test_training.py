@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,21 +201,16 @@ def test_classifier_learns_a_separable_style(
     rows.append({**rows[0], "id": "i97", "response": "Paris. Short and to the point!"})
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = TrainConfig(
-        data=[data],
-        output=tmp_path / "clf",
-        classes=("concise", "informative"),
+    config = _tiny_config(
+        data,
+        tmp_path / "clf",
         epochs=60,
-        head_size=32,
-        learning_rate=1e-2,
         patience=10,
-        dropout=0.0,
         feature_cache=tmp_path / "features",
         form=form,
         class_prior=class_prior,
         posterior=posterior,
         response_weight=response_weight,
-        candidates=8,
     )
     metrics = train_classifier(base, config, backbone)
     assert len(list(config.feature_cache.iterdir())) == len(rows) - 3  # one file per usable response
@@ -235,6 +231,18 @@ def test_classifier_learns_a_separable_style(
     # a second run reads every response from the feature cache and reproduces the first
     again = train_classifier(base, TrainConfig(**{**config.__dict__, "output": tmp_path / "again"}), backbone)
     assert again["validation"] == metrics["validation"]
+
+
+def _tiny_config(data: Path, output: Path, **settings) -> TrainConfig:
+    """A training run sized for the tiny test models: a small head, a high rate, no dropout, 8 candidates."""
+    tiny = {
+        "classes": ("concise", "informative"),
+        "head_size": 32,
+        "learning_rate": 1e-2,
+        "dropout": 0.0,
+        "candidates": 8,
+    }
+    return TrainConfig(data=[data], output=output, **{**tiny, **settings})
 
 
 def _first_token_posteriors(classifier, base, question: str, words: list[str]) -> torch.Tensor:
@@ -258,17 +266,7 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(30)))
-    first = TrainConfig(
-        data=[data],
-        output=tmp_path / "likelihood",
-        classes=("concise", "informative"),
-        epochs=3,
-        head_size=32,
-        learning_rate=1e-2,
-        dropout=0.0,
-        feature_cache=tmp_path / "features",
-        candidates=8,
-    )
+    first = _tiny_config(data, tmp_path / "likelihood", epochs=3, feature_cache=tmp_path / "features")
     train_classifier(base, first)
     second = TrainConfig(
         **{**first.__dict__, "output": tmp_path / "prior", "prior_on": first.output, "guidance_prior": "uniform"}
@@ -302,17 +300,7 @@ def test_refusals_train_a_background_class_that_no_request_may_weight(tmp_path, 
     rows.append({**rows[0], "id": "i77", "class": "refusal", "response": "Paris. Yes. Done."})  # did not decline
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = TrainConfig(
-        data=[data],
-        output=tmp_path / "clf",
-        classes=("concise", "informative", "refusal"),
-        epochs=40,
-        head_size=32,
-        learning_rate=1e-2,
-        patience=10,
-        dropout=0.0,
-        candidates=8,
-    )
+    config = _tiny_config(data, tmp_path / "clf", classes=("concise", "informative", "refusal"), epochs=40, patience=10)
     metrics = train_classifier(base, config)
     assert metrics["data"]["per_class"]["refusal"] == 40
     assert metrics["data"]["refusal_requests_answered_dropped"] == 1 and metrics["data"]["refusals_dropped"] == 0
