@@ -330,12 +330,10 @@ class PreferenceClassifier(nn.Module):
             raise ValueError("A bayes-form classifier needs the base model's log-probs of the candidates")
         # candidates with log p_LM = -inf take no part in the sums and come out as NaN rows, which the
         # logits processor masks
-        return self.posterior(class_conditional(scores, candidate_log_lm), self._guidance_log_prior(prefix_hidden))
-
-    def _guidance_log_prior(self, prefix_hidden: torch.Tensor) -> torch.Tensor:
-        """The class prior decoding uses [..., 1, K]: the learned one, or uniform (``guidance_prior``)."""
-        log_prior = self.head.log_prior(prefix_hidden).unsqueeze(-2)
-        return log_prior if self.guides_with_prior else torch.zeros_like(log_prior)
+        conditional = class_conditional(scores, candidate_log_lm)
+        if not self.guides_with_prior:  # a uniform prior: Bayes' rule is the normalisation alone
+            return self.normalize(conditional)
+        return self.posterior(conditional, self.head.log_prior(prefix_hidden).unsqueeze(-2))
 
     def base_candidates(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, top_k: int
