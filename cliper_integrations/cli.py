@@ -221,6 +221,10 @@ def train(
     guidance_prior: Annotated[
         str, typer.Option(help="with a learned prior: learned (decoding uses it too) or uniform (reading only)")
     ] = "learned",
+    prior_layer: Annotated[
+        int | None,
+        typer.Option(help="with --guidance-prior uniform: the backbone layer the learned prior reads (default: last)"),
+    ] = None,
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
     from cliper_integrations.core.models import load_model
@@ -246,6 +250,7 @@ def train(
         response_weight=response_weight,
         prior_on=prior_on,
         guidance_prior=guidance_prior,
+        prior_layer=prior_layer,
     )
     try:
         metrics = train_classifier(load_model(model), config, load_model(backbone) if backbone else None)

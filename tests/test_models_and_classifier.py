@@ -185,6 +185,34 @@ def test_a_prior_kept_out_of_guidance_still_reads_the_prefix(base):
     assert with_prior.guidance_digest() != without.guidance_digest()
 
 
+def test_a_reading_prior_on_a_middle_layer_reads_that_layer_and_never_guides(base):
+    """``prior_layer``: reading a text takes the prior from that layer's states (not the final ones the
+    likelihood head reads), and decoding, which taps the final state only, leaves it out."""
+    classifier = PreferenceClassifier.create(
+        base, ["concise", "informative"], form="bayes", class_prior="learned", guidance_prior="uniform", prior_layer=1
+    )
+    ids, mask = torch.tensor([[0, 11, 12, 13, 14]]), torch.tensor([[0, 1, 1, 1, 1]])
+    read = classifier.sequence_log_probs(ids, mask, top_k=5)
+    outputs = base.model.model(
+        input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True
+    )
+    hidden, middle = outputs.last_hidden_state[:, :-1].detach(), outputs.hidden_states[1][:, :-1].detach()
+    observed = ids[:, 1:], *classifier.base_candidates(hidden, ids[:, 1:], 5)
+    torch.testing.assert_close(read, classifier.token_log_probs(hidden, *observed, prior_hidden=middle))
+    assert not torch.allclose(read, classifier.token_log_probs(hidden, *observed, prior_hidden=hidden))
+    with pytest.raises(ValueError, match="reads layer 1"):
+        classifier.token_log_probs(hidden, *observed)
+    without = PreferenceClassifier.create(base, ["concise", "informative"], form="bayes")
+    without.head.load_state_dict(classifier.head.state_dict(), strict=False)
+    assert classifier.guidance_digest() == without.guidance_digest()
+    with pytest.raises(ValueError, match="decoding leaves out"):
+        PreferenceClassifier.create(base, ["concise", "expert"], form="bayes", class_prior="learned", prior_layer=1)
+    with pytest.raises(ValueError, match="past the backbone's last layer"):
+        PreferenceClassifier.create(
+            base, ["concise", "expert"], form="bayes", class_prior="learned", guidance_prior="uniform", prior_layer=3
+        )
+
+
 @pytest.mark.parametrize("form", ["bayes", "direct"])
 def test_an_axis_posterior_keeps_preferences_on_different_axes_apart(base, form):
     """With ``posterior: axis`` a class competes only with its own axis's other pole: each axis's two

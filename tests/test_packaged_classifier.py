@@ -42,7 +42,7 @@ def test_default_classifier_loads_for_the_embedded_model_and_moves_its_answer():
     plain = engine.generate(prompt, weights={}, max_new_tokens=24).text
     guided = engine.generate(prompt, weights={"unfriendly": 8.0}, max_new_tokens=24).text
     assert guided != plain
-    # it also reads a finished text's style (v8's learned prior), the way memory measures feedback
+    # it also reads a finished text's style (the learned prior, on layer 12), the way memory measures feedback
     question = "What is rain?"
     playful = engine.measure_style("Rain is just water falling from the clouds, buddy! Nature's shower!", question)
     technical = engine.measure_style(

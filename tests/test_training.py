@@ -259,21 +259,36 @@ def _first_token_posteriors(classifier, base, question: str, words: list[str]) -
     return classifier.log_probs(hidden, first_tokens, log_lm)[0]
 
 
-def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_path, base):
+@pytest.mark.parametrize("prior_layer", [None, 1])
+def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_path, base, prior_layer):
     """``prior_on``: the likelihood head is copied and frozen, only the learned prior trains; with
-    ``guidance_prior: uniform`` the new classifier steers exactly as the old one and reads with the prior."""
+    ``guidance_prior: uniform`` the new classifier steers exactly as the old one and reads with the prior
+    (from the final states, or from a middle layer's, which join the cached features)."""
+    from safetensors.torch import load_file
+
     from cliper_integrations.core.classifier import PreferenceClassifier
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(30)))
     first = _tiny_config(data, tmp_path / "likelihood", epochs=3, feature_cache=tmp_path / "features")
     train_classifier(base, first)
+    cached = sorted(first.feature_cache.iterdir())
     second = TrainConfig(
-        **{**first.__dict__, "output": tmp_path / "prior", "prior_on": first.output, "guidance_prior": "uniform"}
+        **{
+            **first.__dict__,
+            "output": tmp_path / "prior",
+            "prior_on": first.output,
+            "guidance_prior": "uniform",
+            "prior_layer": prior_layer,
+        }
     )
     metrics = train_classifier(base, second)
     old, new = PreferenceClassifier.load(first.output, base), PreferenceClassifier.load(second.output, base)
     assert new.config.class_prior == "learned" and new.config.guidance_prior == "uniform"
+    assert new.config.prior_layer == prior_layer and metrics["validation"]["response_accuracy"] >= 0.9
+    assert sorted(first.feature_cache.iterdir()) == cached  # the same responses, the same files ...
+    stored = load_file(cached[0])
+    assert ("hidden.1" in stored) == (prior_layer == 1) and "candidates" in stored  # ... the layer joins them
     assert metrics["config"]["prior_on"] == str(first.output)
     for name, tensor in old.head.state_dict().items():
         torch.testing.assert_close(new.head.state_dict()[name], tensor, rtol=0, atol=0)

@@ -25,7 +25,8 @@ class, s(h, x) = W_out · LayerNorm(GELU(W_h h + W_e e(x) + b)), read in one of 
   uniform`` decoding leaves the learned prior out (each candidate is scored by the likelihood ratio
   alone, as without a prior) while reading a text (``sequence_log_probs``) keeps it: the prior can then
   be fitted on top of a trained head (``cliper train --prior-on``) to read styles better without
-  changing how guidance steers.
+  changing how guidance steers. Such a reading-only prior may read another layer of the backbone
+  (``prior_layer``): a middle layer holds more of what a text says and less of what comes next.
 
 Either form normalises each class's posterior over every class (``posterior: joint``) or, with
 ``posterior: axis``, over its own preference axis and the background classes only (``normalizer``):
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -82,7 +83,16 @@ class ClassifierConfig(BaseModel):
     """With a learned prior: whether decoding uses it too, or scores candidates with a uniform prior."""
     posterior: Literal["joint", "axis"] = "joint"
     """What each class's posterior is normalised over: every class, or its own axis (``normalizer``)."""
+    prior_layer: int | None = Field(default=None, ge=0)
+    """The backbone layer (an index into its ``hidden_states``) the learned prior reads; None: the final
+    state, as the likelihood head. Reading only: decoding taps the final state alone."""
     format_version: int = 1
+
+    @model_validator(mode="after")
+    def _prior_layer_reads_only(self) -> ClassifierConfig:
+        if self.prior_layer is not None and (self.class_prior != "learned" or self.guidance_prior != "uniform"):
+            raise ValueError("prior_layer needs a learned prior that decoding leaves out (guidance_prior: uniform)")
+        return self
 
 
 class PreferenceHead(nn.Module):
@@ -197,6 +207,7 @@ class PreferenceClassifier(nn.Module):
         class_prior: Literal["uniform", "learned"] = "uniform",
         posterior: Literal["joint", "axis"] = "joint",
         guidance_prior: Literal["learned", "uniform"] = "learned",
+        prior_layer: int | None = None,
     ) -> PreferenceClassifier:
         """A freshly initialised classifier for ``base`` (train it before use)."""
         if kind == "separate" and backbone is None:
@@ -207,6 +218,10 @@ class PreferenceClassifier(nn.Module):
             raise ValueError("A class prior belongs to the bayes form (the direct form has no Bayes' rule)")
         source = base if kind == "shared" else backbone
         assert source is not None
+        if prior_layer is not None and prior_layer > source.model.config.num_hidden_layers:
+            raise ValueError(
+                f"prior_layer {prior_layer} is past the backbone's last layer ({source.model.config.num_hidden_layers})"
+            )
         fingerprint = tokenizer_fingerprint(base.tokenizer)
         if tokenizer_fingerprint(source.tokenizer) != fingerprint:
             raise VocabularyMismatchError(VOCABULARY_MISMATCH)
@@ -224,6 +239,7 @@ class PreferenceClassifier(nn.Module):
             class_prior=class_prior,
             posterior=posterior,
             guidance_prior=guidance_prior,
+            prior_layer=prior_layer,
         )
         return cls(config, source.model)
 
@@ -355,14 +371,22 @@ class PreferenceClassifier(nn.Module):
 
         The bayes form scores token t+1 among the base model's ``top_k`` candidates and itself."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        layer = self.config.prior_layer
         with torch.no_grad():
-            hidden = self.backbone.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-            ).last_hidden_state.float()[:, :-1]
+            outputs = self.backbone.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=layer is not None,
+            )
+        hidden = outputs.last_hidden_state.float()[:, :-1]
         next_ids = input_ids[:, 1:]
         if self.config.form == "direct":
             return self.token_log_probs(hidden, next_ids)
-        return self.token_log_probs(hidden, next_ids, *self.base_candidates(hidden, next_ids, top_k))
+        prior_hidden = None if layer is None else outputs.hidden_states[layer].float()[:, :-1]
+        return self.token_log_probs(
+            hidden, next_ids, *self.base_candidates(hidden, next_ids, top_k), prior_hidden=prior_hidden
+        )
 
     def token_log_probs(
         self,
@@ -371,18 +395,28 @@ class PreferenceClassifier(nn.Module):
         candidates: torch.Tensor | None = None,
         candidate_log_lm: torch.Tensor | None = None,
         next_log_lm: torch.Tensor | None = None,
+        prior_hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Class log-probs for observed (hidden state, next token) pairs: [..., K].
 
         The bayes form scores the observed token among the base model's candidates [..., k] (their
-        log-probs [..., k] and its own [...])."""
+        log-probs [..., k] and its own [...]); a prior on another layer reads ``prior_hidden``."""
         if self.config.form == "direct":
             projected = self._project(next_ids).unsqueeze(-2)
             return self.normalize(self.head(hidden, projected).squeeze(-2))
         return self.posterior(
             self.token_log_likelihoods(hidden, next_ids, candidates, candidate_log_lm, next_log_lm),
-            self.head.log_prior(hidden),
+            self.reading_log_prior(hidden, prior_hidden),
         )
+
+    def reading_log_prior(self, hidden: torch.Tensor, prior_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(c | prefix) for reading a text: from the final states ``hidden``, or from ``prior_hidden``
+        (the states of ``prior_layer``) when the prior reads another layer."""
+        if self.config.prior_layer is None:
+            return self.head.log_prior(hidden)
+        if prior_hidden is None:
+            raise ValueError(f"This classifier's prior reads layer {self.config.prior_layer}: pass its states")
+        return self.head.log_prior(prior_hidden)
 
     def posterior(self, log_likelihoods: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
         """Bayes form: log p(c | prefix, x) from log p(x | prefix, c) [..., K] and the class prior

@@ -65,6 +65,8 @@ class TrainConfig:
     likelihood head is copied and frozen, so the tokens each class prefers stay exactly as they were."""
     guidance_prior: Literal["learned", "uniform"] = "learned"
     """With a learned prior: whether decoding uses it too (``core/classifier.py``)."""
+    prior_layer: int | None = None
+    """The backbone layer a reading-only learned prior reads (None: the final state)."""
     candidates: int = 32
     """Bayes form: the base model's top-k tokens the observed one is scored among (as at decoding)."""
     contrast_filter: bool = True
@@ -83,7 +85,8 @@ class EncodedSet:
     features: dict[str, torch.Tensor]
     """``hidden`` [N, H] prefix states (float16 to halve memory; the head reads them as float32),
     ``next_ids`` [N] observed next tokens; for the bayes form also ``candidates`` [N, k] (the base
-    model's top-k), ``candidate_log_lm`` [N, k] and ``next_log_lm`` [N] (base log-probs)."""
+    model's top-k), ``candidate_log_lm`` [N, k] and ``next_log_lm`` [N] (base log-probs); with a prior
+    on another layer, ``prior_hidden`` [N, H] (float16) that layer's states."""
     labels: torch.Tensor  # [N] class index of the response
     response: torch.Tensor  # [N] index of the response each row came from
     response_labels: torch.Tensor  # [R]
@@ -91,13 +94,17 @@ class EncodedSet:
     def select(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
         """The features of ``rows``, named as ``PreferenceClassifier.token_log_probs`` takes them."""
         picked = {name: tensor[rows] for name, tensor in self.features.items()}
-        picked["hidden"] = picked["hidden"].float()
+        for name in STATES:
+            if name in picked:
+                picked[name] = picked[name].float()
         return picked
 
 
 Features = dict[str, torch.Tensor]
-"""One response's ``hidden`` [T, H] and ``next_ids`` [T] (and, for the bayes form, base candidates)."""
+"""One response's ``hidden`` [T, H] and ``next_ids`` [T] (and, for the bayes form, base candidates; with a
+prior on another layer, ``prior_hidden`` [T, H])."""
 BAYES_FEATURES = ("candidates", "candidate_log_lm", "next_log_lm")
+STATES = ("hidden", "prior_hidden")
 
 
 def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dict], Counter]:
@@ -156,7 +163,8 @@ def _token_sequence(base: LoadedModel, row: dict) -> tuple[list[int], int]:
 
 @torch.no_grad()
 def _encode_batch(classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict]) -> list[Features]:
-    """Run the frozen backbone over prompt + response and keep the response positions of each row."""
+    """Run the frozen backbone over prompt + response and keep the response positions of each row (and
+    the states of the layer the prior reads, when that is not the last)."""
     sequences, prompt_lengths = zip(*(_token_sequence(base, row) for row in rows), strict=True)
     width = max(map(len, sequences))
     ids = torch.full((len(rows), width), base.tokenizer.pad_token_id or 0, dtype=torch.long)
@@ -164,16 +172,21 @@ def _encode_batch(classifier: PreferenceClassifier, base: LoadedModel, rows: lis
     for index, sequence in enumerate(sequences):  # left padding, as at generation time
         ids[index, width - len(sequence) :] = torch.tensor(sequence)
         mask[index, width - len(sequence) :] = 1
-    states = classifier.backbone.base_model(
-        input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
-    ).last_hidden_state
+    layer = classifier.config.prior_layer
+    outputs = classifier.backbone.base_model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        output_hidden_states=layer is not None,
+    )
     features = []
     for index, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
         # the state after token t predicts token t+1: from the last prompt token to the end
         positions = torch.arange(width - len(sequence) + prompt_length - 1, width - 1)
-        features.append(
-            {"hidden": states[index, positions].half().contiguous(), "next_ids": ids[index, positions + 1].contiguous()}
-        )
+        feature = {"hidden": outputs.last_hidden_state[index, positions], "next_ids": ids[index, positions + 1]}
+        if layer is not None:
+            feature["prior_hidden"] = outputs.hidden_states[layer][index, positions]
+        features.append({name: tensor.half() if name in STATES else tensor for name, tensor in feature.items()})
     return features
 
 
@@ -189,7 +202,9 @@ def encode_rows(
     """Features for every row, in order. Rows run in length order (little padding) and each response is
     kept under ``cache``, keyed by its text and the backbone: encoding through the frozen backbone takes
     seconds per response, training the head on the features seconds in all, and data sets grow.
-    ``candidates`` > 0 adds the base model's top-k candidates at each position (bayes form)."""
+    ``candidates`` > 0 adds the base model's top-k candidates at each position (bayes form). The states of
+    the layer a prior reads are cached as ``hidden.<layer>``, beside the rest of the response's features."""
+    layer_name = None if classifier.config.prior_layer is None else f"hidden.{classifier.config.prior_layer}"
     identity = [classifier.config.kind, classifier.config.backbone, base.name]
     keys = [
         hashlib.sha256(
@@ -203,12 +218,17 @@ def encode_rows(
         for index, key in enumerate(keys):
             if (path := cache / f"{key}.safetensors").exists():
                 features[index] = load_file(path)
-    todo = sorted((i for i in range(len(rows)) if i not in features), key=lambda i: len(rows[i]["response"]))
+                if layer_name is not None and layer_name in features[index]:
+                    features[index]["prior_hidden"] = features[index].pop(layer_name)
+    todo = sorted(
+        (i for i in range(len(rows)) if i not in features or (layer_name and "prior_hidden" not in features[i])),
+        key=lambda i: len(rows[i]["response"]),
+    )
     for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not todo):
         batch = todo[start : start + batch_size]
         for index, encoded in zip(batch, _encode_batch(classifier, base, [rows[i] for i in batch]), strict=True):
-            features[index] = encoded
-            _store(cache, keys[index], encoded)
+            features[index] = {**encoded, **features.get(index, {})}  # a cached row only gains the layer's states
+            _store(cache, keys[index], features[index], layer_name)
     if candidates:
         unranked = [
             i for i in range(len(rows)) if features[i].get("candidates", torch.empty(0, 0)).shape[-1] != candidates
@@ -217,20 +237,21 @@ def encode_rows(
             feature = features[index]
             ranked = classifier.base_candidates(feature["hidden"], feature["next_ids"], candidates)
             feature.update(candidates=ranked[0].int(), candidate_log_lm=ranked[1].half(), next_log_lm=ranked[2].float())
-            _store(cache, keys[index], feature)
+            _store(cache, keys[index], feature, layer_name)
     return [features[index] for index in range(len(rows))]
 
 
-def _store(cache: Path | None, key: str, feature: Features) -> None:
+def _store(cache: Path | None, key: str, feature: Features, layer_name: str | None) -> None:
     if cache is not None:
-        save_file({name: tensor.contiguous() for name, tensor in feature.items()}, cache / f"{key}.safetensors")
+        named = {layer_name if name == "prior_hidden" else name: tensor for name, tensor in feature.items()}
+        save_file({name: tensor.contiguous() for name, tensor in named.items()}, cache / f"{key}.safetensors")
 
 
 def assemble(features: list[Features], rows: list[dict], classes: tuple[str, ...]) -> EncodedSet:
     """Stack per-response features into one training set labelled with each response's class."""
     labels = [classes.index(row["class"]) for row in rows]
     lengths = torch.tensor([len(feature["next_ids"]) for feature in features])
-    names = [name for name in ("hidden", "next_ids", *BAYES_FEATURES) if all(name in f for f in features)]
+    names = [name for name in (*STATES, "next_ids", *BAYES_FEATURES) if all(name in f for f in features)]
     return EncodedSet(
         {name: torch.cat([feature[name] for feature in features]) for name in names},
         torch.repeat_interleave(torch.tensor(labels), lengths),
@@ -300,6 +321,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         class_prior=config.class_prior,
         posterior=config.posterior,
         guidance_prior=config.guidance_prior,
+        prior_layer=config.prior_layer,
     )
     trainable = _prior_on(classifier, config.prior_on, base) if config.prior_on else classifier.head.parameters()
     candidates = config.candidates if classifier.config.form == "bayes" else 0
@@ -326,7 +348,9 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
             batches = torch.randperm(len(train.labels), generator=generator).split(config.batch_size)
         for batch in batches:
             picked = train.select(batch)
-            picked["hidden"] = functional.dropout(picked["hidden"], config.dropout, training=True)
+            for name in STATES:
+                if name in picked:
+                    picked[name] = functional.dropout(picked[name], config.dropout, training=True)
             token_log_probs, loss = _token_loss(
                 classifier, picked, train.labels[batch], class_weight, config.generative_weight
             )
@@ -444,8 +468,9 @@ def _token_loss(
     if classifier.config.form == "direct":
         log_probs = classifier.token_log_probs(**features)
         return log_probs, functional.nll_loss(log_probs, labels, weight=class_weight)
+    prior_hidden = features.pop("prior_hidden", None)
     conditional = classifier.token_log_likelihoods(**features)
-    log_probs = classifier.posterior(conditional, classifier.head.log_prior(features["hidden"]))
+    log_probs = classifier.posterior(conditional, classifier.reading_log_prior(features["hidden"], prior_hidden))
     discriminative = functional.nll_loss(log_probs, labels, weight=class_weight)
     generative = functional.nll_loss(conditional, labels, weight=class_weight)
     return log_probs, (1 - generative_weight) * discriminative + generative_weight * generative
