@@ -186,6 +186,8 @@ class PreferenceClassifier(nn.Module):
 
     def __init__(self, config: ClassifierConfig, backbone: PreTrainedModel, head: PreferenceHead | None = None):
         super().__init__()
+        if config.prior_layer is not None and config.prior_layer > (last_layer := backbone.config.num_hidden_layers):
+            raise ValueError(f"prior_layer {config.prior_layer} is past the backbone's last layer ({last_layer})")
         self.config = config
         self.backbone = backbone
         self.head = head or PreferenceHead.for_config(config)
@@ -218,10 +220,6 @@ class PreferenceClassifier(nn.Module):
             raise ValueError("A class prior belongs to the bayes form (the direct form has no Bayes' rule)")
         source = base if kind == "shared" else backbone
         assert source is not None
-        if prior_layer is not None and prior_layer > source.model.config.num_hidden_layers:
-            raise ValueError(
-                f"prior_layer {prior_layer} is past the backbone's last layer ({source.model.config.num_hidden_layers})"
-            )
         fingerprint = tokenizer_fingerprint(base.tokenizer)
         if tokenizer_fingerprint(source.tokenizer) != fingerprint:
             raise VocabularyMismatchError(VOCABULARY_MISMATCH)
