@@ -282,6 +282,9 @@ def evaluate(
     sweep: Annotated[
         bool, typer.Option(help="also guide at α = 2, 4, 16 for the α plot (skip for a quick check)")
     ] = True,
+    sweep_limit: Annotated[
+        int | None, typer.Option(min=1, help="run the sweep's other α values on the first N prompts only")
+    ] = None,
     restart: Annotated[
         bool, typer.Option(help="discard the responses stored in the output folder instead of resuming from them")
     ] = False,
@@ -311,6 +314,7 @@ def evaluate(
                 limit,
                 alpha,
                 sweep=EvalConfig.sweep if sweep else (),
+                sweep_limit=sweep_limit,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
                 classes=measured,

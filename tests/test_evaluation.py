@@ -187,6 +187,26 @@ def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, m
     assert len(store.read_text().splitlines()) == 1 + jobs
 
 
+def test_a_sweep_limit_answers_the_other_alphas_on_the_first_prompts_and_plots_every_alpha_there(
+    tmp_path, base, shared_classifier
+):
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.evaluation.steering import RESPONSES_FILE, run_eval, summarize
+
+    engine = CLIPerEngine(base, classifier=shared_classifier)
+    results = run_eval(engine, _eval_config(tmp_path, ["Explain rain.", "Hi", "Paris?"], sweep_limit=1))
+    records = [json.loads(line) for line in (tmp_path / "out" / RESPONSES_FILE).read_text().splitlines()[1:]]
+    swept = {r["prompt_id"] for r in records if r["job"] == "concise|guidance|4"}
+    assert swept == {10} and {r["prompt_id"] for r in records if r["job"] == "concise|guidance|8"} == {10, 11, 12}
+    assert results["prompts"] == 3 and results["sweep_prompts"] == 1
+    first = [r for r in records if r["prompt_id"] == 10]
+    for alpha, job in (("0.0", "-|unguided|0"), ("4.0", "concise|guidance|4"), ("8.0", "concise|guidance|8")):
+        assert results["sweep"]["concise"][alpha] == summarize([r for r in first if r["job"] == job])
+    guided = [r for r in records if r["job"] == "concise|guidance|8"]
+    assert results["table"]["concise"]["guidance"] == summarize(guided)
+    assert "on the first 1 prompts" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_bench_leaves_the_engine_it_measures_as_it_was(base):
     """The bench measures with and without the look-ahead and with a stand-in head; an engine that also
     serves live requests must come out with its own settings."""
