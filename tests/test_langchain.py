@@ -14,7 +14,7 @@ from cliper_integrations.core.errors import InvalidRequestError
 from cliper_integrations.core.memory import PreferenceMemory
 from cliper_integrations.core.tools import ToolsNotSupportedError
 from cliper_integrations.langchain import ChatCLIPer, CLIPerLLM
-from tests.tiny import tiny_classifier, tools_model
+from tests.tiny import loop_turns_while, tiny_classifier, tools_model
 
 QUESTION = "Explain rain to a child"
 JSON_RULE = "Respond only with one JSON object that follows this JSON schema: "
@@ -100,30 +100,15 @@ def test_stream_and_async_forms_match_invoke(chat):
 
 
 def test_async_calls_do_not_block_the_event_loop(chat):
+    async def drain_stream():
+        async for _ in chat.astream(QUESTION, max_tokens=40):
+            pass
+
     async def run():
-        ticks = 0
-        task = asyncio.create_task(chat.ainvoke(QUESTION, max_tokens=40))
-        while not task.done():
-            ticks += 1
-            await asyncio.sleep(0.001)
-        await task
-        stream_ticks, done = 0, False
+        return await loop_turns_while(chat.ainvoke(QUESTION, max_tokens=40)), await loop_turns_while(drain_stream())
 
-        async def consume():
-            nonlocal done
-            async for _ in chat.astream(QUESTION, max_tokens=40):
-                pass
-            done = True
-
-        consumer = asyncio.create_task(consume())
-        while not done:
-            stream_ticks += 1
-            await asyncio.sleep(0.001)
-        await consumer
-        return ticks, stream_ticks
-
-    ticks, stream_ticks = asyncio.run(run())
-    assert ticks > 5 and stream_ticks > 5
+    turns, stream_turns = asyncio.run(run())
+    assert turns > 5 and stream_turns > 5
 
 
 def test_stop_sequences_and_usage(chat):

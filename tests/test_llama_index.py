@@ -15,7 +15,7 @@ from cliper_integrations.core.errors import InvalidRequestError
 from cliper_integrations.core.memory import PreferenceMemory
 from cliper_integrations.langchain import ChatCLIPer
 from cliper_integrations.llama_index import CLIPerLLM
-from tests.tiny import tiny_classifier, tiny_loaded, tools_model
+from tests.tiny import loop_turns_while, tiny_classifier, tiny_loaded, tools_model
 
 QUESTION = "Explain rain to a child"
 
@@ -109,16 +109,7 @@ def test_callbacks_and_instrumentation_fire(llm):
 
 
 def test_async_does_not_block_the_event_loop(llm):
-    async def run():
-        ticks = 0
-        task = asyncio.create_task(llm.acomplete(QUESTION, max_tokens=40))
-        while not task.done():
-            ticks += 1
-            await asyncio.sleep(0.001)
-        await task
-        return ticks
-
-    assert asyncio.run(run()) > 5
+    assert asyncio.run(loop_turns_while(llm.acomplete(QUESTION, max_tokens=40))) > 5
 
 
 def test_prompt_longer_than_the_context_follows_the_engine_policy(tokenizer):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -162,3 +165,14 @@ def tools_model(spec: str, pairs: list[tuple[list[dict], list[dict] | None, str,
     ]
     memorize(loaded, rendered)
     return loaded
+
+
+async def loop_turns_while(work: Awaitable) -> int:
+    """How many turns the event loop gets while ``work`` runs: a call that blocks the loop gives it none."""
+    task = asyncio.ensure_future(work)
+    turns = 0
+    while not task.done():
+        turns += 1
+        await asyncio.sleep(0.001)
+    await task
+    return turns

@@ -427,9 +427,8 @@ def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel)
         "head_size": classifier.config.head_size,
         "classes": classifier.classes,
     }
-    if mismatch := {
-        name: getattr(trained.config, name) for name, value in wanted.items() if getattr(trained.config, name) != value
-    }:
+    found = {name: getattr(trained.config, name) for name in wanted}
+    if mismatch := {name: value for name, value in found.items() if value != wanted[name]}:
         raise ValueError(f"--prior-on needs a classifier with {wanted}; {folder} has {mismatch}")
     classifier.head.load_state_dict(trained.head.state_dict(), strict=False)  # all but the prior
     for name, parameter in classifier.head.named_parameters():
@@ -468,9 +467,10 @@ def _token_loss(
     if classifier.config.form == "direct":
         log_probs = classifier.token_log_probs(**features)
         return log_probs, functional.nll_loss(log_probs, labels, weight=class_weight)
-    prior_hidden = features.pop("prior_hidden", None)
-    conditional = classifier.token_log_likelihoods(**features)
-    log_probs = classifier.posterior(conditional, classifier.reading_log_prior(features["hidden"], prior_hidden))
+    likelihood_inputs = {name: tensor for name, tensor in features.items() if name != "prior_hidden"}
+    conditional = classifier.token_log_likelihoods(**likelihood_inputs)
+    log_prior = classifier.reading_log_prior(features["hidden"], features.get("prior_hidden"))
+    log_probs = classifier.posterior(conditional, log_prior)
     discriminative = functional.nll_loss(log_probs, labels, weight=class_weight)
     generative = functional.nll_loss(conditional, labels, weight=class_weight)
     return log_probs, (1 - generative_weight) * discriminative + generative_weight * generative
