@@ -260,16 +260,22 @@ def assemble(features: list[Features], rows: list[dict], classes: tuple[str, ...
     )
 
 
+@torch.no_grad()
+def read_classes(classifier: PreferenceClassifier, data: EncodedSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's class log-probs [N, K] and their sum over each response's tokens [R, K]: what a
+    response is read as (response accuracy takes the class of the highest mean, i.e. sum / tokens)."""
+    log_probs = torch.cat(
+        [classifier.token_log_probs(**data.select(slice(i, i + 4096))) for i in range(0, len(data.labels), 4096)]
+    )
+    sums = log_probs.new_zeros(len(data.response_labels), log_probs.shape[-1]).index_add_(0, data.response, log_probs)
+    return log_probs, sums
+
+
 def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[str, ...]) -> dict:
     """Token- and response-level accuracy, 6-way and per axis (own pole vs the opposite pole)."""
-    with torch.no_grad():
-        log_probs = torch.cat(
-            [classifier.token_log_probs(**data.select(slice(i, i + 4096))) for i in range(0, len(data.labels), 4096)]
-        )
+    log_probs, sums = read_classes(classifier, data)
     loss = functional.nll_loss(log_probs, data.labels).item()
-    num_responses = len(data.response_labels)
-    sums = torch.zeros(num_responses, len(classes)).index_add_(0, data.response, log_probs)
-    counts = torch.bincount(data.response, minlength=num_responses).clamp(min=1)
+    counts = torch.bincount(data.response, minlength=len(data.response_labels)).clamp(min=1)
     response_scores = sums / counts[:, None]
     metrics: dict = {
         "loss": loss,
