@@ -51,8 +51,8 @@ def main() -> None:
     with torch.no_grad():
         picked = data.select(slice(None))
         log_prior = classifier.reading_log_prior(picked["hidden"], picked.get("prior_hidden"))
-    prior_sums = log_prior.new_zeros(sums.shape).index_add_(0, data.response, log_prior)
-    tokens = torch.bincount(data.response, minlength=len(validation)).clamp(min=1)
+    prior_sums = data.sum_per_response(log_prior)
+    tokens = data.response_lengths().clamp(min=1)
 
     for axis in args.axis or sorted(AXES):
         first, second = AXES[axis]
@@ -61,7 +61,7 @@ def main() -> None:
         misread = []
         for i in members:
             margin = float(sums[i, pair[0]] - sums[i, pair[1]]) / int(tokens[i])
-            if (first if margin > 0 else second) != validation[i]["class"]:
+            if (first if margin >= 0 else second) != validation[i]["class"]:  # a tie reads as the first, as in evaluate
                 prior_margin = float(prior_sums[i, pair[0]] - prior_sums[i, pair[1]]) / int(tokens[i])
                 misread.append((i, margin, prior_margin))
         print(f"\n## {axis}: {len(members) - len(misread)} of {len(members)} read right\n")

@@ -91,6 +91,14 @@ class EncodedSet:
     response: torch.Tensor  # [N] index of the response each row came from
     response_labels: torch.Tensor  # [R]
 
+    def response_lengths(self) -> torch.Tensor:
+        """Rows (tokens) per response [R]."""
+        return torch.bincount(self.response, minlength=len(self.response_labels))
+
+    def sum_per_response(self, values: torch.Tensor) -> torch.Tensor:
+        """Row values [N, K] summed over each response's rows [R, K]."""
+        return values.new_zeros(len(self.response_labels), values.shape[-1]).index_add_(0, self.response, values)
+
     def select(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
         """The features of ``rows``, named as ``PreferenceClassifier.token_log_probs`` takes them."""
         picked = {name: tensor[rows] for name, tensor in self.features.items()}
@@ -267,15 +275,14 @@ def read_classes(classifier: PreferenceClassifier, data: EncodedSet) -> tuple[to
     log_probs = torch.cat(
         [classifier.token_log_probs(**data.select(slice(i, i + 4096))) for i in range(0, len(data.labels), 4096)]
     )
-    sums = log_probs.new_zeros(len(data.response_labels), log_probs.shape[-1]).index_add_(0, data.response, log_probs)
-    return log_probs, sums
+    return log_probs, data.sum_per_response(log_probs)
 
 
 def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[str, ...]) -> dict:
     """Token- and response-level accuracy, 6-way and per axis (own pole vs the opposite pole)."""
     log_probs, sums = read_classes(classifier, data)
     loss = functional.nll_loss(log_probs, data.labels).item()
-    counts = torch.bincount(data.response, minlength=len(data.response_labels)).clamp(min=1)
+    counts = data.response_lengths().clamp(min=1)
     response_scores = sums / counts[:, None]
     metrics: dict = {
         "loss": loss,
@@ -446,7 +453,7 @@ def _response_batches(data: EncodedSet, size: int, generator: torch.Generator) -
     """Row indices of whole responses in a seeded random order, about ``size`` rows per batch: a
     response-level term needs every token of a response in the same batch (without one, batches are
     random positions, which mix more responses per step)."""
-    lengths = torch.bincount(data.response, minlength=len(data.response_labels))
+    lengths = data.response_lengths()
     starts = lengths.cumsum(0) - lengths
     batches, current, filled = [], [], 0
     for response in torch.randperm(len(lengths), generator=generator).tolist():
