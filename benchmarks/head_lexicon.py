@@ -1,0 +1,90 @@
+"""Which candidate tokens a bayes-form classifier pushes towards one class over another, and how much the
+prefix matters to that, on held-out *training-side* instructions (never the evaluation sets).
+
+Guidance reorders the base model's top-k candidates by log p_cls(c | prefix, x). Along the base model's
+own unguided answers, this reads, at every step, each candidate's margin log p_cls(a | prefix, x) −
+log p_cls(b | prefix, x) less its mean over that step's candidates (what reordering sees), and lists the
+tokens with the largest mean margin each way among those that were candidates often. It also reads the
+margins again with every step's prefix state swapped for another step's: a centred cosine near 1 between
+the two says the head's push is a fixed preference over tokens, whatever the text says so far.
+
+    python benchmarks/head_lexicon.py default --pair friendly,unfriendly --prompts 24
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from steering_probe import probe_prompts
+
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.preferences import AXES
+from cliper_integrations.core.prompting import render_chat
+
+
+@torch.no_grad()
+def step_states(engine: CLIPerEngine, prompt: str, answer: str) -> torch.Tensor:
+    """The backbone's final states before each answer token [T, H] (prompt without any request)."""
+    tokenizer = engine.tokenizer
+    prompt_ids = tokenizer(render_chat(tokenizer, [{"role": "user", "content": prompt}]), add_special_tokens=False)
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids["input_ids"] + answer_ids])
+    hidden = engine.loaded.model.base_model(input_ids=ids).last_hidden_state[0].float()
+    return hidden[len(prompt_ids["input_ids"]) - 1 : -1]
+
+
+@torch.no_grad()
+def centred_margins(engine: CLIPerEngine, states: torch.Tensor, reader: torch.Tensor, pair: tuple[int, int], k: int):
+    """Top-k candidates of each step [T, k] (from ``states``) and their centred class margins read with the
+    prefix states ``reader`` [T, k]."""
+    classifier = engine.classifier
+    log_lm = torch.log_softmax(engine.loaded.model.get_output_embeddings()(states).float(), dim=-1)
+    top = log_lm.topk(k, dim=-1)
+    log_cls = classifier.log_probs(reader, top.indices, top.values)
+    margin = log_cls[..., pair[0]] - log_cls[..., pair[1]]
+    return top.indices, margin - margin.mean(-1, keepdim=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("classifier", help="a classifier folder, or 'default'")
+    parser.add_argument(
+        "--pair", action="append", help="a,b: the class pushed towards and the one read against (default: each axis)"
+    )
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--candidates", type=int, default=32)
+    parser.add_argument("--min-count", type=int, default=5, help="list tokens that were candidates this often")
+    parser.add_argument("--show", type=int, default=15)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    engine = CLIPerEngine("embedded", classifier=args.classifier)
+    prompts = probe_prompts(args.prompts)
+    answers = engine.generate_batch(
+        [GenerationRequest(p, weights={}, max_new_tokens=args.max_new_tokens) for p in prompts]
+    )
+    states = torch.cat([step_states(engine, p, a.text) for p, a in zip(prompts, answers, strict=True)])
+    swapped = states[torch.randperm(len(states))]
+    classes = list(engine.classifier.classes)
+    print(f"{len(prompts)} training-side prompts, {len(states)} steps of the base model's unguided answers")
+    for spec in args.pair or [",".join(poles) for poles in AXES.values()]:
+        first, second = spec.split(",")
+        pair = (classes.index(first), classes.index(second))
+        candidates, margins = centred_margins(engine, states, states, pair, args.candidates)
+        _, margins_swapped = centred_margins(engine, states, swapped, pair, args.candidates)
+        cosine = torch.nn.functional.cosine_similarity(margins, margins_swapped, dim=-1).mean().item()
+        by_token: dict[int, list[float]] = defaultdict(list)
+        for token, margin in zip(candidates.flatten().tolist(), margins.flatten().tolist(), strict=True):
+            by_token[token].append(margin)
+        frequent = {t: sum(m) / len(m) for t, m in by_token.items() if len(m) >= args.min_count}
+        ranked = [(engine.tokenizer.decode([t]), frequent[t]) for t in sorted(frequent, key=frequent.get, reverse=True)]
+        print(f"\n{first} over {second}: centred cosine of the margins with swapped prefix states {cosine:.2f}")
+        print("  raised most: " + " | ".join(f"{text!r} {m:+.2f}" for text, m in ranked[: args.show]))
+        print("  lowered most: " + " | ".join(f"{text!r} {m:+.2f}" for text, m in ranked[::-1][: args.show]))
+
+
+if __name__ == "__main__":
+    main()
