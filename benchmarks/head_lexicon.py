@@ -59,19 +59,23 @@ def main() -> None:
     parser.add_argument("--min-count", type=int, default=5, help="list tokens that were candidates this often")
     parser.add_argument("--show", type=int, default=15)
     args = parser.parse_args()
+    pairs = [spec.split(",") for spec in args.pair or [",".join(poles) for poles in AXES.values()]]
+    if any(len(pair) != 2 for pair in pairs):
+        parser.error("--pair takes two class names joined by a comma, e.g. friendly,unfriendly")
 
     torch.manual_seed(0)
     engine = CLIPerEngine("embedded", classifier=args.classifier)
+    classes = list(engine.classifier.classes)
+    if unknown := {name for pair in pairs for name in pair} - set(classes):
+        parser.error(f"not classes of this classifier: {sorted(unknown)}; it has {classes}")
     prompts = probe_prompts(args.prompts)
     answers = engine.generate_batch(
         [GenerationRequest(p, weights={}, max_new_tokens=args.max_new_tokens) for p in prompts]
     )
     states = torch.cat([step_states(engine, p, a.text) for p, a in zip(prompts, answers, strict=True)])
     swapped = states[torch.randperm(len(states))]
-    classes = list(engine.classifier.classes)
     print(f"{len(prompts)} training-side prompts, {len(states)} steps of the base model's unguided answers")
-    for spec in args.pair or [",".join(poles) for poles in AXES.values()]:
-        first, second = spec.split(",")
+    for first, second in pairs:
         pair = (classes.index(first), classes.index(second))
         candidates, margins = centred_margins(engine, states, states, pair, args.candidates)
         _, margins_swapped = centred_margins(engine, states, swapped, pair, args.candidates)
