@@ -25,26 +25,22 @@ from cliper_integrations.core.prompting import render_chat
 
 
 @torch.no_grad()
-def step_states(engine: CLIPerEngine, prompt: str, answer: str) -> torch.Tensor:
-    """The backbone's final states before each answer token [T, H] (prompt without any request)."""
+def step_states(engine: CLIPerEngine, prompt: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's final states before each answer token [T, H] (prompt without any request), and
+    those tokens [T]."""
     tokenizer = engine.tokenizer
     prompt_ids = tokenizer(render_chat(tokenizer, [{"role": "user", "content": prompt}]), add_special_tokens=False)
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids["input_ids"] + answer_ids])
     hidden = engine.loaded.model.base_model(input_ids=ids).last_hidden_state[0].float()
-    return hidden[len(prompt_ids["input_ids"]) - 1 : -1]
+    return hidden[len(prompt_ids["input_ids"]) - 1 : -1], torch.tensor(answer_ids)
 
 
-@torch.no_grad()
-def centred_margins(engine: CLIPerEngine, states: torch.Tensor, reader: torch.Tensor, pair: tuple[int, int], k: int):
-    """Top-k candidates of each step [T, k] (from ``states``) and their centred class margins read with the
-    prefix states ``reader`` [T, k]."""
-    classifier = engine.classifier
-    log_lm = torch.log_softmax(engine.loaded.model.get_output_embeddings()(states).float(), dim=-1)
-    top = log_lm.topk(k, dim=-1)
-    log_cls = classifier.log_probs(reader, top.indices, top.values)
+def centred_margins(log_cls: torch.Tensor, pair: tuple[int, int]) -> torch.Tensor:
+    """Each candidate's margin log p_cls(a | prefix, x) − log p_cls(b | prefix, x), less its step's mean
+    [T, k], from the class log-probs of the candidates [T, k, K]."""
     margin = log_cls[..., pair[0]] - log_cls[..., pair[1]]
-    return top.indices, margin - margin.mean(-1, keepdim=True)
+    return margin - margin.mean(-1, keepdim=True)
 
 
 def main() -> None:
@@ -72,13 +68,18 @@ def main() -> None:
     answers = engine.generate_batch(
         [GenerationRequest(p, weights={}, max_new_tokens=args.max_new_tokens) for p in prompts]
     )
-    states = torch.cat([step_states(engine, p, a.text) for p, a in zip(prompts, answers, strict=True)])
+    read = [step_states(engine, p, a.text) for p, a in zip(prompts, answers, strict=True)]
+    states, next_ids = torch.cat([hidden for hidden, _ in read]), torch.cat([ids for _, ids in read])
     swapped = states[torch.randperm(len(states))]
+    classifier = engine.classifier
+    candidates, candidate_log_lm, _ = classifier.base_candidates(states, next_ids, args.candidates)
+    with torch.no_grad():
+        log_cls = classifier.log_probs(states, candidates, candidate_log_lm)
+        log_cls_swapped = classifier.log_probs(swapped, candidates, candidate_log_lm)
     print(f"{len(prompts)} training-side prompts, {len(states)} steps of the base model's unguided answers")
     for first, second in pairs:
         pair = (classes.index(first), classes.index(second))
-        candidates, margins = centred_margins(engine, states, states, pair, args.candidates)
-        _, margins_swapped = centred_margins(engine, states, swapped, pair, args.candidates)
+        margins, margins_swapped = centred_margins(log_cls, pair), centred_margins(log_cls_swapped, pair)
         cosine = torch.nn.functional.cosine_similarity(margins, margins_swapped, dim=-1).mean().item()
         by_token: dict[int, list[float]] = defaultdict(list)
         for token, margin in zip(candidates.flatten().tolist(), margins.flatten().tolist(), strict=True):
