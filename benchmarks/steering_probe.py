@@ -1,10 +1,13 @@
 """Quick steering probe on held-out *training-side* instructions (never the evaluation sets).
 
-Used to choose classifier settings and α without looking at ``../shared/data/eval``: guidance alone at
-each α against unguided, on instructions from ``alpaca_train.jsonl`` beyond the first 3,000 of the
-seeded shuffle (data generation uses at most the first 600), measured like ``cliper eval``.
+Used to choose classifier settings and α without looking at ``../shared/data/eval``: guidance (alone,
+or with the request also in the prompt) at each α against unguided, on instructions from
+``alpaca_train.jsonl`` beyond the first 3,000 of the seeded shuffle (data generation uses at most the first
+600), measured like ``cliper eval``. With ``--setting prompt+guidance`` each class is also answered with the
+prompt alone, and the row says whether guidance moves it further than the prompt does.
 
     python benchmarks/steering_probe.py runs/classifier --alphas 8 --prompts 6 --max-new-tokens 64
+    python benchmarks/steering_probe.py default --setting prompt+guidance --alphas 2,4,8 --max-new-tokens 160
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from cliper_integrations.evaluation.steering import (
     TARGETS,
     EvalConfig,
     Job,
+    fluency,
     generate,
+    moves_further,
     response_record,
     summarize,
     verdict,
@@ -42,11 +47,16 @@ def _floor(value: str) -> float | None:
     return None if value == "none" else float(value)
 
 
+def _alphas(text: str) -> list[float]:
+    return [float(value) for value in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("classifier", help="a classifier folder, or 'default'")
     parser.add_argument("--alphas", default="8", help="comma-separated α values")
     parser.add_argument("--classes", default=",".join(TARGETS), help="comma-separated classes; '+' joins a combination")
+    parser.add_argument("--setting", choices=("guidance", "prompt+guidance"), default="guidance")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--skip", type=int, default=0, help="start after this many prompts (a fresh set of them)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -74,12 +84,17 @@ def main() -> None:
     print("unguided", {name: round(value, 2) for name, value in unguided.items()}, flush=True)
     for spec in args.classes.split(","):
         names = tuple(spec.split("+"))
-        for alpha in (float(a) for a in args.alphas.split(",")):
-            row = answer(Job(names, "guidance", alpha))
+        # the prompt job's weight only says which classes to ask for (guidance is off)
+        prompted = answer(Job(names, "prompt", 1.0)) if args.setting == "prompt+guidance" else None
+        rows = [(f"{spec:>11} prompt", prompted)] if prompted else []
+        rows += [(f"{spec:>11} α={alpha}", answer(Job(names, args.setting, alpha))) for alpha in _alphas(args.alphas)]
+        for label, row in rows:
             verdicts = "  ".join(verdict(name, unguided, row) for name in names)
+            compared = prompted is not None and row is not prompted
+            further = "  ".join(f"vs prompt {moves_further(n, prompted, row)}" for n in names) if compared else ""
             print(
-                f"{spec:>11} α={alpha}: {verdicts}  words {row['words']:.1f} "
-                f"fk {row['fk_grade']:.1f} vader {row['vader']:.2f} ppl {row['perplexity']:.1f} "
+                f"{label}: {verdicts}  {further}  {fluency(unguided, row)}  words {row['words']:.1f} "
+                f"fk {row['fk_grade']:.1f} vader {row['vader']:.2f} ppl {row['perplexity']:.2f} "
                 f"distinct-2 {row['distinct2']:.2f} refusals {row['refusals']:.2f}",
                 flush=True,
             )

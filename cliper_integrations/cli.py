@@ -277,6 +277,9 @@ def evaluate(
     output: Annotated[Path, typer.Option(help="folder for results.md, results.json and the plot")] = Path("docs"),
     limit: Annotated[int | None, typer.Option(help="only the first N prompts (a quick check)")] = None,
     alpha: float = 8.0,
+    prompted_alpha: Annotated[
+        float | None, typer.Option(min=0.0, help="α for prompting plus guidance (default: --alpha)")
+    ] = None,
     max_new_tokens: int = 160,
     batch_size: Annotated[int, typer.Option(help="prompts decoded together per setting")] = 8,
     sweep: Annotated[
@@ -313,6 +316,7 @@ def evaluate(
                 output,
                 limit,
                 alpha,
+                prompted_alpha,
                 sweep=EvalConfig.sweep if sweep else (),
                 sweep_limit=sweep_limit,
                 max_new_tokens=max_new_tokens,
