@@ -278,7 +278,8 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="only the first N prompts (a quick check)")] = None,
     alpha: float = 8.0,
     prompted_alpha: Annotated[
-        float | None, typer.Option(min=0.0, help="α for prompting plus guidance (default: --alpha)")
+        str | None,
+        typer.Option(help="α for prompting plus guidance per class, NAME=A,NAME=A (classes not named: --alpha)"),
     ] = None,
     max_new_tokens: int = 160,
     batch_size: Annotated[int, typer.Option(help="prompts decoded together per setting")] = 8,
@@ -301,11 +302,12 @@ def evaluate(
 
     Every response is stored (results_responses.jsonl) as it is made: rerunning the same command resumes,
     and a larger --limit only answers the new prompts."""
-    from cliper_integrations.core.preferences import canonical_class
+    from cliper_integrations.core.preferences import canonical_class, parse_weights
     from cliper_integrations.evaluation.steering import EvalConfig, run_eval
 
     try:
         measured = tuple(canonical_class(name) for name in classes.split(",")) if classes else EvalConfig.classes
+        prompted_alphas = parse_weights(prompted_alpha or "")
         engine = _engine(model, classifier)
         if engine.classifier is None:
             raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))
@@ -316,7 +318,7 @@ def evaluate(
                 output,
                 limit,
                 alpha,
-                prompted_alpha,
+                prompted_alphas,
                 sweep=EvalConfig.sweep if sweep else (),
                 sweep_limit=sweep_limit,
                 max_new_tokens=max_new_tokens,

@@ -207,39 +207,46 @@ def test_a_sweep_limit_answers_the_other_alphas_on_the_first_prompts_and_plots_e
     assert "on the first 1 prompts" in (tmp_path / "out" / "results.md").read_text()
 
 
-def test_prompting_plus_guidance_guides_at_its_own_alpha_and_the_report_says_so(tmp_path, base, shared_classifier):
+def test_prompting_plus_guidance_guides_at_its_own_alpha_per_class_and_the_report_says_so(
+    tmp_path, base, shared_classifier
+):
     from cliper_integrations.core.engine import CLIPerEngine
     from cliper_integrations.evaluation.steering import RESPONSES_FILE, run_eval, summarize
 
     engine = CLIPerEngine(base, classifier=shared_classifier)
-    asked: list[tuple[bool, bool, dict]] = []
+    asked: set[tuple[bool, bool, tuple]] = set()
     real = engine.generate_batch
 
     def recording(requests):
-        asked.extend((r.guidance, r.preference_prompt, dict(r.weights)) for r in requests)
+        asked.update((r.guidance, r.preference_prompt, tuple(sorted(r.weights.items()))) for r in requests)
         return real(requests)
 
     engine.generate_batch = recording
-    config = _eval_config(tmp_path, ["Explain rain.", "Hi"], classes=("concise",), sweep=(), prompted_alpha=2.0)
+    config = _eval_config(
+        tmp_path,
+        ["Explain rain.", "Hi"],
+        classes=("concise", "friendly"),
+        combinations=[("concise", "friendly")],
+        sweep=(),
+        prompted_alpha={"concise": 2.0},
+    )
     results = run_eval(engine, config)
-    assert {(True, True, (("concise", 2.0),)), (True, False, (("concise", 8.0),))} <= {
-        (guided, prompted, tuple(weights.items())) for guided, prompted, weights in asked
-    }
-    assert (True, True, {"concise": 8.0}) not in asked
+    assert {
+        (True, True, (("concise", 2.0),)),  # prompting plus guidance at its own α
+        (True, False, (("concise", 8.0),)),  # guidance alone at --alpha
+        (True, True, (("friendly", 8.0),)),  # a class not named: --alpha
+        (True, True, (("concise", 2.0), ("friendly", 8.0))),  # a combination: each class its own α
+    } <= asked
+    assert (True, True, (("concise", 8.0),)) not in asked
     records = [json.loads(line) for line in (tmp_path / "out" / RESPONSES_FILE).read_text().splitlines()[1:]]
-    assert {r["job"] for r in records} == {
-        "-|unguided|0",
-        "concise|prompt|8",
-        "concise|guidance|8",
-        "concise|prompt+guidance|2",
-    }
+    jobs = {r["job"] for r in records}
+    assert {"concise|prompt|8", "concise|guidance|8", "concise|prompt+guidance|2"} <= jobs
+    assert {"friendly|prompt+guidance|8", "concise+friendly|prompt+guidance|2,8"} <= jobs
     combined = [r for r in records if r["job"] == "concise|prompt+guidance|2"]
     assert results["table"]["concise"]["prompt+guidance"] == summarize(combined)
-    assert results["prompted_alpha"] == 2.0
-    assert (
-        "α = 8.0 per requested class (prompting plus guidance: α = 2.0)"
-        in (tmp_path / "out" / "results.md").read_text()
-    )
+    assert results["prompted_alpha"] == {"concise": 2.0, "friendly": 8.0}
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "α = 8.0 per requested class (prompting plus guidance: concise α = 2)." in report
 
 
 def test_bench_leaves_the_engine_it_measures_as_it_was(base):

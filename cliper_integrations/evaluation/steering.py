@@ -50,10 +50,11 @@ class EvalConfig:
     output: Path = Path("docs")
     limit: int | None = None
     alpha: float = 8.0
-    prompted_alpha: float | None = None
-    """α for prompting plus guidance (None: ``alpha``). With the request also in the prompt, the prompt
-    already moves the answer part of the way, so less guidance may reach the target at less fluency cost;
-    choose it on training-side prompts (``benchmarks/steering_probe.py --setting prompt+guidance``)."""
+    prompted_alpha: dict[str, float] = field(default_factory=dict)
+    """Per class, α for prompting plus guidance, also in the combinations (classes not named: ``alpha``).
+    With the request also in the prompt, the prompt already moves the answer part of the way, so less
+    guidance may reach the target at less fluency cost; choose it on training-side prompts
+    (``benchmarks/steering_probe.py --setting prompt+guidance``)."""
     sweep: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0, 16.0)
     sweep_limit: int | None = None
     """Answer the sweep's other α values on the first N prompts only (None: every prompt); the plot then
@@ -64,24 +65,31 @@ class EvalConfig:
     combinations: list[tuple[str, ...]] = field(default_factory=lambda: list(COMBINATIONS))
     restart: bool = False
 
-    def setting_alpha(self, setting: str) -> float:
-        """The α a setting's jobs guide (or, with guidance off, are keyed) with."""
-        if setting == "prompt+guidance" and self.prompted_alpha is not None:
-            return self.prompted_alpha
-        return self.alpha
+    def job(self, classes: tuple[str, ...], setting: str) -> Job:
+        """The job answering ``classes`` in ``setting`` at this run's α (with guidance off, the α only keys it)."""
+        per_class = self.prompted_alpha if setting == "prompt+guidance" else {}
+        alphas = tuple(per_class.get(name, self.alpha) for name in classes)
+        return Job(classes, setting, alphas[0] if len(set(alphas)) == 1 else alphas)
 
 
 @dataclass(frozen=True)
 class Job:
-    """One way of answering every prompt: ``classes`` requested in ``setting`` at weight ``alpha``."""
+    """One way of answering every prompt: ``classes`` requested in ``setting`` at weight ``alpha``, one
+    for all of them or one per class."""
 
     classes: tuple[str, ...]
     setting: str
-    alpha: float
+    alpha: float | tuple[float, ...]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        alphas = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,) * len(self.classes)
+        return dict(zip(self.classes, alphas, strict=True))
 
     @property
     def key(self) -> str:
-        return f"{'+'.join(self.classes) or '-'}|{self.setting}|{self.alpha:g}"
+        alphas = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
+        return f"{'+'.join(self.classes) or '-'}|{self.setting}|{','.join(f'{a:g}' for a in alphas)}"
 
 
 def plan(config: EvalConfig) -> list[Job]:
@@ -89,14 +97,9 @@ def plan(config: EvalConfig) -> list[Job]:
     of the α sweep (α = 0 is the unguided job and α = ``config.alpha`` the "guidance" one: each is run
     once)."""
     jobs = [Job((), "unguided", 0.0)]
+    jobs += [config.job((name,), setting) for name in config.classes for setting in SETTINGS if setting != "unguided"]
     jobs += [
-        Job((name,), setting, config.setting_alpha(setting))
-        for name in config.classes
-        for setting in SETTINGS
-        if setting != "unguided"
-    ]
-    jobs += [
-        Job(tuple(combo), "prompt+guidance", config.setting_alpha("prompt+guidance"))
+        config.job(tuple(combo), "prompt+guidance")
         for combo in config.combinations
         if set(combo) <= set(config.classes)
     ]
@@ -221,7 +224,7 @@ def generate(engine: CLIPerEngine, prompts: list[str], job: Job, config: EvalCon
     requests = [
         GenerationRequest(
             prompt,
-            weights=dict.fromkeys(job.classes, job.alpha),
+            weights=job.weights,
             guidance=flags["guided"],
             preference_prompt=flags["prompted"],
             max_new_tokens=config.max_new_tokens,
@@ -309,7 +312,7 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
         "sweep_prompts": len(sweep_prompts),
         "file": str(config.prompts_file),
         "alpha": config.alpha,
-        "prompted_alpha": config.setting_alpha("prompt+guidance"),
+        "prompted_alpha": {name: config.job((name,), "prompt+guidance").alpha for name in config.classes},
         "unguided": measured[jobs[0]],
         "table": table,
         "sweep": sweep,
@@ -351,14 +354,22 @@ def write_report(path: Path, text: str) -> None:
     path.write_text(text + "\n" + notes)
 
 
+def _prompted_alphas(results: dict) -> str:
+    """Where prompting plus guidance runs at other α values, which."""
+    other = {name: alpha for name, alpha in results["prompted_alpha"].items() if alpha != results["alpha"]}
+    if not other:
+        return ""
+    return " (prompting plus guidance: " + ", ".join(f"{name} α = {alpha:g}" for name, alpha in other.items()) + ")"
+
+
 def report(results: dict, config: EvalConfig) -> str:
     base = results["unguided"]
     lines = [
         "# Steering results",
         "",
         f"Generated by `cliper eval` on `{results['file']}` ({results['prompts']} prompts), greedy decoding, "
-        f"at most {config.max_new_tokens} new tokens, α = {results['alpha']} per requested class "
-        f"(prompting plus guidance: α = {results['prompted_alpha']}). "
+        f"at most {config.max_new_tokens} new tokens, α = {results['alpha']} per requested class"
+        f"{_prompted_alphas(results)}. "
         "FK grade and perplexity are medians over the prompts, the other metrics means; cut off: answers "
         "that ran out of new tokens (– where the stored answers predate that record).",
         "",
