@@ -21,19 +21,7 @@ from steering_probe import probe_prompts
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 from cliper_integrations.core.preferences import AXES
-from cliper_integrations.core.prompting import render_chat
-
-
-@torch.no_grad()
-def step_states(engine: CLIPerEngine, prompt: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backbone's final states before each answer token [T, H] (prompt without any request), and
-    those tokens [T]."""
-    tokenizer = engine.tokenizer
-    prompt_ids = tokenizer(render_chat(tokenizer, [{"role": "user", "content": prompt}]), add_special_tokens=False)
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids["input_ids"] + answer_ids])
-    hidden = engine.loaded.model.base_model(input_ids=ids).last_hidden_state[0].float()
-    return hidden[len(prompt_ids["input_ids"]) - 1 : -1], torch.tensor(answer_ids)
+from cliper_integrations.training.trainer import encode_rows
 
 
 def centred_margins(log_cls: torch.Tensor, pair: tuple[int, int]) -> torch.Tensor:
@@ -68,10 +56,16 @@ def main() -> None:
     answers = engine.generate_batch(
         [GenerationRequest(p, weights={}, max_new_tokens=args.max_new_tokens) for p in prompts]
     )
-    read = [step_states(engine, p, a.text) for p, a in zip(prompts, answers, strict=True)]
-    states, next_ids = torch.cat([hidden for hidden, _ in read]), torch.cat([ids for _, ids in read])
-    swapped = states[torch.randperm(len(states))]
     classifier = engine.classifier
+    # the states before each answer token (prompt without any request), read as the trainer reads them
+    rows = [
+        {"prompt": p, "response": a.text, "truncated": a.finish_reason == "length"}
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+    read = encode_rows(classifier, engine.loaded, rows, cache=None)
+    states = torch.cat([features["hidden"] for features in read]).float()
+    next_ids = torch.cat([features["next_ids"] for features in read])
+    swapped = states[torch.randperm(len(states))]
     candidates, candidate_log_lm, _ = classifier.base_candidates(states, next_ids, args.candidates)
     with torch.no_grad():
         log_cls = classifier.log_probs(states, candidates, candidate_log_lm)
