@@ -308,6 +308,47 @@ def test_weights_come_from_memory_for_a_known_user(tmp_path, base, shared_classi
     assert stranger.text == engine.generate(PROMPTS[0], max_new_tokens=8).text
 
 
+def test_memory_weights_are_eased_by_the_classifiers_factors_when_the_request_is_also_prompted(
+    tmp_path, base, shared_classifier
+):
+    from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
+    from cliper_integrations.core.memory import PreferenceMemory
+    from cliper_integrations.core.prompting import as_messages, with_preference_request
+
+    config = ClassifierConfig.model_validate(
+        {**shared_classifier.config.model_dump(), "prompted_weight_factors": {"concise": 0.25, "expert": 0.5}}
+    )
+    eased_classifier = PreferenceClassifier(config, base.model, shared_classifier.head)
+    memory = PreferenceMemory(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+    memory.set("ann", {"concise": 1.0, "friendly": 0.5})
+    engine = CLIPerEngine(base, classifier=eased_classifier, memory=memory, top_k=8)
+
+    prompted = engine.generate(PROMPTS[0], user_id="ann", max_new_tokens=8, preference_prompt=True)
+    assert prompted.weights == {"concise": 2.0, "friendly": 4.0} and "eased" in prompted.weights_source
+    # The prompt asks for what the user stored (concise first, at strength 1); only guidance eases.
+    asked = with_preference_request(as_messages(PROMPTS[0]), {"concise": 8.0, "friendly": 4.0})
+    same = engine.generate(asked, weights={"concise": 2.0, "friendly": 4.0}, max_new_tokens=8)
+    assert prompted.text == same.text and prompted.prompt_tokens == same.prompt_tokens
+
+    unprompted = engine.generate(PROMPTS[0], user_id="ann", max_new_tokens=4)
+    assert unprompted.weights == {"concise": 8.0, "friendly": 4.0} and unprompted.weights_source == "memory"
+    explicit = engine.generate(PROMPTS[0], weights={"concise": 8}, max_new_tokens=4, preference_prompt=True)
+    assert explicit.weights == {"concise": 8.0} and explicit.weights_source == "explicit"
+    memory.set("bob", {"friendly": 1.0})  # no factor for friendly: nothing to ease
+    bob = engine.generate(PROMPTS[0], user_id="bob", max_new_tokens=4, preference_prompt=True)
+    assert bob.weights == {"friendly": 8.0} and bob.weights_source == "memory"
+
+
+@pytest.mark.parametrize("factors", [{"nonsense": 0.5}, {"concise": -1.0}, {"concise": float("nan")}])
+def test_prompted_weight_factors_must_name_own_classes_with_sane_values(shared_classifier, factors):
+    from pydantic import ValidationError
+
+    from cliper_integrations.core.classifier import ClassifierConfig
+
+    with pytest.raises(ValidationError, match="prompted_weight_factors"):
+        ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), "prompted_weight_factors": factors})
+
+
 def test_measure_style_gives_axis_probabilities(engine):
     style = engine.measure_style("Paris is the capital of France.", prompt="What is the capital of France?")
     assert set(style) == {"elementary", "expert", "concise", "informative", "friendly", "unfriendly"}

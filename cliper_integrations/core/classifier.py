@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,12 +87,26 @@ class ClassifierConfig(BaseModel):
     prior_layer: int | None = Field(default=None, ge=0)
     """The backbone layer (an index into its ``hidden_states``) the learned prior reads; None: the final
     state, as the likelihood head. Reading only: decoding taps the final state alone."""
+    prompted_weight_factors: dict[str, float] = Field(default_factory=dict)
+    """Per class, what a weight from memory is multiplied by when the request is also written into the
+    prompt (``preference_prompt``): the prompt already moves the answer part of the way, and full
+    guidance on top overshoots at a cost in fluency. Measured per classifier on training-side prompts
+    (``benchmarks/steering_probe.py --setting prompt+guidance``); a class not named keeps its weight."""
     format_version: int = 1
 
     @model_validator(mode="after")
     def _prior_layer_reads_only(self) -> ClassifierConfig:
         if self.prior_layer is not None and (self.class_prior != "learned" or self.guidance_prior != "uniform"):
             raise ValueError("prior_layer needs a learned prior that decoding leaves out (guidance_prior: uniform)")
+        return self
+
+    @model_validator(mode="after")
+    def _factors_of_own_classes(self) -> ClassifierConfig:
+        for name, factor in self.prompted_weight_factors.items():
+            if name not in self.classes:
+                raise ValueError(f"prompted_weight_factors names {name!r}, which is not one of the classes")
+            if not (math.isfinite(factor) and factor >= 0):
+                raise ValueError(f"prompted_weight_factors[{name!r}] must be finite and >= 0, got {factor!r}")
         return self
 
 
