@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cliper_integrations.core.errors import CLIPerError
+from cliper_integrations.core.errors import CLIPerError, InvalidRequestError
 from cliper_integrations.core.models import EMBEDDED_SPEC, cache_dir
 from cliper_integrations.core.preferences import DEFAULT_CLASSES, parse_weights
 
@@ -308,6 +308,8 @@ def evaluate(
     try:
         measured = tuple(canonical_class(name) for name in classes.split(",")) if classes else EvalConfig.classes
         prompted_alphas = parse_weights(prompted_alpha or "")
+        if unmeasured := sorted(set(prompted_alphas) - set(measured)):
+            raise InvalidRequestError(f"--prompted-alpha names {', '.join(unmeasured)}, which --classes leaves out")
         engine = _engine(model, classifier)
         if engine.classifier is None:
             raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))

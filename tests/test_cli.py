@@ -95,10 +95,25 @@ def test_bad_weights_exit_with_a_clear_error(model_folder, classifier_folder, we
     assert result.exit_code == 2 and error in result.output
 
 
-@pytest.mark.parametrize(("alphas", "error"), [("loud=1", "UnknownClassError"), ("concise=-2", "InvalidWeightError")])
+@pytest.mark.parametrize(
+    ("alphas", "error"),
+    [("loud=1", "UnknownClassError"), ("concise=-2", "InvalidWeightError"), ("expert=4", "InvalidRequestError")],
+)
 def test_eval_refuses_bad_prompted_alphas_before_answering_anything(tmp_path, model_folder, alphas, error):
     out = tmp_path / "out"
-    result = run("eval", "--model", model_folder, "--output", str(out), "--prompted-alpha", alphas, "--limit", "1")
+    result = run(
+        "eval",
+        "--model",
+        model_folder,
+        "--output",
+        str(out),
+        "--prompted-alpha",
+        alphas,
+        "--limit",
+        "1",
+        "--classes",
+        "concise,friendly",
+    )
     assert result.exit_code == 2 and error in result.output
     assert not out.exists()
 
