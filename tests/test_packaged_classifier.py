@@ -29,6 +29,9 @@ def test_packaged_classifier_matches_its_config_and_fits_the_cap():
     metrics = json.loads((FOLDER / "metrics.json").read_text())
     assert set(metrics["validation"]["axes"]) == {"expertise", "length", "tone"}
     assert not any("eval" in path.split("/") for path in metrics["data"]["files"])  # never trained on eval sets
+    # with the request also in the prompt, memory's weights are eased for every class a user may ask for
+    factors = config.prompted_weight_factors
+    assert set(factors) == set(DEFAULT_CLASSES) and all(0 < factor < 1 for factor in factors.values())
 
 
 @pytest.mark.embedded

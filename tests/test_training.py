@@ -273,6 +273,8 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
     first = _tiny_config(data, tmp_path / "likelihood", epochs=3, feature_cache=tmp_path / "features")
     train_classifier(base, first)
     cached = sorted(first.feature_cache.iterdir())
+    probed = json.loads((first.output / "classifier.json").read_text())
+    (first.output / "classifier.json").write_text(json.dumps({**probed, "prompted_weight_factors": {"concise": 0.25}}))
     second = TrainConfig(
         **{
             **first.__dict__,
@@ -286,6 +288,7 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
     old, new = PreferenceClassifier.load(first.output, base), PreferenceClassifier.load(second.output, base)
     assert new.config.class_prior == "learned" and new.config.guidance_prior == "uniform"
     assert new.config.prior_layer == prior_layer and metrics["validation"]["response_accuracy"] >= 0.9
+    assert new.config.prompted_weight_factors == {"concise": 0.25}  # guidance, and so its easing, carries over
     assert sorted(first.feature_cache.iterdir()) == cached  # the same responses, the same files ...
     stored = load_file(cached[0])
     assert ("hidden.1" in stored) == (prior_layer == 1) and "candidates" in stored  # ... the layer joins them

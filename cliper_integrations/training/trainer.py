@@ -430,8 +430,8 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
 
 
 def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel) -> list[torch.nn.Parameter]:
-    """Copy a trained uniform-prior bayes head into ``classifier`` and freeze it; return the prior's
-    parameters, the only ones left to train."""
+    """Copy a trained uniform-prior bayes head (and its ``prompted_weight_factors``) into ``classifier``
+    and freeze it; return the prior's parameters, the only ones left to train."""
     trained = PreferenceClassifier.load(folder, base)
     wanted = {
         "form": "bayes",
@@ -444,6 +444,8 @@ def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel)
     if mismatch := {name: value for name, value in found.items() if value != wanted[name]}:
         raise ValueError(f"--prior-on needs a classifier with {wanted}; {folder} has {mismatch}")
     classifier.head.load_state_dict(trained.head.state_dict(), strict=False)  # all but the prior
+    # guidance stays the trained head's, so the α it was probed at with the prompt still holds
+    classifier.config.prompted_weight_factors = dict(trained.config.prompted_weight_factors)
     for name, parameter in classifier.head.named_parameters():
         parameter.requires_grad_(name.startswith("prior."))
     return list(classifier.head.prior.parameters())
