@@ -37,7 +37,8 @@ class GenerationSettings(BaseModel):
     stop: list[str] | None = None
     seed: int | None = None
     preference_prompt: bool = False
-    """Also write the preferences into the prompt in plain words."""
+    """Also write the preferences into the prompt in plain words (weights from memory are then eased by
+    the classifier's ``prompted_weight_factors``; explicit weights are used as given)."""
     guidance: bool = True
     """Steer decoding with the classifier (False: preference prompting alone, if enabled)."""
     top_k: int | None = 32
