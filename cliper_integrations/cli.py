@@ -279,7 +279,10 @@ def evaluate(
     alpha: float = 8.0,
     prompted_alpha: Annotated[
         str | None,
-        typer.Option(help="α for prompting plus guidance per class, NAME=A,NAME=A (classes not named: --alpha)"),
+        typer.Option(
+            help="α for prompting plus guidance per class, NAME=A,NAME=A (classes not named: --alpha); "
+            "default: --alpha eased as memory's weights are with the prompt (the classifier's prompted_weight_factors)"
+        ),
     ] = None,
     max_new_tokens: int = 160,
     batch_size: Annotated[int, typer.Option(help="prompts decoded together per setting")] = 8,
@@ -313,6 +316,8 @@ def evaluate(
         engine = _engine(model, classifier)
         if engine.classifier is None:
             raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))
+        if prompted_alpha is None:
+            prompted_alphas, _ = engine.eased_for_prompt(dict.fromkeys(measured, alpha))
         results = run_eval(
             engine,
             EvalConfig(

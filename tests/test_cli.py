@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -116,6 +117,28 @@ def test_eval_refuses_bad_prompted_alphas_before_answering_anything(tmp_path, mo
     )
     assert result.exit_code == 2 and error in result.output
     assert not out.exists()
+
+
+def test_eval_guides_prompted_rows_at_memorys_eased_alpha_unless_told(tmp_path, model_folder, classifier_folder):
+    eased = tmp_path / "eased-classifier"
+    eased.mkdir()
+    for file in Path(classifier_folder).iterdir():
+        (eased / file.name).write_bytes(file.read_bytes())
+    config = json.loads((eased / "classifier.json").read_text())
+    (eased / "classifier.json").write_text(json.dumps({**config, "prompted_weight_factors": {"concise": 0.25}}))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"id": 0, "prompt": "Hi"}]))
+    common = ("eval", "--model", model_folder, "--classifier", eased, "--prompts", prompts, "--limit", 1)
+    common += ("--no-sweep", "--classes", "concise,friendly", "--max-new-tokens", 4)
+
+    def prompted_alpha(*extra):
+        out = tmp_path / f"out{len(extra)}"
+        result = run(*common, "--output", out, *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "results.json").read_text())["prompted_alpha"]
+
+    assert prompted_alpha() == {"concise": 2.0, "friendly": 8.0}  # 8 × 0.25; no factor for friendly
+    assert prompted_alpha("--prompted-alpha", "concise=8") == {"concise": 8.0, "friendly": 8.0}
 
 
 def test_guidance_without_classifier(model_folder):
