@@ -317,7 +317,7 @@ def evaluate(
         if engine.classifier is None:
             raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))
         if prompted_alpha is None:
-            prompted_alphas, _ = engine.eased_for_prompt(dict.fromkeys(measured, alpha))
+            prompted_alphas = engine.eased_for_prompt(dict.fromkeys(measured, alpha))
         results = run_eval(
             engine,
             EvalConfig(

@@ -486,15 +486,12 @@ class CLIPerEngine:
             return {}, "none: no stored preferences for this user"
         return {}, "none"
 
-    def eased_for_prompt(self, weights: dict[str, float]) -> tuple[dict[str, float], str]:
-        """Weights from memory for a request that is also written into the prompt, each times the
-        classifier's ``prompted_weight_factors`` (the prompt already does part of the steering), and
-        their source. Explicit weights never pass through here: they are what the caller asked for."""
+    def eased_for_prompt(self, weights: Mapping[str, float]) -> dict[str, float]:
+        """``weights`` times the classifier's ``prompted_weight_factors`` (classes not named keep theirs):
+        what does, with the request also in the prompt, about what ``weights`` do without it. The engine
+        eases weights from memory so; explicit weights are what the caller asked for and stay as given."""
         factors = self.classifier.config.prompted_weight_factors if self.classifier is not None else {}
-        if not any(factors.get(name, 1.0) != 1.0 for name, value in weights.items() if value):
-            return weights, "memory"
-        eased = {name: value * factors.get(name, 1.0) for name, value in weights.items()}
-        return eased, "memory, eased for the preference prompt (classifier's prompted_weight_factors)"
+        return {name: value * factors.get(name, 1.0) for name, value in weights.items()}
 
     def measure_style(self, response: str, prompt: str | Sequence[Message] | None = None) -> dict[str, float]:
         """How strongly a response shows each class, by the classifier: per axis, the two poles'
@@ -536,8 +533,8 @@ class CLIPerEngine:
             messages = as_messages(request.prompt)
             if request.preference_prompt:
                 messages = with_preference_request(messages, weights)
-                if source == "memory":
-                    weights, source = self.eased_for_prompt(weights)
+                if source == "memory" and (eased := self.eased_for_prompt(weights)) != weights:
+                    weights, source = eased, "memory, eased for the preference prompt (prompted_weight_factors)"
             if not request.guidance:
                 weights, source = {}, "none: guidance off for this call"
             if any(weights.values()) and self.classifier is None:
