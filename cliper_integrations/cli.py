@@ -110,6 +110,7 @@ def generate(
                 "new_tokens": result.completion_tokens,
                 "seconds": round(result.seconds, 3),
                 "weights": result.weights,
+                "weights_source": result.weights_source,
             }
             if result.error is not None:
                 record["error"] = f"{type(result.error).__name__}: {result.error}"
@@ -120,6 +121,8 @@ def generate(
             guided = ", ".join(f"{k}={v:g}" for k, v in result.weights.items())
             asked = ", ".join(f"{k}={v:g}" for k, v in (request.weights or {}).items())
             shown = f"guided: {guided}" if guided else "unguided"
+            if guided and result.weights_source != "explicit":
+                shown += f" (from {result.weights_source})"
             if request.preference_prompt and asked:
                 shown += f"; in the prompt: {asked}"
             typer.secho(f"### {request.prompt}  [{shown}]", bold=True)

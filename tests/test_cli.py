@@ -231,6 +231,24 @@ def test_memory_commands_round_trip(tmp_path, model_folder, classifier_folder):
         json.loads(generated.stdout)["weights"]
         == json.loads(run("memory", "show", "ann", "--db", db).stdout)["weights"]
     )
+    assert json.loads(generated.stdout)["weights_source"] == "memory"
+    prompted = run(
+        "generate",
+        "--model",
+        model_folder,
+        "--classifier",
+        classifier_folder,
+        "--prompt",
+        "Hi",
+        "--user",
+        "ann",
+        "--db",
+        db,
+        "--max-new-tokens",
+        3,
+        "--preference-prompt",
+    )
+    assert prompted.exit_code == 0 and "(from memory)" in prompted.output
     exported = json.loads(run("memory", "export", "ann", "--db", db).stdout)
     assert len(exported["feedback"]) == 1
     assert json.loads(run("memory", "forget", "ann", "--db", db).stdout)["rows_deleted"] == 5

@@ -534,7 +534,7 @@ class CLIPerEngine:
             if request.preference_prompt:
                 messages = with_preference_request(messages, weights)
                 if source == "memory" and (eased := self.eased_for_prompt(weights)) != weights:
-                    weights, source = eased, "memory, eased for the preference prompt (prompted_weight_factors)"
+                    weights, source = eased, "memory, eased for the preference prompt by prompted_weight_factors"
             if not request.guidance:
                 weights, source = {}, "none: guidance off for this call"
             if any(weights.values()) and self.classifier is None:
