@@ -50,7 +50,8 @@ def test_generate_json_for_several_weight_sets(model_folder, classifier_folder):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["weights"] for r in records] == [{"concise": 3.0}, {"expert": 2.0, "friendly": 1.0}]
-    assert all(set(r) == {"prompt", "response", "new_tokens", "seconds", "weights"} for r in records)
+    assert all(set(r) == {"prompt", "response", "new_tokens", "seconds", "weights", "weights_source"} for r in records)
+    assert {r["weights_source"] for r in records} == {"explicit"}
     assert all(0 < r["new_tokens"] <= 6 for r in records)
 
 
