@@ -212,43 +212,12 @@ def test_memory_commands_round_trip(tmp_path, model_folder, classifier_folder):
     assert bad.exit_code == 2 and "InvalidProfileError" in bad.output
     history = json.loads(run("memory", "history", "ann", "--db", db).stdout)
     assert [h["action"] for h in history] == ["set", "learn", "feedback"]
-    generated = run(
-        "generate",
-        "--model",
-        model_folder,
-        "--classifier",
-        classifier_folder,
-        "--prompt",
-        "Hi",
-        "--user",
-        "ann",
-        "--db",
-        db,
-        "--max-new-tokens",
-        3,
-        "--json",
-    )
-    assert (
-        json.loads(generated.stdout)["weights"]
-        == json.loads(run("memory", "show", "ann", "--db", db).stdout)["weights"]
-    )
-    assert json.loads(generated.stdout)["weights_source"] == "memory"
-    prompted = run(
-        "generate",
-        "--model",
-        model_folder,
-        "--classifier",
-        classifier_folder,
-        "--prompt",
-        "Hi",
-        "--user",
-        "ann",
-        "--db",
-        db,
-        "--max-new-tokens",
-        3,
-        "--preference-prompt",
-    )
+    answer_ann = ("generate", "--model", model_folder, "--classifier", classifier_folder, "--prompt", "Hi")
+    answer_ann += ("--user", "ann", "--db", db, "--max-new-tokens", 3)
+    generated = json.loads(run(*answer_ann, "--json").stdout)
+    assert generated["weights"] == json.loads(run("memory", "show", "ann", "--db", db).stdout)["weights"]
+    assert generated["weights_source"] == "memory"
+    prompted = run(*answer_ann, "--preference-prompt")
     assert prompted.exit_code == 0 and "(from memory)" in prompted.output
     exported = json.loads(run("memory", "export", "ann", "--db", db).stdout)
     assert len(exported["feedback"]) == 1
