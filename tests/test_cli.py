@@ -142,6 +142,17 @@ def test_eval_guides_prompted_rows_at_memorys_eased_alpha_unless_told(tmp_path, 
     assert prompted_alpha("--prompted-alpha", "concise=8") == {"concise": 8.0, "friendly": 8.0}
 
 
+def test_train_prior_on_default_needs_a_packaged_classifier(tmp_path, model_folder):
+    """``--prior-on default`` names the packaged classifier of the model; a model without one is told so
+    before any data is read or anything is written."""
+    out = tmp_path / "out"
+    result = run(
+        "train", "--model", model_folder, "--prior-on", "default", "--data", tmp_path / "none.jsonl", "--output", out
+    )
+    assert result.exit_code == 2 and "ModelResolutionError" in result.output and "ships" in result.output
+    assert not out.exists()
+
+
 def test_guidance_without_classifier(model_folder):
     result = run(
         "generate",

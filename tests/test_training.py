@@ -300,9 +300,18 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
     words = ["Paris.", "The"]
     guided_old, guided_new = (_first_token_posteriors(c, base, "Question 3?", words) for c in (old, new))
     torch.testing.assert_close(guided_new, guided_old)
-    # a head with a prior already, or of another size, is refused before any training
+    # a reading-only prior (the shipped default's kind) is left behind and fitted again on the same head
+    third = TrainConfig(**{**second.__dict__, "output": tmp_path / "again", "prior_on": second.output})
+    train_classifier(base, third)
+    again = PreferenceClassifier.load(third.output, base)
+    assert again.guidance_digest() == old.guidance_digest()
+    for name, tensor in new.head.state_dict().items():  # seeded: the same prior as fitted on the first head
+        torch.testing.assert_close(again.head.state_dict()[name], tensor, rtol=0, atol=0)
+    # a prior that guides, or a head of another size, is refused before any training
+    guiding = TrainConfig(**{**first.__dict__, "output": tmp_path / "guiding", "class_prior": "learned", "epochs": 1})
+    train_classifier(base, guiding)
     with pytest.raises(ValueError, match="prior-on"):
-        train_classifier(base, TrainConfig(**{**second.__dict__, "prior_on": second.output}))
+        train_classifier(base, TrainConfig(**{**second.__dict__, "prior_on": guiding.output}))
     with pytest.raises(ValueError, match="prior-on"):
         train_classifier(base, TrainConfig(**{**second.__dict__, "head_size": 16}))
 

@@ -430,20 +430,27 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
 
 
 def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel) -> list[torch.nn.Parameter]:
-    """Copy a trained uniform-prior bayes head (and its ``prompted_weight_factors``) into ``classifier``
-    and freeze it; return the prior's parameters, the only ones left to train."""
+    """Copy a trained bayes head that guides with a uniform prior (and its ``prompted_weight_factors``)
+    into ``classifier`` and freeze it; return the prior's parameters, the only ones left to train.
+
+    The head may carry a reading-only prior already (such as the shipped default): it is left behind
+    and a new one is fitted, so a prior can be refitted on grown data without the head's own run."""
     trained = PreferenceClassifier.load(folder, base)
     wanted = {
         "form": "bayes",
-        "class_prior": "uniform",
+        "guides_with_prior": False,
         "posterior": classifier.config.posterior,
         "head_size": classifier.config.head_size,
         "classes": classifier.classes,
     }
-    found = {name: getattr(trained.config, name) for name in wanted}
+    found = {
+        name: trained.guides_with_prior if name == "guides_with_prior" else getattr(trained.config, name)
+        for name in wanted
+    }
     if mismatch := {name: value for name, value in found.items() if value != wanted[name]}:
         raise ValueError(f"--prior-on needs a classifier with {wanted}; {folder} has {mismatch}")
-    classifier.head.load_state_dict(trained.head.state_dict(), strict=False)  # all but the prior
+    likelihood = {name: tensor for name, tensor in trained.head.state_dict().items() if not name.startswith("prior.")}
+    classifier.head.load_state_dict(likelihood, strict=False)  # all but the prior
     # guidance stays the trained head's, so the α it was probed at with the prompt still holds
     classifier.config.prompted_weight_factors = dict(trained.config.prompted_weight_factors)
     for name, parameter in classifier.head.named_parameters():
