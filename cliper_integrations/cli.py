@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cliper_integrations.core.errors import CLIPerError, InvalidRequestError, ModelResolutionError
+from cliper_integrations.core.errors import CLIPerError, InvalidRequestError
 from cliper_integrations.core.models import EMBEDDED_SPEC, cache_dir
 from cliper_integrations.core.preferences import DEFAULT_CLASSES, parse_weights
 
@@ -233,16 +233,9 @@ def train(
     ] = None,
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
-    from cliper_integrations.core.engine import DEFAULT_CLASSIFIER, default_classifier_path
     from cliper_integrations.core.models import load_model
     from cliper_integrations.training.trainer import TrainConfig, train_classifier
 
-    try:
-        loaded = load_model(model)
-    except (CLIPerError, OSError) as error:
-        raise _fail(error) from error
-    if str(prior_on) == DEFAULT_CLASSIFIER and (prior_on := default_classifier_path(loaded)) is None:
-        raise _fail(ModelResolutionError(f"No classifier ships with the package for {loaded.name}"))
     config = TrainConfig(
         data=data or [Path("data/train_generations.jsonl")],
         output=output,
@@ -266,7 +259,7 @@ def train(
         prior_layer=prior_layer,
     )
     try:
-        metrics = train_classifier(loaded, config, load_model(backbone) if backbone else None)
+        metrics = train_classifier(load_model(model), config, load_model(backbone) if backbone else None)
     except (CLIPerError, OSError, ValueError) as error:
         raise _fail(error) from error
     reports = [("validation", metrics["validation"]), *metrics["validation_by_model"].items()]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
 
+from cliper_integrations.core import engine as engine_module
 from cliper_integrations.core.engine import CLIPerEngine
 from cliper_integrations.training.data import (
     DataGenerationConfig,
@@ -260,7 +262,7 @@ def _first_token_posteriors(classifier, base, question: str, words: list[str]) -
 
 
 @pytest.mark.parametrize("prior_layer", [None, 1])
-def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_path, base, prior_layer):
+def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_path, base, prior_layer, monkeypatch):
     """``prior_on``: the likelihood head is copied and frozen, only the learned prior trains; with
     ``guidance_prior: uniform`` the new classifier steers exactly as the old one and reads with the prior
     (from the final states, or from a middle layer's, which join the cached features)."""
@@ -300,9 +302,13 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
     words = ["Paris.", "The"]
     guided_old, guided_new = (_first_token_posteriors(c, base, "Question 3?", words) for c in (old, new))
     torch.testing.assert_close(guided_new, guided_old)
-    # a reading-only prior (the shipped default's kind) is left behind and fitted again on the same head
-    third = TrainConfig(**{**second.__dict__, "output": tmp_path / "again", "prior_on": second.output})
-    train_classifier(base, third)
+    # a reading-only prior (the shipped default's kind) is left behind and fitted again on the same head;
+    # "default" names the classifier packaged for the base model
+    packaged = tmp_path / "packaged"
+    shutil.copytree(second.output, packaged / base.name)
+    monkeypatch.setattr(engine_module, "PACKAGED_CLASSIFIERS", packaged)
+    third = TrainConfig(**{**second.__dict__, "output": tmp_path / "again", "prior_on": Path("default")})
+    assert train_classifier(base, third)["config"]["prior_on"] == "default"
     again = PreferenceClassifier.load(third.output, base)
     assert again.guidance_digest() == old.guidance_digest()
     for name, tensor in new.head.state_dict().items():  # seeded: the same prior as fitted on the first head

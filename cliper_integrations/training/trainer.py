@@ -27,6 +27,8 @@ from torch.nn import functional
 from tqdm.auto import tqdm
 
 from cliper_integrations.core.classifier import PreferenceClassifier
+from cliper_integrations.core.engine import DEFAULT_CLASSIFIER, default_classifier_path
+from cliper_integrations.core.errors import ModelResolutionError
 from cliper_integrations.core.models import LoadedModel
 from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES, REFUSAL, TRAINABLE_CLASSES, is_refusal
 from cliper_integrations.core.prompting import instruction_text, render_chat
@@ -61,8 +63,9 @@ class TrainConfig:
     posterior: Literal["joint", "axis"] = "joint"
     """Normalise each class's posterior over all classes, or over its own axis (``core/classifier.py``)."""
     prior_on: Path | None = None
-    """Fit only a learned class prior on top of this saved bayes classifier with a uniform prior: its
-    likelihood head is copied and frozen, so the tokens each class prefers stay exactly as they were."""
+    """Fit only a learned class prior on top of this saved bayes classifier that guides with a uniform
+    prior ("default": the one packaged for the base model): its likelihood head is copied and frozen, so
+    the tokens each class prefers stay exactly as they were."""
     guidance_prior: Literal["learned", "uniform"] = "learned"
     """With a learned prior: whether decoding uses it too (``core/classifier.py``)."""
     prior_layer: int | None = None
@@ -314,6 +317,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     base model's. A background class with no rows in the data is left out (an untrained class would
     compete in every posterior)."""
     torch.manual_seed(config.seed)
+    prior_on = _prior_on_folder(config.prior_on, base) if config.prior_on else None
     rows, dropped = load_rows(config.data, config.classes)
     present = {row["class"] for row in rows}
     classes = tuple(name for name in config.classes if name not in BACKGROUND_CLASSES or name in present)
@@ -336,7 +340,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         guidance_prior=config.guidance_prior,
         prior_layer=config.prior_layer,
     )
-    trainable = _prior_on(classifier, config.prior_on, base) if config.prior_on else classifier.head.parameters()
+    trainable = _prior_on(classifier, prior_on, base) if prior_on else classifier.head.parameters()
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
     train = assemble(features[: len(train_rows)], train_rows, classes)
@@ -427,6 +431,15 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     classifier.save(config.output)
     (Path(config.output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _prior_on_folder(spec: Path, base: LoadedModel) -> Path:
+    """The folder ``--prior-on`` names: as given, or for "default" the classifier packaged for ``base``."""
+    if str(spec) != DEFAULT_CLASSIFIER:
+        return spec
+    if (folder := default_classifier_path(base)) is None:
+        raise ModelResolutionError(f"No classifier ships with the package for {base.name}")
+    return folder
 
 
 def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel) -> list[torch.nn.Parameter]:
