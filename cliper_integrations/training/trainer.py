@@ -451,17 +451,15 @@ def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel)
     trained = PreferenceClassifier.load(folder, base)
     wanted = {
         "form": "bayes",
-        "guides_with_prior": False,
         "posterior": classifier.config.posterior,
         "head_size": classifier.config.head_size,
         "classes": classifier.classes,
     }
-    found = {
-        name: trained.guides_with_prior if name == "guides_with_prior" else getattr(trained.config, name)
-        for name in wanted
-    }
+    found = {name: getattr(trained.config, name) for name in wanted}
     if mismatch := {name: value for name, value in found.items() if value != wanted[name]}:
         raise ValueError(f"--prior-on needs a classifier with {wanted}; {folder} has {mismatch}")
+    if trained.guides_with_prior:
+        raise ValueError(f"--prior-on needs a head that guides with a uniform prior; {folder}'s prior guides")
     likelihood = {name: tensor for name, tensor in trained.head.state_dict().items() if not name.startswith("prior.")}
     classifier.head.load_state_dict(likelihood, strict=False)  # all but the prior
     # guidance stays the trained head's, so the α it was probed at with the prompt still holds
