@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -121,10 +121,7 @@ def test_eval_refuses_bad_prompted_alphas_before_answering_anything(tmp_path, mo
 
 
 def test_eval_guides_prompted_rows_at_memorys_eased_alpha_unless_told(tmp_path, model_folder, classifier_folder):
-    eased = tmp_path / "eased-classifier"
-    eased.mkdir()
-    for file in Path(classifier_folder).iterdir():
-        (eased / file.name).write_bytes(file.read_bytes())
+    eased = shutil.copytree(classifier_folder, tmp_path / "eased-classifier")
     config = json.loads((eased / "classifier.json").read_text())
     (eased / "classifier.json").write_text(json.dumps({**config, "prompted_weight_factors": {"concise": 0.25}}))
     prompts = tmp_path / "prompts.json"
