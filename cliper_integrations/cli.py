@@ -231,34 +231,44 @@ def train(
         int | None,
         typer.Option(help="with --guidance-prior uniform: the backbone layer the learned prior reads (default: last)"),
     ] = None,
+    teacher: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated classes whose candidate distribution is also taught by the base model asked for "
+            "the class in the prompt (bayes form), e.g. friendly,unfriendly"
+        ),
+    ] = "",
+    teacher_weight: Annotated[float, typer.Option(help="weight of the teacher term")] = 1.0,
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
     from cliper_integrations.core.models import load_model
     from cliper_integrations.training.trainer import TrainConfig, train_classifier
 
-    config = TrainConfig(
-        data=data or [Path("data/train_generations.jsonl")],
-        output=output,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        dropout=dropout,
-        patience=patience,
-        head_size=head_size,
-        val_fraction=val_fraction,
-        seed=seed,
-        feature_cache=feature_cache,
-        contrast_filter=contrast_filter,
-        form=form,
-        generative_weight=generative_weight,
-        class_prior=class_prior,
-        posterior=posterior,
-        response_weight=response_weight,
-        prior_on=prior_on,
-        guidance_prior=guidance_prior,
-        prior_layer=prior_layer,
-    )
     try:
+        config = TrainConfig(
+            data=data or [Path("data/train_generations.jsonl")],
+            output=output,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            dropout=dropout,
+            patience=patience,
+            head_size=head_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            feature_cache=feature_cache,
+            contrast_filter=contrast_filter,
+            form=form,
+            generative_weight=generative_weight,
+            class_prior=class_prior,
+            posterior=posterior,
+            response_weight=response_weight,
+            prior_on=prior_on,
+            guidance_prior=guidance_prior,
+            prior_layer=prior_layer,
+            teacher_classes=tuple(name for name in teacher.split(",") if name),
+            teacher_weight=teacher_weight,
+        )
         metrics = train_classifier(load_model(model), config, load_model(backbone) if backbone else None)
     except (CLIPerError, OSError, ValueError) as error:
         raise _fail(error) from error

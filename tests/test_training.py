@@ -367,3 +367,46 @@ def test_training_batches_hold_whole_responses_once_each():
             assert (response[batch] == index).sum() == lengths[index]
     again = _response_batches(data, 4, torch.Generator().manual_seed(0))
     assert [b.tolist() for b in again] == [b.tolist() for b in batches]  # seeded
+
+
+def test_a_teacher_reads_the_prompted_base_model_and_pulls_the_head_towards_it(tmp_path, base):
+    """The teacher's targets are the base model's own next-token log-probs with the class's request in the
+    prompt, at the answer's positions (checked against a plain forward pass), only on the teacher classes'
+    axis; training with the teacher lowers the head's cross-entropy against them."""
+    from cliper_integrations.core.prompting import instruction_text, render_chat, with_preference_request
+    from cliper_integrations.training.trainer import encode_rows, load_rows
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(24)))
+    settings = {"epochs": 30, "patience": 30, "feature_cache": tmp_path / "features", "contrast_filter": False}
+    taught = train_classifier(base, _tiny_config(data, tmp_path / "taught", teacher_classes=("concise",), **settings))
+    barely = train_classifier(
+        base,
+        _tiny_config(data, tmp_path / "barely", teacher_classes=("concise",), teacher_weight=1e-6, **settings),
+    )
+    assert taught["train"]["teacher_loss"] < barely["train"]["teacher_loss"] - 0.05
+    assert json.loads((tmp_path / "taught" / "metrics.json").read_text())["config"]["teacher_classes"] == ["concise"]
+
+    from cliper_integrations.core.classifier import PreferenceClassifier
+
+    classifier = PreferenceClassifier.load(tmp_path / "taught", base)
+    rows, _ = load_rows([data], ("concise", "informative"))
+    other_axis = {**rows[0], "class": "friendly", "response": "Thanks, friend!"}
+    features = encode_rows(classifier, base, [rows[1], other_axis], None, candidates=8, teacher_classes=("concise",))
+    assert "teacher.concise" not in features[1]  # not on the teacher's axis
+    row, feature = rows[1], features[0]
+    messages = with_preference_request([{"role": "user", "content": instruction_text(row)}], {"concise": 1.0})
+    prompt = base.tokenizer(render_chat(base.tokenizer, messages), add_special_tokens=False)["input_ids"]
+    answer = base.tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [base.tokenizer.eos_token_id]
+    with torch.no_grad():
+        logits = base.model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, feature["candidates"].long())
+    assert feature["teacher.concise"].shape == (len(answer), 8)
+    assert torch.allclose(feature["teacher.concise"].float(), expected, atol=2e-2)
+
+
+def test_teacher_classes_must_be_trained_classes_on_an_axis(tmp_path):
+    with pytest.raises(ValueError, match="Teacher classes"):
+        TrainConfig(data=[tmp_path], output=tmp_path, teacher_classes=("refusal",))
+    with pytest.raises(ValueError, match="bayes-form"):
+        TrainConfig(data=[tmp_path], output=tmp_path, teacher_classes=("friendly",), form="direct")

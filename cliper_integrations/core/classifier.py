@@ -370,12 +370,16 @@ class PreferenceClassifier(nn.Module):
         """The base model's ``top_k`` candidates after final hidden states [..., H], their log-probs, and
         the log-prob of the observed next tokens [...] (the shared backbone *is* the base model, so its
         output layer gives p_LM): what the bayes form scores an observed token among."""
-        if self.kind != "shared":
-            raise ValueError("Base candidates come from the shared backbone's own output layer")
-        with torch.no_grad():
-            log_lm = torch.log_softmax(self.backbone.get_output_embeddings()(hidden.float()).float(), dim=-1)
+        log_lm = self.base_log_probs(hidden)
         top = log_lm.topk(top_k, dim=-1)
         return top.indices, top.values, log_lm.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def base_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log p_LM(· | prefix) over the vocabulary [..., V] from the shared backbone's final states [..., H]."""
+        if self.kind != "shared":
+            raise ValueError("Base log-probs come from the shared backbone's own output layer")
+        return torch.log_softmax(self.backbone.get_output_embeddings()(hidden.float()).float(), dim=-1)
 
     def sequence_log_probs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 32
@@ -460,7 +464,14 @@ class PreferenceClassifier(nn.Module):
         others = candidate_log_lm.float().masked_fill(candidates == next_ids.unsqueeze(-1), -1e4)
         ids = torch.cat([next_ids.unsqueeze(-1), candidates.long()], dim=-1)
         log_lm = torch.cat([next_log_lm.float().unsqueeze(-1), others], dim=-1)
-        return class_conditional(self.head(hidden.float(), self._project(ids)), log_lm)[..., 0, :]
+        return self.candidate_log_likelihoods(hidden, ids, log_lm)[..., 0, :]
+
+    def candidate_log_likelihoods(
+        self, hidden: torch.Tensor, candidates: torch.Tensor, candidate_log_lm: torch.Tensor
+    ) -> torch.Tensor:
+        """Bayes form: log p(x | prefix, c) for every candidate x [..., N] and class, over those
+        candidates: [..., N, K]."""
+        return class_conditional(self.head(hidden.float(), self._project(candidates.long())), candidate_log_lm)
 
     @property
     def guides_with_prior(self) -> bool:

@@ -30,8 +30,15 @@ from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.engine import DEFAULT_CLASSIFIER, default_classifier_path
 from cliper_integrations.core.errors import ModelResolutionError
 from cliper_integrations.core.models import LoadedModel
-from cliper_integrations.core.preferences import AXES, BACKGROUND_CLASSES, REFUSAL, TRAINABLE_CLASSES, is_refusal
-from cliper_integrations.core.prompting import instruction_text, render_chat
+from cliper_integrations.core.preferences import (
+    AXES,
+    BACKGROUND_CLASSES,
+    REFUSAL,
+    TRAINABLE_CLASSES,
+    axis_of,
+    is_refusal,
+)
+from cliper_integrations.core.prompting import instruction_text, render_chat, with_preference_request
 from cliper_integrations.training.data import echoes_request, is_degenerate, keep_contrasting, read_jsonl
 
 
@@ -75,10 +82,24 @@ class TrainConfig:
     contrast_filter: bool = True
     """Train and validate only on answers whose text shows their class against the opposite pole
     (``keep_contrasting``); validation is also scored on every usable answer, as ``validation_unfiltered``."""
+    teacher_classes: tuple[str, ...] = ()
+    """Bayes form: classes whose next-token distribution is also taught by the base model itself, asked
+    for the class in the prompt (DESIGN.md's prompted copies). At every position of the answers on these
+    classes' axes, the head's p(x | prefix, c) over the candidates is pulled towards p_LM(x | prefix,
+    request for c): a target for every candidate, where the token-level loss has only the observed one,
+    and sentiment words that a class's answers leave out are taught as well as those they use."""
+    teacher_weight: float = 1.0
+    """Weight of the teacher term (cross-entropy of the head's candidate distribution against the
+    prompted base model's), added to the token-level loss and to the validation loss early stopping reads."""
 
     def __post_init__(self) -> None:
         if self.prior_on is not None:
             self.class_prior = "learned"  # what fitting a prior on top means
+        self.teacher_classes = tuple(self.teacher_classes)
+        if unknown := [name for name in self.teacher_classes if name not in self.classes or not axis_of(name)]:
+            raise ValueError(f"Teacher classes must be trained classes on a preference axis: {unknown}")
+        if self.teacher_classes and (self.form != "bayes" or self.prior_on is not None):
+            raise ValueError("A teacher trains a bayes-form likelihood head (not a prior fitted on top)")
 
 
 @dataclass
@@ -93,6 +114,10 @@ class EncodedSet:
     labels: torch.Tensor  # [N] class index of the response
     response: torch.Tensor  # [N] index of the response each row came from
     response_labels: torch.Tensor  # [R]
+    teacher: torch.Tensor | None = None
+    """[N, k, C] the prompted base model's log-probs of the ``candidates`` for each of ``teacher_classes``
+    (NaN on rows it did not read)."""
+    teacher_classes: tuple[str, ...] = ()
 
     def response_lengths(self) -> torch.Tensor:
         """Rows (tokens) per response [R]."""
@@ -159,12 +184,16 @@ def split_by_instruction(rows: list[dict], val_fraction: float, seed: int) -> tu
     return [r for r in rows if r["id"] not in val_ids], [r for r in rows if r["id"] in val_ids]
 
 
-def _token_sequence(base: LoadedModel, row: dict) -> tuple[list[int], int]:
-    """Prompt (instruction without the preference request) + response (+ end-of-turn) ids; prompt length."""
+def _token_sequence(base: LoadedModel, row: dict, request: str | None = None) -> tuple[list[int], int]:
+    """Prompt (instruction without the preference request, or with ``request``'s, as the data was
+    generated) + response (+ end-of-turn) ids; prompt length."""
     tokenizer = base.tokenizer
     eos = base.model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    prompt = render_chat(tokenizer, [{"role": "user", "content": instruction_text(row)}])
+    messages = [{"role": "user", "content": instruction_text(row)}]
+    if request is not None:
+        messages = with_preference_request(messages, {request: 1.0})
+    prompt = render_chat(tokenizer, messages)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
     if not row.get("truncated") and eos is not None:
@@ -173,32 +202,58 @@ def _token_sequence(base: LoadedModel, row: dict) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def _encode_batch(classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict]) -> list[Features]:
-    """Run the frozen backbone over prompt + response and keep the response positions of each row (and
-    the states of the layer the prior reads, when that is not the last)."""
-    sequences, prompt_lengths = zip(*(_token_sequence(base, row) for row in rows), strict=True)
+def _backbone_pass(
+    classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict], request: str | None = None
+) -> tuple[object, torch.Tensor, list[torch.Tensor]]:
+    """Run the frozen backbone over prompt + response of each row (left-padded, as at generation time):
+    its outputs, the padded ids, and each row's response positions (the state after token t predicts
+    token t+1: from the last prompt token to the end)."""
+    sequences, prompt_lengths = zip(*(_token_sequence(base, row, request) for row in rows), strict=True)
     width = max(map(len, sequences))
     ids = torch.full((len(rows), width), base.tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for index, sequence in enumerate(sequences):  # left padding, as at generation time
+    for index, sequence in enumerate(sequences):
         ids[index, width - len(sequence) :] = torch.tensor(sequence)
         mask[index, width - len(sequence) :] = 1
-    layer = classifier.config.prior_layer
     outputs = classifier.backbone.base_model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        output_hidden_states=layer is not None,
+        output_hidden_states=request is None and classifier.config.prior_layer is not None,
     )
+    positions = [
+        torch.arange(width - len(sequence) + prompt_length - 1, width - 1)
+        for sequence, prompt_length in zip(sequences, prompt_lengths, strict=True)
+    ]
+    return outputs, ids, positions
+
+
+def _encode_batch(classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict]) -> list[Features]:
+    """The response positions' final states and next tokens of each row (and the states of the layer the
+    prior reads, when that is not the last)."""
+    outputs, ids, row_positions = _backbone_pass(classifier, base, rows)
+    layer = classifier.config.prior_layer
     features = []
-    for index, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-        # the state after token t predicts token t+1: from the last prompt token to the end
-        positions = torch.arange(width - len(sequence) + prompt_length - 1, width - 1)
+    for index, positions in enumerate(row_positions):
         feature = {"hidden": outputs.last_hidden_state[index, positions], "next_ids": ids[index, positions + 1]}
         if layer is not None:
             feature["prior_hidden"] = outputs.hidden_states[layer][index, positions]
         features.append({name: tensor.half() if name in STATES else tensor for name, tensor in feature.items()})
     return features
+
+
+def _teacher_batch(
+    classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict], features: list[Features], request: str
+) -> list[torch.Tensor]:
+    """For each row, the base model's log-probs of its ``candidates`` [T, k] at every response position
+    when the prompt also asks for ``request``: the same answer, teacher-forced under the request."""
+    outputs, _, row_positions = _backbone_pass(classifier, base, rows, request)
+    return [
+        classifier.base_log_probs(outputs.last_hidden_state[index, positions])
+        .gather(-1, feature["candidates"].long())
+        .half()
+        for index, (positions, feature) in enumerate(zip(row_positions, features, strict=True))
+    ]
 
 
 def encode_rows(
@@ -209,12 +264,15 @@ def encode_rows(
     batch_size: int = 8,
     desc: str = "Encoding",
     candidates: int = 0,
+    teacher_classes: tuple[str, ...] = (),
 ) -> list[Features]:
     """Features for every row, in order. Rows run in length order (little padding) and each response is
     kept under ``cache``, keyed by its text and the backbone: encoding through the frozen backbone takes
     seconds per response, training the head on the features seconds in all, and data sets grow.
     ``candidates`` > 0 adds the base model's top-k candidates at each position (bayes form). The states of
-    the layer a prior reads are cached as ``hidden.<layer>``, beside the rest of the response's features."""
+    the layer a prior reads are cached as ``hidden.<layer>``, beside the rest of the response's features.
+    ``teacher_classes`` adds, to the rows on those classes' axes, ``teacher.<class>``: the candidates'
+    log-probs with the class's request in the prompt (``TrainConfig.teacher_classes``; needs candidates)."""
     layer_name = None if classifier.config.prior_layer is None else f"hidden.{classifier.config.prior_layer}"
     identity = [classifier.config.kind, classifier.config.backbone, base.name]
     keys = [
@@ -249,6 +307,21 @@ def encode_rows(
             ranked = classifier.base_candidates(feature["hidden"], feature["next_ids"], candidates)
             feature.update(candidates=ranked[0].int(), candidate_log_lm=ranked[1].half(), next_log_lm=ranked[2].float())
             _store(cache, keys[index], feature, layer_name)
+    teacher_axes = {axis_of(name) for name in teacher_classes}
+    for name in teacher_classes:
+        untaught = [
+            i
+            for i in sorted(range(len(rows)), key=lambda i: len(rows[i]["response"]))
+            if axis_of(rows[i]["class"]) in teacher_axes and f"teacher.{name}" not in features[i]
+        ]
+        for start in tqdm(
+            range(0, len(untaught), batch_size), desc=f"Teacher: {name}", unit="batch", disable=not untaught
+        ):
+            batch = untaught[start : start + batch_size]
+            taught = _teacher_batch(classifier, base, [rows[i] for i in batch], [features[i] for i in batch], name)
+            for index, log_lm in zip(batch, taught, strict=True):
+                features[index][f"teacher.{name}"] = log_lm
+                _store(cache, keys[index], features[index], layer_name)
     return [features[index] for index in range(len(rows))]
 
 
@@ -258,17 +331,60 @@ def _store(cache: Path | None, key: str, feature: Features, layer_name: str | No
         save_file({name: tensor.contiguous() for name, tensor in named.items()}, cache / f"{key}.safetensors")
 
 
-def assemble(features: list[Features], rows: list[dict], classes: tuple[str, ...]) -> EncodedSet:
+def assemble(
+    features: list[Features], rows: list[dict], classes: tuple[str, ...], teacher_classes: tuple[str, ...] = ()
+) -> EncodedSet:
     """Stack per-response features into one training set labelled with each response's class."""
     labels = [classes.index(row["class"]) for row in rows]
     lengths = torch.tensor([len(feature["next_ids"]) for feature in features])
     names = [name for name in (*STATES, "next_ids", *BAYES_FEATURES) if all(name in f for f in features)]
+    teacher = torch.cat([_taught(f, teacher_classes) for f in features]) if teacher_classes else None
     return EncodedSet(
         {name: torch.cat([feature[name] for feature in features]) for name in names},
         torch.repeat_interleave(torch.tensor(labels), lengths),
         torch.repeat_interleave(torch.arange(len(rows)), lengths),
         torch.tensor(labels),
+        teacher,
+        teacher_classes,
     )
+
+
+def _taught(feature: Features, teacher_classes: tuple[str, ...]) -> torch.Tensor:
+    """One response's teacher log-probs [T, k, C], NaN for a class the teacher did not read it under."""
+    untaught = torch.full(feature["candidate_log_lm"].shape, float("nan"), dtype=torch.float16)
+    return torch.stack([feature.get(f"teacher.{name}", untaught).half() for name in teacher_classes], dim=-1)
+
+
+def teacher_cross_entropy(
+    classifier: PreferenceClassifier,
+    features: dict[str, torch.Tensor],
+    teacher: torch.Tensor,
+    teacher_classes: tuple[str, ...],
+) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of the head's p(x | prefix, c) over the candidates against the prompted base model's
+    (renormalised over the same candidates), summed over the (row, teacher class) pairs the teacher read,
+    and how many there were."""
+    taught = ~teacher[:, 0, :].isnan()  # [N, C]
+    rows = taught.any(-1)
+    if not rows.any():
+        return teacher.new_zeros((), dtype=torch.float32), 0
+    class_index = torch.tensor([classifier.classes.index(name) for name in teacher_classes])
+    conditional = classifier.candidate_log_likelihoods(
+        features["hidden"][rows], features["candidates"][rows], features["candidate_log_lm"][rows]
+    )[..., class_index]  # [n, k, C]
+    target = torch.softmax(teacher[rows].float().nan_to_num(0.0), dim=-2)
+    cross_entropy = -(target * conditional).sum(-2)  # [n, C]
+    return cross_entropy[taught[rows]].sum(), int(taught.sum())
+
+
+@torch.no_grad()
+def _mean_teacher_loss(classifier: PreferenceClassifier, data: EncodedSet, chunk: int = 2048) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(data.labels), chunk):
+        rows = slice(start, start + chunk)
+        summed, taught = teacher_cross_entropy(classifier, data.select(rows), data.teacher[rows], data.teacher_classes)
+        total, count = total + summed.item(), count + taught
+    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -291,6 +407,7 @@ def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[
         "loss": loss,
         "response_loss": functional.nll_loss(classifier.normalize(sums), data.response_labels).item(),
         "token_accuracy": (log_probs.argmax(-1) == data.labels).float().mean().item(),
+        **({"teacher_loss": _mean_teacher_loss(classifier, data)} if data.teacher is not None else {}),
         "response_accuracy": (response_scores.argmax(-1) == data.response_labels).float().mean().item(),
         "axes": {},
     }
@@ -342,12 +459,16 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     )
     trainable = _prior_on(classifier, prior_on, base) if prior_on else classifier.head.parameters()
     candidates = config.candidates if classifier.config.form == "bayes" else 0
-    features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
-    train = assemble(features[: len(train_rows)], train_rows, classes)
-    all_val_features = features[len(train_rows) :]
-    kept = {id(row) for row in val_rows}
-    val_features = [f for f, row in zip(all_val_features, all_val_rows, strict=True) if id(row) in kept]
-    val = assemble(val_features, val_rows, classes)
+    teacher = config.teacher_classes
+    features = encode_rows(
+        classifier, base, train_rows + val_rows, config.feature_cache, candidates=candidates, teacher_classes=teacher
+    )
+    train = assemble(features[: len(train_rows)], train_rows, classes, teacher)
+    val_features = features[len(train_rows) :]
+    val = assemble(val_features, val_rows, classes, teacher)
+    all_val_features = encode_rows(
+        classifier, base, all_val_rows, config.feature_cache, candidates=candidates, desc="Encoding (unfiltered)"
+    )
     # Balance classes by token count, so long answers do not drown short ones.
     class_tokens = torch.bincount(train.labels, minlength=len(classes)).float().clamp(min=1)
     class_weight = class_tokens.sum() / (len(classes) * class_tokens)
@@ -371,6 +492,9 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
             token_log_probs, loss = _token_loss(
                 classifier, picked, train.labels[batch], class_weight, config.generative_weight
             )
+            if train.teacher is not None:
+                summed, taught = teacher_cross_entropy(classifier, picked, train.teacher[batch], teacher)
+                loss = loss + config.teacher_weight * summed / max(taught, 1)
             if config.response_weight:
                 responses, local = train.response[batch].unique_consecutive(return_inverse=True)
                 sums = token_log_probs.new_zeros(len(responses), len(classes)).index_add(0, local, token_log_probs)
@@ -384,6 +508,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         head.eval()
         val_metrics = evaluate(classifier, val, classes)
         val_metrics["loss"] += config.response_weight * val_metrics["response_loss"]
+        val_metrics["loss"] += config.teacher_weight * val_metrics.get("teacher_loss", 0.0)
         history.append(
             {
                 "epoch": epoch + 1,
