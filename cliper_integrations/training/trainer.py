@@ -89,8 +89,8 @@ class TrainConfig:
     request for c): a target for every candidate, where the token-level loss has only the observed one,
     and sentiment words that a class's answers leave out are taught as well as those they use."""
     teacher_weight: float = 1.0
-    """Weight of the teacher term (cross-entropy of the head's candidate distribution against the
-    prompted base model's), added to the token-level loss and to the validation loss early stopping reads."""
+    """Weight of the teacher term (KL divergence of the head's candidate distribution from the prompted
+    base model's), added to the token-level loss and to the validation loss early stopping reads."""
 
     def __post_init__(self) -> None:
         if self.prior_on is not None:
@@ -355,34 +355,39 @@ def _taught(feature: Features, teacher_classes: tuple[str, ...]) -> torch.Tensor
     return torch.stack([feature.get(f"teacher.{name}", untaught).half() for name in teacher_classes], dim=-1)
 
 
-def teacher_cross_entropy(
-    classifier: PreferenceClassifier,
+def teacher_divergence(
+    classifier: PreferenceClassifier | None,
     features: dict[str, torch.Tensor],
     teacher: torch.Tensor,
     teacher_classes: tuple[str, ...],
 ) -> tuple[torch.Tensor, int]:
-    """Cross-entropy of the head's p(x | prefix, c) over the candidates against the prompted base model's
-    (renormalised over the same candidates), summed over the (row, teacher class) pairs the teacher read,
-    and how many there were."""
+    """KL(prompted base model || head) over the candidates: the prompted model's candidate distribution
+    (renormalised over them) against the head's p(x | prefix, c), summed over the (row, teacher class)
+    pairs the teacher read, and how many there were. With ``classifier`` None, against the base model's
+    own candidate distribution: what a head that moves nothing scores (how far the prompt moves it)."""
     taught = ~teacher[:, 0, :].isnan()  # [N, C]
     rows = taught.any(-1)
     if not rows.any():
         return teacher.new_zeros((), dtype=torch.float32), 0
-    class_index = torch.tensor([classifier.classes.index(name) for name in teacher_classes])
-    conditional = classifier.candidate_log_likelihoods(
-        features["hidden"][rows], features["candidates"][rows], features["candidate_log_lm"][rows]
-    )[..., class_index]  # [n, k, C]
-    target = torch.softmax(teacher[rows].float().nan_to_num(0.0), dim=-2)
-    cross_entropy = -(target * conditional).sum(-2)  # [n, C]
-    return cross_entropy[taught[rows]].sum(), int(taught.sum())
+    candidate_log_lm = features["candidate_log_lm"][rows].float()
+    if classifier is None:
+        conditional = torch.log_softmax(candidate_log_lm, dim=-1).unsqueeze(-1)  # [n, k, 1]
+    else:
+        class_index = torch.tensor([classifier.classes.index(name) for name in teacher_classes])
+        conditional = classifier.candidate_log_likelihoods(
+            features["hidden"][rows], features["candidates"][rows], candidate_log_lm
+        )[..., class_index]  # [n, k, C]
+    target = torch.log_softmax(teacher[rows].float().nan_to_num(0.0), dim=-2)
+    divergence = (target.exp() * (target - conditional)).sum(-2)  # [n, C]
+    return divergence[taught[rows]].sum(), int(taught.sum())
 
 
 @torch.no_grad()
-def _mean_teacher_loss(classifier: PreferenceClassifier, data: EncodedSet, chunk: int = 2048) -> float:
+def _mean_teacher_divergence(classifier: PreferenceClassifier | None, data: EncodedSet, chunk: int = 2048) -> float:
     total, count = 0.0, 0
     for start in range(0, len(data.labels), chunk):
         rows = slice(start, start + chunk)
-        summed, taught = teacher_cross_entropy(classifier, data.select(rows), data.teacher[rows], data.teacher_classes)
+        summed, taught = teacher_divergence(classifier, data.select(rows), data.teacher[rows], data.teacher_classes)
         total, count = total + summed.item(), count + taught
     return total / max(count, 1)
 
@@ -407,7 +412,14 @@ def evaluate(classifier: PreferenceClassifier, data: EncodedSet, classes: tuple[
         "loss": loss,
         "response_loss": functional.nll_loss(classifier.normalize(sums), data.response_labels).item(),
         "token_accuracy": (log_probs.argmax(-1) == data.labels).float().mean().item(),
-        **({"teacher_loss": _mean_teacher_loss(classifier, data)} if data.teacher is not None else {}),
+        **(
+            {
+                "teacher_kl": _mean_teacher_divergence(classifier, data),
+                "teacher_kl_base": _mean_teacher_divergence(None, data),
+            }
+            if data.teacher is not None
+            else {}
+        ),
         "response_accuracy": (response_scores.argmax(-1) == data.response_labels).float().mean().item(),
         "axes": {},
     }
@@ -493,7 +505,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
                 classifier, picked, train.labels[batch], class_weight, config.generative_weight
             )
             if train.teacher is not None:
-                summed, taught = teacher_cross_entropy(classifier, picked, train.teacher[batch], teacher)
+                summed, taught = teacher_divergence(classifier, picked, train.teacher[batch], teacher)
                 loss = loss + config.teacher_weight * summed / max(taught, 1)
             if config.response_weight:
                 responses, local = train.response[batch].unique_consecutive(return_inverse=True)
@@ -508,7 +520,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         head.eval()
         val_metrics = evaluate(classifier, val, classes)
         val_metrics["loss"] += config.response_weight * val_metrics["response_loss"]
-        val_metrics["loss"] += config.teacher_weight * val_metrics.get("teacher_loss", 0.0)
+        val_metrics["loss"] += config.teacher_weight * val_metrics.get("teacher_kl", 0.0)
         history.append(
             {
                 "epoch": epoch + 1,
