@@ -239,6 +239,9 @@ def train(
         ),
     ] = "",
     teacher_weight: Annotated[float, typer.Option(help="weight of the teacher term")] = 1.0,
+    teacher_answers: Annotated[
+        str, typer.Option(help="answers the teacher reads: axis (those on the teacher classes' axes) or all")
+    ] = "axis",
 ) -> None:
     """Train a preference classifier (token-level cross-entropy, split by instruction, early stopping)."""
     from cliper_integrations.core.models import load_model
@@ -268,6 +271,7 @@ def train(
             prior_layer=prior_layer,
             teacher_classes=tuple(name for name in teacher.split(",") if name),
             teacher_weight=teacher_weight,
+            teacher_answers=teacher_answers,
         )
         metrics = train_classifier(load_model(model), config, load_model(backbone) if backbone else None)
     except (CLIPerError, OSError, ValueError) as error:

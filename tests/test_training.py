@@ -395,6 +395,10 @@ def test_a_teacher_reads_the_prompted_base_model_and_pulls_the_head_towards_it(t
     other_axis = {**rows[0], "class": "friendly", "response": "Thanks, friend!"}
     features = encode_rows(classifier, base, [rows[1], other_axis], None, candidates=8, teacher_classes=("concise",))
     assert "teacher.concise" not in features[1]  # not on the teacher's axis
+    every = encode_rows(
+        classifier, base, [other_axis], None, 8, candidates=8, teacher_classes=("concise",), teacher_answers="all"
+    )
+    assert every[0]["teacher.concise"].shape == every[0]["candidates"].shape
     row, feature = rows[1], features[0]
     messages = with_preference_request([{"role": "user", "content": instruction_text(row)}], {"concise": 1.0})
     prompt = base.tokenizer(render_chat(base.tokenizer, messages), add_special_tokens=False)["input_ids"]
@@ -409,5 +413,7 @@ def test_a_teacher_reads_the_prompted_base_model_and_pulls_the_head_towards_it(t
 def test_teacher_classes_must_be_trained_classes_on_an_axis(tmp_path):
     with pytest.raises(ValueError, match="Teacher classes"):
         TrainConfig(data=[tmp_path], output=tmp_path, teacher_classes=("refusal",))
+    with pytest.raises(ValueError, match="teacher_answers"):
+        TrainConfig(data=[tmp_path], output=tmp_path, teacher_answers="some")
     with pytest.raises(ValueError, match="bayes-form"):
         TrainConfig(data=[tmp_path], output=tmp_path, teacher_classes=("friendly",), form="direct")

@@ -88,6 +88,9 @@ class TrainConfig:
     classes' axes, the head's p(x | prefix, c) over the candidates is pulled towards p_LM(x | prefix,
     request for c): a target for every candidate, where the token-level loss has only the observed one,
     and sentiment words that a class's answers leave out are taught as well as those they use."""
+    teacher_answers: Literal["axis", "all"] = "axis"
+    """Which answers the teacher reads: those on the teacher classes' own axes, or every answer (the
+    prefixes guidance meets are the base model's own answers, not text already in one of the poles)."""
     teacher_weight: float = 1.0
     """Weight of the teacher term (KL divergence of the head's candidate distribution from the prompted
     base model's), added to the token-level loss and to the validation loss early stopping reads."""
@@ -98,6 +101,8 @@ class TrainConfig:
         self.teacher_classes = tuple(self.teacher_classes)
         if unknown := [name for name in self.teacher_classes if name not in self.classes or not axis_of(name)]:
             raise ValueError(f"Teacher classes must be trained classes on a preference axis: {unknown}")
+        if self.teacher_answers not in ("axis", "all"):
+            raise ValueError(f"teacher_answers must be 'axis' or 'all', not {self.teacher_answers!r}")
         if self.teacher_classes and (self.form != "bayes" or self.prior_on is not None):
             raise ValueError("A teacher trains a bayes-form likelihood head (not a prior fitted on top)")
 
@@ -265,13 +270,15 @@ def encode_rows(
     desc: str = "Encoding",
     candidates: int = 0,
     teacher_classes: tuple[str, ...] = (),
+    teacher_answers: str = "axis",
 ) -> list[Features]:
     """Features for every row, in order. Rows run in length order (little padding) and each response is
     kept under ``cache``, keyed by its text and the backbone: encoding through the frozen backbone takes
     seconds per response, training the head on the features seconds in all, and data sets grow.
     ``candidates`` > 0 adds the base model's top-k candidates at each position (bayes form). The states of
     the layer a prior reads are cached as ``hidden.<layer>``, beside the rest of the response's features.
-    ``teacher_classes`` adds, to the rows on those classes' axes, ``teacher.<class>``: the candidates'
+    ``teacher_classes`` adds, to the rows on those classes' axes (``teacher_answers="all"``: to every
+    row), ``teacher.<class>``: the candidates'
     log-probs with the class's request in the prompt (``TrainConfig.teacher_classes``; needs candidates)."""
     layer_name = None if classifier.config.prior_layer is None else f"hidden.{classifier.config.prior_layer}"
     identity = [classifier.config.kind, classifier.config.backbone, base.name]
@@ -312,7 +319,8 @@ def encode_rows(
         untaught = [
             i
             for i in sorted(range(len(rows)), key=lambda i: len(rows[i]["response"]))
-            if axis_of(rows[i]["class"]) in teacher_axes and f"teacher.{name}" not in features[i]
+            if (teacher_answers == "all" or axis_of(rows[i]["class"]) in teacher_axes)
+            and f"teacher.{name}" not in features[i]
         ]
         for start in tqdm(
             range(0, len(untaught), batch_size), desc=f"Teacher: {name}", unit="batch", disable=not untaught
@@ -473,7 +481,13 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     teacher = config.teacher_classes
     features = encode_rows(
-        classifier, base, train_rows + val_rows, config.feature_cache, candidates=candidates, teacher_classes=teacher
+        classifier,
+        base,
+        train_rows + val_rows,
+        config.feature_cache,
+        candidates=candidates,
+        teacher_classes=teacher,
+        teacher_answers=config.teacher_answers,
     )
     train = assemble(features[: len(train_rows)], train_rows, classes, teacher)
     val_features = features[len(train_rows) :]
