@@ -278,8 +278,8 @@ def encode_rows(
     ``candidates`` > 0 adds the base model's top-k candidates at each position (bayes form). The states of
     the layer a prior reads are cached as ``hidden.<layer>``, beside the rest of the response's features.
     ``teacher_classes`` adds, to the rows on those classes' axes (``teacher_answers="all"``: to every
-    row), ``teacher.<class>``: the candidates'
-    log-probs with the class's request in the prompt (``TrainConfig.teacher_classes``; needs candidates)."""
+    row), ``teacher.<class>``: the candidates' log-probs with the class's request in the prompt
+    (``TrainConfig.teacher_classes``; needs candidates)."""
     layer_name = None if classifier.config.prior_layer is None else f"hidden.{classifier.config.prior_layer}"
     identity = [classifier.config.kind, classifier.config.backbone, base.name]
     keys = [
