@@ -374,7 +374,7 @@ def test_a_teacher_reads_the_prompted_base_model_and_pulls_the_head_towards_it(t
     prompt, at the answer's positions (checked against a plain forward pass), only on the teacher classes'
     axis; training with the teacher lowers the head's divergence from them."""
     from cliper_integrations.core.prompting import instruction_text, render_chat, with_preference_request
-    from cliper_integrations.training.trainer import encode_rows, load_rows
+    from cliper_integrations.training.trainer import encode_rows, load_rows, teach_rows
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(24)))
@@ -393,11 +393,11 @@ def test_a_teacher_reads_the_prompted_base_model_and_pulls_the_head_towards_it(t
     classifier = PreferenceClassifier.load(tmp_path / "taught", base)
     rows, _ = load_rows([data], ("concise", "informative"))
     other_axis = {**rows[0], "class": "friendly", "response": "Thanks, friend!"}
-    features = encode_rows(classifier, base, [rows[1], other_axis], None, candidates=8, teacher_classes=("concise",))
+    features = encode_rows(classifier, base, [rows[1], other_axis], None, candidates=8)
+    teach_rows(classifier, base, [rows[1], other_axis], features, None, ("concise",))
     assert "teacher.concise" not in features[1]  # not on the teacher's axis
-    every = encode_rows(
-        classifier, base, [other_axis], None, 8, candidates=8, teacher_classes=("concise",), teacher_answers="all"
-    )
+    every = encode_rows(classifier, base, [other_axis], None, candidates=8)
+    teach_rows(classifier, base, [other_axis], every, None, ("concise",), teacher_answers="all")
     assert every[0]["teacher.concise"].shape == every[0]["candidates"].shape
     row, feature = rows[1], features[0]
     messages = with_preference_request([{"role": "user", "content": instruction_text(row)}], {"concise": 1.0})

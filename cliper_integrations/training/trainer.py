@@ -269,25 +269,14 @@ def encode_rows(
     batch_size: int = 8,
     desc: str = "Encoding",
     candidates: int = 0,
-    teacher_classes: tuple[str, ...] = (),
-    teacher_answers: str = "axis",
 ) -> list[Features]:
     """Features for every row, in order. Rows run in length order (little padding) and each response is
     kept under ``cache``, keyed by its text and the backbone: encoding through the frozen backbone takes
     seconds per response, training the head on the features seconds in all, and data sets grow.
     ``candidates`` > 0 adds the base model's top-k candidates at each position (bayes form). The states of
-    the layer a prior reads are cached as ``hidden.<layer>``, beside the rest of the response's features.
-    ``teacher_classes`` adds, to the rows on those classes' axes (``teacher_answers="all"``: to every
-    row), ``teacher.<class>``: the candidates' log-probs with the class's request in the prompt
-    (``TrainConfig.teacher_classes``; needs candidates)."""
-    layer_name = None if classifier.config.prior_layer is None else f"hidden.{classifier.config.prior_layer}"
-    identity = [classifier.config.kind, classifier.config.backbone, base.name]
-    keys = [
-        hashlib.sha256(
-            json.dumps([instruction_text(row), row["response"], bool(row.get("truncated")), identity]).encode()
-        ).hexdigest()[:32]
-        for row in rows
-    ]
+    the layer a prior reads are cached as ``hidden.<layer>``, beside the rest of the response's features."""
+    layer_name = _layer_name(classifier)
+    keys = _feature_keys(classifier, base, rows)
     features: dict[int, Features] = {}
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -314,6 +303,24 @@ def encode_rows(
             ranked = classifier.base_candidates(feature["hidden"], feature["next_ids"], candidates)
             feature.update(candidates=ranked[0].int(), candidate_log_lm=ranked[1].half(), next_log_lm=ranked[2].float())
             _store(cache, keys[index], feature, layer_name)
+    return [features[index] for index in range(len(rows))]
+
+
+def teach_rows(
+    classifier: PreferenceClassifier,
+    base: LoadedModel,
+    rows: list[dict],
+    features: list[Features],
+    cache: Path | None,
+    teacher_classes: tuple[str, ...],
+    teacher_answers: str = "axis",
+    batch_size: int = 8,
+) -> None:
+    """Add ``teacher.<class>`` to the features (from ``encode_rows``, with candidates) of the rows on the
+    teacher classes' axes (``teacher_answers="all"``: of every row): the candidates' log-probs with the
+    class's request in the prompt (``TrainConfig.teacher_classes``), kept in the same cache files."""
+    keys = _feature_keys(classifier, base, rows)
+    layer_name = _layer_name(classifier)
     teacher_axes = {axis_of(name) for name in teacher_classes}
     for name in teacher_classes:
         untaught = [
@@ -330,7 +337,22 @@ def encode_rows(
             for index, log_lm in zip(batch, taught, strict=True):
                 features[index][f"teacher.{name}"] = log_lm
                 _store(cache, keys[index], features[index], layer_name)
-    return [features[index] for index in range(len(rows))]
+
+
+def _layer_name(classifier: PreferenceClassifier) -> str | None:
+    """The cache name of the states of the layer the prior reads (None: it reads the final states)."""
+    return None if classifier.config.prior_layer is None else f"hidden.{classifier.config.prior_layer}"
+
+
+def _feature_keys(classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict]) -> list[str]:
+    """Each row's feature-cache file name: its text and the backbone that encodes it."""
+    identity = [classifier.config.kind, classifier.config.backbone, base.name]
+    return [
+        hashlib.sha256(
+            json.dumps([instruction_text(row), row["response"], bool(row.get("truncated")), identity]).encode()
+        ).hexdigest()[:32]
+        for row in rows
+    ]
 
 
 def _store(cache: Path | None, key: str, feature: Features, layer_name: str | None) -> None:
@@ -480,21 +502,17 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     trainable = _prior_on(classifier, prior_on, base) if prior_on else classifier.head.parameters()
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     teacher = config.teacher_classes
-    features = encode_rows(
-        classifier,
-        base,
-        train_rows + val_rows,
-        config.feature_cache,
-        candidates=candidates,
-        teacher_classes=teacher,
-        teacher_answers=config.teacher_answers,
-    )
+    features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
+    all_val_features = features[len(train_rows) :]
+    kept = {id(row) for row in val_rows}
+    val_features = [f for f, row in zip(all_val_features, all_val_rows, strict=True) if id(row) in kept]
+    if teacher:
+        taught_rows, taught_features = train_rows + val_rows, features[: len(train_rows)] + val_features
+        teach_rows(
+            classifier, base, taught_rows, taught_features, config.feature_cache, teacher, config.teacher_answers
+        )
     train = assemble(features[: len(train_rows)], train_rows, classes, teacher)
-    val_features = features[len(train_rows) :]
     val = assemble(val_features, val_rows, classes, teacher)
-    all_val_features = encode_rows(
-        classifier, base, all_val_rows, config.feature_cache, candidates=candidates, desc="Encoding (unfiltered)"
-    )
     # Balance classes by token count, so long answers do not drown short ones.
     class_tokens = torch.bincount(train.labels, minlength=len(classes)).float().clamp(min=1)
     class_weight = class_tokens.sum() / (len(classes) * class_tokens)
