@@ -196,6 +196,9 @@ def train(
     dropout: float = 0.2,
     patience: int = 4,
     head_size: int = 256,
+    shift_rank: Annotated[
+        int, typer.Option(help="rank of the head's bilinear term (how the prefix shifts each candidate; 0: none)")
+    ] = 0,
     val_fraction: float = 0.15,
     seed: int = 0,
     feature_cache: Annotated[
@@ -257,6 +260,7 @@ def train(
             dropout=dropout,
             patience=patience,
             head_size=head_size,
+            shift_rank=shift_rank,
             val_fraction=val_fraction,
             seed=seed,
             feature_cache=feature_cache,

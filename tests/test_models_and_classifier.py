@@ -262,3 +262,38 @@ def test_an_axis_posterior_keeps_the_refusal_class_in_every_axis(base):
 def test_a_class_prior_belongs_to_the_bayes_form(base):
     with pytest.raises(ValueError, match="bayes form"):
         PreferenceClassifier.create(base, ["concise", "informative"], form="direct", class_prior="learned")
+
+
+def test_a_shift_term_starts_at_zero_and_adds_a_low_rank_bilinear_score(tmp_path, base):
+    """s_c(h, x) += (A_c h + a_c) · (B e(x)): zero until trained, the same on the whole-vocabulary path as on
+    candidate ids, and saved with the head."""
+    classes = ["concise", "informative", "friendly"]
+    classifier = PreferenceClassifier.create(base, classes, form="bayes", head_size=16, shift_rank=4, seed=3)
+    head = classifier.head
+    hidden = torch.randn(2, classifier.config.hidden_size)
+    candidates = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    projected = classifier._project(candidates)
+    assert projected.shape == (2, 4, 16 + 4)
+    untrained = head(hidden, projected)
+    assert not head.shift.weight.any() and not head.shift.bias.any()  # training starts from the MLP alone
+    with torch.no_grad():
+        head.shift.weight.normal_()
+        head.shift.bias.normal_()
+    embeddings = base.model.get_input_embeddings().weight[candidates].float()
+    shift_of_candidates = embeddings @ head.candidate_proj.weight[16:].T  # B e(x) [2, 4, r]
+    per_class = head.shift(hidden).view(2, len(classes), 4)  # A_c h + a_c [2, K, r]
+    expected = untrained + torch.einsum("bnr,bkr->bnk", shift_of_candidates, per_class)
+    torch.testing.assert_close(head(hidden, projected), expected)
+
+    vocab = len(base.tokenizer)
+    log_lm = torch.log_softmax(torch.randn(2, vocab), -1)
+    whole = classifier.log_probs(hidden, None, log_lm)[:, :vocab]
+    by_id = classifier.log_probs(hidden, torch.arange(vocab).expand(2, -1), log_lm)
+    torch.testing.assert_close(whole, by_id, rtol=1e-4, atol=1e-4)
+
+    loaded = PreferenceClassifier.load(classifier.save(tmp_path / "shifted"), base)
+    assert loaded.config.shift_rank == 4
+    some_log_lm = log_lm[:, :4]
+    torch.testing.assert_close(
+        loaded.log_probs(hidden, candidates, some_log_lm), classifier.log_probs(hidden, candidates, some_log_lm)
+    )

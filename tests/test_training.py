@@ -417,3 +417,43 @@ def test_teacher_classes_must_be_trained_classes_on_an_axis(tmp_path):
         TrainConfig(data=[tmp_path], output=tmp_path, teacher_answers="some")
     with pytest.raises(ValueError, match="bayes-form"):
         TrainConfig(data=[tmp_path], output=tmp_path, teacher_classes=("friendly",), form="direct")
+
+
+def test_a_shift_rank_trains_the_heads_bilinear_term_and_is_saved(tmp_path, base):
+    from cliper_integrations.core.classifier import PreferenceClassifier
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(12)))
+    settings = {"epochs": 3, "contrast_filter": False, "shift_rank": 4}
+    metrics = train_classifier(base, _tiny_config(data, tmp_path / "shifted", **settings))
+    assert metrics["config"]["shift_rank"] == 4
+    loaded = PreferenceClassifier.load(tmp_path / "shifted", base)
+    assert loaded.config.shift_rank == 4 and loaded.head.shift.weight.abs().sum() > 0  # it left its zero start
+    with pytest.raises(ValueError, match="shift_rank"):  # a prior fitted on top keeps the head as it is
+        train_classifier(base, _tiny_config(data, tmp_path / "prior", prior_on=tmp_path / "shifted", epochs=1))
+
+
+def test_a_teacher_on_its_axis_ignores_targets_another_run_cached_for_every_answer(tmp_path, base):
+    """The feature cache is shared between runs: answers taught by a ``teacher_answers="all"`` run keep
+    their targets there, and a later ``axis`` run must still read the teacher on its own axis only."""
+    tone = [
+        {**row, "class": pole, "response": text}
+        for row in _style_rows(12)[::2]
+        for pole, text in (("friendly", "Thanks, friend! That was warm."), ("unfriendly", "Go away. Answer: no."))
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*_style_rows(12), *tone]))
+    settings = {
+        "classes": ("concise", "informative", "friendly", "unfriendly"),
+        "teacher_classes": ("concise",),
+        "epochs": 1,
+        "contrast_filter": False,
+    }
+    shared = tmp_path / "shared-cache"
+    every = train_classifier(
+        base, _tiny_config(data, tmp_path / "all", teacher_answers="all", feature_cache=shared, **settings)
+    )
+    after = train_classifier(base, _tiny_config(data, tmp_path / "after", feature_cache=shared, **settings))
+    fresh = train_classifier(base, _tiny_config(data, tmp_path / "fresh", feature_cache=tmp_path / "own", **settings))
+    assert after["train"]["teacher_kl_base"] == fresh["train"]["teacher_kl_base"]
+    assert every["train"]["teacher_kl_base"] != fresh["train"]["teacher_kl_base"]  # the tone answers count there

@@ -8,7 +8,14 @@ One head, two sources of the prefix's hidden state:
   a small model steering a large one), run incrementally on exactly the tokens being generated.
 
 The head combines the prefix state h with the candidate's input embedding e(x) into one score per
-class, s(h, x) = W_out · LayerNorm(GELU(W_h h + W_e e(x) + b)), read in one of two forms:
+class, s(h, x) = W_out · LayerNorm(GELU(W_h h + W_e e(x) + b)). With ``shift_rank`` r > 0 it adds a
+low-rank bilinear term, s_c(h, x) += (A_c h + a_c) · (B e(x)) with A_c: H → r, B: E → r. The MLP sums h's
+and x's projections before one nonlinearity, so it tells candidates apart mostly by the same few
+directions at every step; a prompt's effect on the next token is a shift of the final state, δ_c(h),
+whose change to the logits is δ_c(h) · e_out(x), a dot product with the candidate (exactly so where
+input and output embeddings are tied, as in the embedded model). The bilinear term is that shift,
+learned in r dimensions; it starts at zero (A = 0), so training starts from the MLP alone.
+The scores are read in one of two forms:
 
 * ``direct``: log p_cls(· | prefix, x) = log_softmax_c s(h, x);
 * ``bayes``: s_c scores how much class c raises candidate x above the base model, so that over the
@@ -74,6 +81,8 @@ class ClassifierConfig(BaseModel):
     hidden_size: int
     embedding_size: int
     head_size: int = 256
+    shift_rank: int = Field(default=0, ge=0)
+    """Rank of the bilinear shift term (0: the MLP alone); see the module docstring."""
     tokenizer_fingerprint: str
     backbone: str | None = Field(default=None, description="model spec of a separate backbone")
     base_model: str | None = Field(default=None, description="name of the model it was trained to steer")
@@ -114,14 +123,25 @@ class PreferenceHead(nn.Module):
     """The small MLP that scores (prefix state, candidate embedding) pairs for every class."""
 
     def __init__(
-        self, hidden_size: int, embedding_size: int, head_size: int, num_classes: int, learned_prior: bool = False
+        self,
+        hidden_size: int,
+        embedding_size: int,
+        head_size: int,
+        num_classes: int,
+        learned_prior: bool = False,
+        shift_rank: int = 0,
     ) -> None:
         super().__init__()
+        self.head_size, self.shift_rank, self.num_classes = head_size, shift_rank, num_classes
         self.prefix_proj = nn.Linear(hidden_size, head_size)
-        self.candidate_proj = nn.Linear(embedding_size, head_size, bias=False)
+        # one projection of the candidates for both terms, so the vocabulary is projected once per step
+        self.candidate_proj = nn.Linear(embedding_size, head_size + shift_rank, bias=False)
         self.norm = nn.LayerNorm(head_size)
         self.out = nn.Linear(head_size, num_classes)
-        self.num_classes = num_classes
+        self.shift = nn.Linear(hidden_size, num_classes * shift_rank) if shift_rank else None
+        if self.shift is not None:
+            nn.init.zeros_(self.shift.weight)
+            nn.init.zeros_(self.shift.bias)
         self.prior = (
             nn.Sequential(nn.Linear(hidden_size, head_size), nn.GELU(), nn.Linear(head_size, num_classes))
             if learned_prior
@@ -136,6 +156,7 @@ class PreferenceHead(nn.Module):
             config.head_size,
             len(config.classes),
             learned_prior=config.class_prior == "learned",
+            shift_rank=config.shift_rank,
         )
 
     def log_prior(self, prefix_hidden: torch.Tensor) -> torch.Tensor:
@@ -145,9 +166,14 @@ class PreferenceHead(nn.Module):
         return torch.log_softmax(self.prior(prefix_hidden.float()).float(), dim=-1)
 
     def forward(self, prefix_hidden: torch.Tensor, projected_candidates: torch.Tensor) -> torch.Tensor:
-        """``prefix_hidden`` [..., H] and projected candidates [..., N, D] -> class scores [..., N, K]."""
-        joint = self.prefix_proj(prefix_hidden).unsqueeze(-2) + projected_candidates
-        return self.out(self.norm(nn.functional.gelu(joint))).float()
+        """``prefix_hidden`` [..., H] and projected candidates [..., N, D + r] -> class scores [..., N, K]."""
+        mlp_part, shift_part = projected_candidates.split([self.head_size, self.shift_rank], dim=-1)
+        joint = self.prefix_proj(prefix_hidden).unsqueeze(-2) + mlp_part
+        scores = self.out(self.norm(nn.functional.gelu(joint))).float()
+        if self.shift is None:
+            return scores
+        shift = self.shift(prefix_hidden).unflatten(-1, (self.num_classes, self.shift_rank))  # [..., K, r]
+        return scores + (shift_part @ shift.transpose(-1, -2)).float()
 
 
 def class_conditional(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> torch.Tensor:
@@ -225,6 +251,7 @@ class PreferenceClassifier(nn.Module):
         posterior: Literal["joint", "axis"] = "joint",
         guidance_prior: Literal["learned", "uniform"] = "learned",
         prior_layer: int | None = None,
+        shift_rank: int = 0,
     ) -> PreferenceClassifier:
         """A freshly initialised classifier for ``base`` (train it before use)."""
         if kind == "separate" and backbone is None:
@@ -245,6 +272,7 @@ class PreferenceClassifier(nn.Module):
             hidden_size=source.model.config.hidden_size,
             embedding_size=source.model.get_input_embeddings().embedding_dim,
             head_size=head_size,
+            shift_rank=shift_rank,
             tokenizer_fingerprint=fingerprint,
             backbone=None if kind == "shared" else source.spec,
             base_model=base.name,

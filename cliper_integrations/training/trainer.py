@@ -56,6 +56,8 @@ class TrainConfig:
     batch_size: int = 1024
     patience: int = 4
     head_size: int = 256
+    shift_rank: int = 0
+    """Rank of the head's bilinear shift term (``core/classifier.py``; 0: the MLP alone)."""
     seed: int = 0
     feature_cache: Path | None = None
     """Folder for encoded features, one file per response (None: encode every time)."""
@@ -321,13 +323,11 @@ def teach_rows(
     class's request in the prompt (``TrainConfig.teacher_classes``), kept in the same cache files."""
     keys = _feature_keys(classifier, base, rows)
     layer_name = _layer_name(classifier)
-    teacher_axes = {axis_of(name) for name in teacher_classes}
     for name in teacher_classes:
         untaught = [
             i
             for i in sorted(range(len(rows)), key=lambda i: len(rows[i]["response"]))
-            if (teacher_answers == "all" or axis_of(rows[i]["class"]) in teacher_axes)
-            and f"teacher.{name}" not in features[i]
+            if taught_by_teacher(rows[i], teacher_classes, teacher_answers) and f"teacher.{name}" not in features[i]
         ]
         for start in tqdm(
             range(0, len(untaught), batch_size), desc=f"Teacher: {name}", unit="batch", disable=not untaught
@@ -337,6 +337,11 @@ def teach_rows(
             for index, log_lm in zip(batch, taught, strict=True):
                 features[index][f"teacher.{name}"] = log_lm
                 _store(cache, keys[index], features[index], layer_name)
+
+
+def taught_by_teacher(row: dict, teacher_classes: tuple[str, ...], teacher_answers: str) -> bool:
+    """Whether the teacher reads this answer: every answer, or those on the teacher classes' axes."""
+    return teacher_answers == "all" or axis_of(row["class"]) in {axis_of(name) for name in teacher_classes}
 
 
 def _layer_name(classifier: PreferenceClassifier) -> str | None:
@@ -362,13 +367,22 @@ def _store(cache: Path | None, key: str, feature: Features, layer_name: str | No
 
 
 def assemble(
-    features: list[Features], rows: list[dict], classes: tuple[str, ...], teacher_classes: tuple[str, ...] = ()
+    features: list[Features],
+    rows: list[dict],
+    classes: tuple[str, ...],
+    teacher_classes: tuple[str, ...] = (),
+    teacher_answers: str = "axis",
 ) -> EncodedSet:
-    """Stack per-response features into one training set labelled with each response's class."""
+    """Stack per-response features into one training set labelled with each response's class; the
+    teacher's targets only for the answers ``teacher_answers`` names (a shared cache may hold more)."""
     labels = [classes.index(row["class"]) for row in rows]
     lengths = torch.tensor([len(feature["next_ids"]) for feature in features])
     names = [name for name in (*STATES, "next_ids", *BAYES_FEATURES) if all(name in f for f in features)]
-    teacher = torch.cat([_taught(f, teacher_classes) for f in features]) if teacher_classes else None
+    teacher = (
+        torch.cat([_taught(f, r, teacher_classes, teacher_answers) for f, r in zip(features, rows, strict=True)])
+        if teacher_classes
+        else None
+    )
     return EncodedSet(
         {name: torch.cat([feature[name] for feature in features]) for name in names},
         torch.repeat_interleave(torch.tensor(labels), lengths),
@@ -379,9 +393,11 @@ def assemble(
     )
 
 
-def _taught(feature: Features, teacher_classes: tuple[str, ...]) -> torch.Tensor:
+def _taught(feature: Features, row: dict, teacher_classes: tuple[str, ...], teacher_answers: str) -> torch.Tensor:
     """One response's teacher log-probs [T, k, C], NaN for a class the teacher did not read it under."""
     untaught = torch.full(feature["candidate_log_lm"].shape, float("nan"), dtype=torch.float16)
+    if not taught_by_teacher(row, teacher_classes, teacher_answers):
+        return torch.stack([untaught] * len(teacher_classes), dim=-1)
     return torch.stack([feature.get(f"teacher.{name}", untaught).half() for name in teacher_classes], dim=-1)
 
 
@@ -498,6 +514,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         posterior=config.posterior,
         guidance_prior=config.guidance_prior,
         prior_layer=config.prior_layer,
+        shift_rank=config.shift_rank,
     )
     trainable = _prior_on(classifier, prior_on, base) if prior_on else classifier.head.parameters()
     candidates = config.candidates if classifier.config.form == "bayes" else 0
@@ -511,8 +528,8 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         teach_rows(
             classifier, base, taught_rows, taught_features, config.feature_cache, teacher, config.teacher_answers
         )
-    train = assemble(features[: len(train_rows)], train_rows, classes, teacher)
-    val = assemble(val_features, val_rows, classes, teacher)
+    train = assemble(features[: len(train_rows)], train_rows, classes, teacher, config.teacher_answers)
+    val = assemble(val_features, val_rows, classes, teacher, config.teacher_answers)
     # Balance classes by token count, so long answers do not drown short ones.
     class_tokens = torch.bincount(train.labels, minlength=len(classes)).float().clamp(min=1)
     class_weight = class_tokens.sum() / (len(classes) * class_tokens)
@@ -622,6 +639,7 @@ def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel)
         "form": "bayes",
         "posterior": classifier.config.posterior,
         "head_size": classifier.config.head_size,
+        "shift_rank": classifier.config.shift_rank,
         "classes": classifier.classes,
     }
     found = {name: getattr(trained.config, name) for name in wanted}
