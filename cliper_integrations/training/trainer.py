@@ -327,7 +327,7 @@ def teach_rows(
         untaught = [
             i
             for i in sorted(range(len(rows)), key=lambda i: len(rows[i]["response"]))
-            if taught_by_teacher(rows[i], teacher_classes, teacher_answers) and f"teacher.{name}" not in features[i]
+            if _taught_by_teacher(rows[i], teacher_classes, teacher_answers) and f"teacher.{name}" not in features[i]
         ]
         for start in tqdm(
             range(0, len(untaught), batch_size), desc=f"Teacher: {name}", unit="batch", disable=not untaught
@@ -339,7 +339,7 @@ def teach_rows(
                 _store(cache, keys[index], features[index], layer_name)
 
 
-def taught_by_teacher(row: dict, teacher_classes: tuple[str, ...], teacher_answers: str) -> bool:
+def _taught_by_teacher(row: dict, teacher_classes: tuple[str, ...], teacher_answers: str) -> bool:
     """Whether the teacher reads this answer: every answer, or those on the teacher classes' axes."""
     return teacher_answers == "all" or axis_of(row["class"]) in {axis_of(name) for name in teacher_classes}
 
@@ -396,9 +396,10 @@ def assemble(
 def _taught(feature: Features, row: dict, teacher_classes: tuple[str, ...], teacher_answers: str) -> torch.Tensor:
     """One response's teacher log-probs [T, k, C], NaN for a class the teacher did not read it under."""
     untaught = torch.full(feature["candidate_log_lm"].shape, float("nan"), dtype=torch.float16)
-    if not taught_by_teacher(row, teacher_classes, teacher_answers):
-        return torch.stack([untaught] * len(teacher_classes), dim=-1)
-    return torch.stack([feature.get(f"teacher.{name}", untaught).half() for name in teacher_classes], dim=-1)
+    read = _taught_by_teacher(row, teacher_classes, teacher_answers)
+    return torch.stack(
+        [feature.get(f"teacher.{name}", untaught).half() if read else untaught for name in teacher_classes], dim=-1
+    )
 
 
 def teacher_divergence(
