@@ -227,6 +227,13 @@ def train(
             "'default': the packaged one's, whose reading prior is then fitted again"
         ),
     ] = None,
+    part: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="with --prior-on: CLASSES=FOLDER scores those comma-separated classes by that trained classifier's "
+            "head instead (repeat for several), e.g. friendly,unfriendly=runs/tone"
+        ),
+    ] = None,
     guidance_prior: Annotated[
         str, typer.Option(help="with a learned prior: learned (decoding uses it too) or uniform (reading only)")
     ] = "learned",
@@ -271,6 +278,7 @@ def train(
             posterior=posterior,
             response_weight=response_weight,
             prior_on=prior_on,
+            head_parts_from=[_head_part(spec) for spec in part or []],
             guidance_prior=guidance_prior,
             prior_layer=prior_layer,
             teacher_classes=tuple(name for name in teacher.split(",") if name),
@@ -291,6 +299,14 @@ def train(
         for axis, values in validation["axes"].items():
             typer.echo(f"  {axis:>9}: token {values['token_accuracy']:.3f}, response {values['response_accuracy']:.3f}")
     typer.echo(f"saved to {output}")
+
+
+def _head_part(spec: str) -> tuple[list[str], Path]:
+    """``friendly,unfriendly=runs/tone`` -> (["friendly", "unfriendly"], Path("runs/tone"))."""
+    names, separator, folder = spec.partition("=")
+    if not separator or not folder or not names:
+        raise typer.BadParameter(f"--part takes CLASSES=FOLDER, got {spec!r}")
+    return [name.strip() for name in names.split(",") if name.strip()], Path(folder)
 
 
 @app.command("eval")

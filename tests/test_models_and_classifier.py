@@ -297,3 +297,57 @@ def test_a_shift_term_starts_at_zero_and_adds_a_low_rank_bilinear_score(tmp_path
     torch.testing.assert_close(
         loaded.log_probs(hidden, candidates, some_log_lm), classifier.log_probs(hidden, candidates, some_log_lm)
     )
+
+
+def test_composed_heads_score_each_class_exactly_as_its_own_head(tmp_path, base):
+    """``compose``: a part's classes are scored by the donor's head, every other class by the main head,
+    in one posterior; the whole-vocabulary path matches candidate ids, and the parts round-trip."""
+    from cliper_integrations.core.classifier import compose
+
+    classes = ["concise", "informative", "friendly", "unfriendly", "refusal"]
+    main, donor = (
+        PreferenceClassifier.create(base, classes, form="bayes", head_size=16, shift_rank=2, seed=seed)
+        for seed in (1, 2)
+    )
+    for head in (main.head, donor.head):
+        with torch.no_grad():
+            head.shift.weight.normal_()  # rows of the shift term are sliced per class too
+    composed = compose(main, [(["unfriendly", "friendly"], donor)])
+    assert composed.config.head_parts == [["unfriendly", "friendly"]]
+    assert composed.config.part_classes == [["concise", "informative", "refusal"], ["unfriendly", "friendly"]]
+    hidden = torch.randn(2, composed.config.hidden_size)
+    candidates = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    scores = composed.head(hidden, composed._project(candidates))
+    tone, rest = [2, 3], [0, 1, 4]
+    torch.testing.assert_close(scores[..., tone], donor.head(hidden, donor._project(candidates))[..., tone])
+    torch.testing.assert_close(scores[..., rest], main.head(hidden, main._project(candidates))[..., rest])
+
+    vocab = len(base.tokenizer)
+    log_lm = torch.log_softmax(torch.randn(2, vocab), -1)
+    whole = composed.log_probs(hidden, None, log_lm)[:, :vocab]
+    by_id = composed.log_probs(hidden, torch.arange(vocab).expand(2, -1), log_lm)
+    torch.testing.assert_close(whole, by_id, rtol=1e-4, atol=1e-4)
+
+    loaded = PreferenceClassifier.load(composed.save(tmp_path / "composed"), base)
+    assert loaded.config.head_parts == [["unfriendly", "friendly"]]
+    some_log_lm = log_lm[:, :4]
+    torch.testing.assert_close(
+        loaded.log_probs(hidden, candidates, some_log_lm), composed.log_probs(hidden, candidates, some_log_lm)
+    )
+    assert loaded.guidance_digest() == composed.guidance_digest() != main.guidance_digest()
+
+
+def test_head_parts_must_be_compatible_disjoint_groups_of_the_classes(base):
+    from cliper_integrations.core.classifier import ClassifierConfig, compose
+
+    classes = ["concise", "informative", "friendly"]
+    main = PreferenceClassifier.create(base, classes, form="bayes", head_size=16)
+    with pytest.raises(ValueError, match="head_size"):
+        compose(main, [(["friendly"], PreferenceClassifier.create(base, classes, form="bayes", head_size=8))])
+    with pytest.raises(ValueError, match="bayes form"):
+        direct = PreferenceClassifier.create(base, classes, head_size=16)
+        compose(direct, [(["friendly"], PreferenceClassifier.create(base, classes, head_size=16))])
+    settings = main.config.model_dump()
+    for parts in ([["friendly"], ["friendly"]], [["cheerful"]], [[]], [classes]):
+        with pytest.raises(ValueError, match="head_parts"):
+            ClassifierConfig.model_validate({**settings, "head_parts": parts})

@@ -457,3 +457,40 @@ def test_a_teacher_on_its_axis_ignores_targets_another_run_cached_for_every_answ
     fresh = train_classifier(base, _tiny_config(data, tmp_path / "fresh", feature_cache=tmp_path / "own", **settings))
     assert after["train"]["teacher_kl_base"] == fresh["train"]["teacher_kl_base"]
     assert every["train"]["teacher_kl_base"] != fresh["train"]["teacher_kl_base"]  # the tone answers count there
+
+
+def test_a_prior_fitted_on_composed_heads_keeps_each_parts_likelihood(tmp_path, base):
+    """``prior_on`` with ``head_parts_from``: a class named there is scored by that classifier's head, the
+    rest by ``prior_on``'s, both frozen; only the prior trains, and guidance is the composed heads'."""
+    from cliper_integrations.core.classifier import PreferenceClassifier, compose
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(30)))
+    cache = tmp_path / "features"
+    main = _tiny_config(data, tmp_path / "main", epochs=3, feature_cache=cache)
+    donor = _tiny_config(data, tmp_path / "donor", epochs=2, feature_cache=cache, seed=5)
+    train_classifier(base, main)
+    train_classifier(base, donor)
+    parts = [(("informative",), donor.output)]
+    prior = _tiny_config(
+        data,
+        tmp_path / "prior",
+        feature_cache=cache,
+        prior_on=main.output,
+        head_parts_from=parts,
+        guidance_prior="uniform",
+        epochs=3,
+    )
+    metrics = train_classifier(base, prior)
+    fitted = PreferenceClassifier.load(prior.output, base)
+    expected = compose(
+        PreferenceClassifier.load(main.output, base), [(["informative"], PreferenceClassifier.load(donor.output, base))]
+    )
+    assert fitted.config.head_parts == [["informative"]] and fitted.config.class_prior == "learned"
+    assert fitted.guidance_digest() == expected.guidance_digest()
+    likelihood = {name: t for name, t in expected.head.state_dict().items() if not name.startswith("prior.")}
+    for name, tensor in likelihood.items():
+        torch.testing.assert_close(fitted.head.state_dict()[name], tensor, rtol=0, atol=0)
+    assert metrics["validation"]["response_accuracy"] >= 0.9
+    with pytest.raises(ValueError, match="prior-on"):
+        _tiny_config(data, tmp_path / "none", head_parts_from=parts)

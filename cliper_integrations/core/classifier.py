@@ -44,6 +44,7 @@ Saved as ``classifier.safetensors`` (head only) plus ``classifier.json`` (config
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -96,6 +97,9 @@ class ClassifierConfig(BaseModel):
     prior_layer: int | None = Field(default=None, ge=0)
     """The backbone layer (an index into its ``hidden_states``) the learned prior reads; None: the final
     state, as the likelihood head. Reading only: decoding taps the final state alone."""
+    head_parts: list[list[str]] = Field(default_factory=list)
+    """Classes whose likelihoods come from heads of their own (each part one MLP; the classes no part
+    names share the first, main head). Empty: one head scores every class. See ``ComposedHead``."""
     prompted_weight_factors: dict[str, float] = Field(default_factory=dict)
     """Per class, what a weight from memory is multiplied by when the request is also written into the
     prompt (``preference_prompt``): the prompt already moves the answer part of the way, and full
@@ -110,6 +114,21 @@ class ClassifierConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _parts_of_own_classes(self) -> ClassifierConfig:
+        named = [name for part in self.head_parts for name in part]
+        if len(named) != len(set(named)) or not set(named) <= set(self.classes) or any(not p for p in self.head_parts):
+            raise ValueError(f"head_parts must be disjoint, non-empty groups of the classes, got {self.head_parts!r}")
+        if self.head_parts and set(named) == set(self.classes):
+            raise ValueError("head_parts must leave the main head some classes (those no part names)")
+        return self
+
+    @property
+    def part_classes(self) -> list[list[str]]:
+        """The classes each head scores, the main head first (one group when there are no parts)."""
+        named = {name for part in self.head_parts for name in part}
+        return [[name for name in self.classes if name not in named], *self.head_parts]
+
+    @model_validator(mode="after")
     def _factors_of_own_classes(self) -> ClassifierConfig:
         for name, factor in self.prompted_weight_factors.items():
             if name not in self.classes:
@@ -119,7 +138,24 @@ class ClassifierConfig(BaseModel):
         return self
 
 
-class PreferenceHead(nn.Module):
+def _prior_mlp(hidden_size: int, head_size: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(hidden_size, head_size), nn.GELU(), nn.Linear(head_size, num_classes))
+
+
+class _ClassScorer(nn.Module):
+    """What both head layouts share: the optional learned class prior p(c | prefix)."""
+
+    num_classes: int
+    prior: nn.Module | None
+
+    def log_prior(self, prefix_hidden: torch.Tensor) -> torch.Tensor:
+        """log p(c | prefix) [..., K]; zeros (uniform, up to a constant) without a learned prior."""
+        if self.prior is None:
+            return prefix_hidden.new_zeros((*prefix_hidden.shape[:-1], self.num_classes), dtype=torch.float32)
+        return torch.log_softmax(self.prior(prefix_hidden.float()).float(), dim=-1)
+
+
+class PreferenceHead(_ClassScorer):
     """The small MLP that scores (prefix state, candidate embedding) pairs for every class."""
 
     def __init__(
@@ -142,14 +178,13 @@ class PreferenceHead(nn.Module):
         if self.shift is not None:
             nn.init.zeros_(self.shift.weight)
             nn.init.zeros_(self.shift.bias)
-        self.prior = (
-            nn.Sequential(nn.Linear(hidden_size, head_size), nn.GELU(), nn.Linear(head_size, num_classes))
-            if learned_prior
-            else None
-        )
+        self.prior = _prior_mlp(hidden_size, head_size, num_classes) if learned_prior else None
 
     @classmethod
-    def for_config(cls, config: ClassifierConfig) -> PreferenceHead:
+    def for_config(cls, config: ClassifierConfig) -> PreferenceHead | ComposedHead:
+        """The head ``config`` describes: one MLP, or one per part (``head_parts``)."""
+        if config.head_parts:
+            return ComposedHead.for_config(config)
         return cls(
             config.hidden_size,
             config.embedding_size,
@@ -159,11 +194,32 @@ class PreferenceHead(nn.Module):
             shift_rank=config.shift_rank,
         )
 
-    def log_prior(self, prefix_hidden: torch.Tensor) -> torch.Tensor:
-        """log p(c | prefix) [..., K]; zeros (uniform, up to a constant) without a learned prior."""
-        if self.prior is None:
-            return prefix_hidden.new_zeros((*prefix_hidden.shape[:-1], self.num_classes), dtype=torch.float32)
-        return torch.log_softmax(self.prior(prefix_hidden.float()).float(), dim=-1)
+    def project(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Candidate embeddings [..., E] -> what ``forward`` reads of them [..., D + r]."""
+        return self.candidate_proj(embeddings)
+
+    def projection_key(self) -> tuple[int, ...]:
+        """Changes whenever ``project`` would: for caching the projected vocabulary."""
+        return (self.candidate_proj.weight.data_ptr(), self.candidate_proj.weight._version)
+
+    def restricted_to(self, rows: list[int]) -> PreferenceHead:
+        """A copy that scores only the classes at ``rows`` (in that order), without a prior: the MLP scores
+        each class by its own output row (and shift rows), so each kept score is unchanged."""
+        embedding_size = self.candidate_proj.in_features
+        part = PreferenceHead(
+            self.prefix_proj.in_features, embedding_size, self.head_size, len(rows), False, self.shift_rank
+        )
+        state = {name: t for name, t in self.state_dict().items() if not name.startswith("prior.")}
+        index = torch.tensor(rows)
+        state["out.weight"], state["out.bias"] = state["out.weight"][index], state["out.bias"][index]
+        if self.shift is not None:
+            shift_rows = (index.unsqueeze(-1) * self.shift_rank + torch.arange(self.shift_rank)).flatten()
+            state["shift.weight"], state["shift.bias"] = (
+                state["shift.weight"][shift_rows],
+                state["shift.bias"][shift_rows],
+            )
+        part.load_state_dict(state)
+        return part
 
     def forward(self, prefix_hidden: torch.Tensor, projected_candidates: torch.Tensor) -> torch.Tensor:
         """``prefix_hidden`` [..., H] and projected candidates [..., N, D + r] -> class scores [..., N, K]."""
@@ -174,6 +230,72 @@ class PreferenceHead(nn.Module):
             return scores
         shift = self.shift(prefix_hidden).unflatten(-1, (self.num_classes, self.shift_rank))  # [..., K, r]
         return scores + (shift_part @ shift.transpose(-1, -2)).float()
+
+
+class ComposedHead(_ClassScorer):
+    """Several ``PreferenceHead``s in one posterior, each scoring the classes of its part.
+
+    The heads share one MLP's projections across the classes they score, so a head trained hard for one
+    axis (tone taught by the prompted model on every answer) pushes the other axes less. Here each part's
+    classes get their likelihoods s_c(h, x) from their own head, and Bayes' rule still normalises over
+    every class (or axis); the class prior, when learned, is one MLP over all classes."""
+
+    def __init__(self, parts: list[PreferenceHead], part_rows: list[list[int]], prior: nn.Module | None) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        concatenated = [row for rows in part_rows for row in rows]
+        self.num_classes = len(concatenated)
+        # the column of each class among the parts' concatenated scores
+        self.register_buffer("order", torch.tensor(concatenated).argsort(), persistent=False)
+        self.widths = [part.head_size + part.shift_rank for part in parts]
+        self.prior = prior
+
+    @classmethod
+    def for_config(cls, config: ClassifierConfig) -> ComposedHead:
+        groups = config.part_classes
+        parts = [
+            PreferenceHead(
+                config.hidden_size, config.embedding_size, config.head_size, len(group), False, config.shift_rank
+            )
+            for group in groups
+        ]
+        learned = config.class_prior == "learned"
+        prior = _prior_mlp(config.hidden_size, config.head_size, len(config.classes)) if learned else None
+        return cls(parts, [[config.classes.index(name) for name in group] for group in groups], prior)
+
+    def project(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part.project(embeddings) for part in self.parts], dim=-1)
+
+    def projection_key(self) -> tuple[int, ...]:
+        return tuple(key for part in self.parts for key in part.projection_key())
+
+    def forward(self, prefix_hidden: torch.Tensor, projected_candidates: torch.Tensor) -> torch.Tensor:
+        chunks = projected_candidates.split(self.widths, dim=-1)
+        scores = torch.cat([part(prefix_hidden, chunk) for part, chunk in zip(self.parts, chunks, strict=True)], -1)
+        return scores.index_select(-1, self.order)
+
+
+def compose(main: PreferenceClassifier, donors: list[tuple[list[str], PreferenceClassifier]]) -> PreferenceClassifier:
+    """``main`` with the likelihoods of some classes taken from other trained heads: each (classes, donor)
+    pair becomes a part that scores those classes exactly as ``donor`` does, and every other class is
+    scored exactly as ``main`` scores it. The prior (if any) is ``main``'s: fit it again on the composed
+    likelihoods (``cliper train --prior-on … --part …``) before reading texts with it."""
+    for _, donor in donors:
+        settings = ("kind", "form", "classes", "head_size", "shift_rank", "tokenizer_fingerprint")
+        if mismatch := [name for name in settings if getattr(donor.config, name) != getattr(main.config, name)]:
+            raise ValueError(f"A head part must match the main classifier's {', '.join(mismatch)}")
+    if main.config.head_parts or any(donor.config.head_parts for _, donor in donors):
+        raise ValueError("Compose single-head classifiers (neither the main one nor a part may have parts)")
+    if main.config.form != "bayes":
+        raise ValueError("Head parts need the bayes form, whose class likelihoods are each normalised on their own")
+    config = main.config.model_copy(update={"head_parts": [list(names) for names, _ in donors]})
+    config = ClassifierConfig.model_validate(config.model_dump())  # check the parts
+    index = config.classes.index
+    parts = [main.head.restricted_to([index(name) for name in config.part_classes[0]])]
+    parts += [donor.head.restricted_to([index(name) for name in names]) for names, donor in donors]
+    rows = [[index(name) for name in group] for group in config.part_classes]
+    head = ComposedHead(parts, rows, copy.deepcopy(main.head.prior))
+    return PreferenceClassifier(config, main.backbone, head).eval()
 
 
 def class_conditional(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> torch.Tensor:
@@ -225,7 +347,9 @@ class BackboneState:
 class PreferenceClassifier(nn.Module):
     """Scores candidate next tokens for every preference class; see the module docstring."""
 
-    def __init__(self, config: ClassifierConfig, backbone: PreTrainedModel, head: PreferenceHead | None = None):
+    def __init__(
+        self, config: ClassifierConfig, backbone: PreTrainedModel, head: PreferenceHead | ComposedHead | None = None
+    ):
         super().__init__()
         if config.prior_layer is not None and config.prior_layer > (last_layer := backbone.config.num_hidden_layers):
             raise ValueError(f"prior_layer {config.prior_layer} is past the backbone's last layer ({last_layer})")
@@ -348,11 +472,10 @@ class PreferenceClassifier(nn.Module):
 
     def _projected_vocabulary(self) -> torch.Tensor:
         """W_e e(x) for the whole vocabulary, cached until the head's weights change."""
-        weight = self.head.candidate_proj.weight
-        key = (weight.data_ptr(), weight._version)
+        key = self.head.projection_key()
         if self._projected_vocab is None or self._projected_vocab[0] != key:
             with torch.no_grad():
-                self._projected_vocab = (key, self.head.candidate_proj(self._candidate_table().float()))
+                self._projected_vocab = (key, self.head.project(self._candidate_table().float()))
         return self._projected_vocab[1]
 
     def _project(self, ids: torch.Tensor) -> torch.Tensor:
@@ -360,7 +483,7 @@ class PreferenceClassifier(nn.Module):
         repeats the same few thousand tokens tens of times). ``index_select``, not ``[inverse]``: its
         gradient (index_add) sums in a fixed order on CPU, so seeded training is reproducible."""
         distinct, inverse = ids.unique(return_inverse=True)
-        projected = self.head.candidate_proj(self._candidate_table()[distinct].float())
+        projected = self.head.project(self._candidate_table()[distinct].float())
         return projected.index_select(0, inverse.flatten()).view(*ids.shape, -1)
 
     def log_probs(

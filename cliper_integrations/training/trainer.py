@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional
 from tqdm.auto import tqdm
 
-from cliper_integrations.core.classifier import PreferenceClassifier
+from cliper_integrations.core.classifier import PreferenceClassifier, PreferenceHead, compose
 from cliper_integrations.core.engine import DEFAULT_CLASSIFIER, default_classifier_path
 from cliper_integrations.core.errors import ModelResolutionError
 from cliper_integrations.core.models import LoadedModel
@@ -75,6 +75,10 @@ class TrainConfig:
     """Fit only a learned class prior on top of this saved bayes classifier that guides with a uniform
     prior ("default": the one packaged for the base model): its likelihood head is copied and frozen, so
     the tokens each class prefers stay exactly as they were."""
+    head_parts_from: Sequence[tuple[Sequence[str], Path]] = ()
+    """With ``prior_on``: (classes, classifier folder) pairs whose classes are scored by that trained
+    classifier's head instead (``core/classifier.py``, ``compose``), so that one axis can take a head
+    trained for it while the others keep ``prior_on``'s; the prior is then fitted on the composed head."""
     guidance_prior: Literal["learned", "uniform"] = "learned"
     """With a learned prior: whether decoding uses it too (``core/classifier.py``)."""
     prior_layer: int | None = None
@@ -105,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"Teacher classes must be trained classes on a preference axis: {unknown}")
         if self.teacher_answers not in ("axis", "all"):
             raise ValueError(f"teacher_answers must be 'axis' or 'all', not {self.teacher_answers!r}")
+        if self.head_parts_from and self.prior_on is None:
+            raise ValueError("Head parts are composed from trained classifiers: they need --prior-on")
         if self.teacher_classes and (self.form != "bayes" or self.prior_on is not None):
             raise ValueError("A teacher trains a bayes-form likelihood head (not a prior fitted on top)")
 
@@ -517,7 +523,9 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         prior_layer=config.prior_layer,
         shift_rank=config.shift_rank,
     )
-    trainable = _prior_on(classifier, prior_on, base) if prior_on else classifier.head.parameters()
+    trainable = (
+        _prior_on(classifier, prior_on, base, config.head_parts_from) if prior_on else classifier.head.parameters()
+    )
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     teacher = config.teacher_classes
     features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
@@ -609,8 +617,8 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
             "per_class": _count_by_class(train_rows + val_rows),
         },
         "history": history,
-        "config": {
-            k: str(v) if isinstance(v, Path) else v
+        "config": {  # as JSON holds it: paths as strings, tuples as lists
+            k: json.loads(json.dumps(v, default=str))
             for k, v in asdict(config).items()
             if k not in ("data", "output", "feature_cache")
         },
@@ -629,13 +637,21 @@ def _prior_on_folder(spec: Path, base: LoadedModel) -> Path:
     return folder
 
 
-def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel) -> list[torch.nn.Parameter]:
+def _prior_on(
+    classifier: PreferenceClassifier,
+    folder: Path,
+    base: LoadedModel,
+    parts_from: Sequence[tuple[Sequence[str], Path]] = (),
+) -> list[torch.nn.Parameter]:
     """Copy a trained bayes head that guides with a uniform prior (and its ``prompted_weight_factors``)
     into ``classifier`` and freeze it; return the prior's parameters, the only ones left to train.
 
     The head may carry a reading-only prior already (such as the shipped default): it is left behind
-    and a new one is fitted, so a prior can be refitted on grown data without the head's own run."""
+    and a new one is fitted, so a prior can be refitted on grown data without the head's own run. With
+    ``parts_from``, the classes named there are scored by those classifiers' heads (``compose``)."""
     trained = PreferenceClassifier.load(folder, base)
+    if parts_from:
+        trained = compose(trained, [(list(names), PreferenceClassifier.load(path, base)) for names, path in parts_from])
     wanted = {
         "form": "bayes",
         "posterior": classifier.config.posterior,
@@ -648,6 +664,9 @@ def _prior_on(classifier: PreferenceClassifier, folder: Path, base: LoadedModel)
         raise ValueError(f"--prior-on needs a classifier with {wanted}; {folder} has {mismatch}")
     if trained.guides_with_prior:
         raise ValueError(f"--prior-on needs a head that guides with a uniform prior; {folder}'s prior guides")
+    if trained.config.head_parts:
+        classifier.config.head_parts = trained.config.head_parts
+        classifier.head = PreferenceHead.for_config(classifier.config)
     likelihood = {name: tensor for name, tensor in trained.head.state_dict().items() if not name.startswith("prior.")}
     classifier.head.load_state_dict(likelihood, strict=False)  # all but the prior
     # guidance stays the trained head's, so the α it was probed at with the prompt still holds
