@@ -150,6 +150,14 @@ def test_train_prior_on_default_needs_a_packaged_classifier(tmp_path, model_fold
     assert not out.exists()
 
 
+def test_train_part_takes_classes_and_a_folder(tmp_path, model_folder, classifier_folder):
+    out = tmp_path / "out"
+    common = ("train", "--model", model_folder, "--prior-on", classifier_folder, "--output", out)
+    result = run(*common, "--part", "friendly")
+    assert result.exit_code == 2 and "CLASSES=FOLDER" in result.output
+    assert not out.exists()
+
+
 def test_guidance_without_classifier(model_folder):
     result = run(
         "generate",

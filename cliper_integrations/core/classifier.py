@@ -35,6 +35,10 @@ The scores are read in one of two forms:
   changing how guidance steers. Such a reading-only prior may read another layer of the backbone
   (``prior_layer``): a middle layer holds more of what a text says and less of what comes next.
 
+With ``head_parts`` the likelihoods s_c come from several such heads, each scoring its own classes
+(``ComposedHead``; ``compose`` builds one from trained heads), so one axis can be given a head trained
+for it without moving how the others score theirs.
+
 Either form normalises each class's posterior over every class (``posterior: joint``) or, with
 ``posterior: axis``, over its own preference axis and the background classes only (``normalizer``):
 the axes are independent, so two requested classes on different axes then do not compete.
