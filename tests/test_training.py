@@ -471,6 +471,8 @@ def test_a_prior_fitted_on_composed_heads_keeps_each_parts_likelihood(tmp_path, 
     donor = _tiny_config(data, tmp_path / "donor", epochs=2, feature_cache=cache, seed=5)
     train_classifier(base, main)
     train_classifier(base, donor)
+    probed = json.loads((main.output / "classifier.json").read_text())
+    (main.output / "classifier.json").write_text(json.dumps({**probed, "prompted_weight_factors": {"concise": 0.25}}))
     parts = [(("informative",), donor.output)]
     prior = _tiny_config(
         data,
@@ -492,5 +494,11 @@ def test_a_prior_fitted_on_composed_heads_keeps_each_parts_likelihood(tmp_path, 
     for name, tensor in likelihood.items():
         torch.testing.assert_close(fitted.head.state_dict()[name], tensor, rtol=0, atol=0)
     assert metrics["validation"]["response_accuracy"] >= 0.9
+    assert fitted.config.prompted_weight_factors == {}  # probed for the main head's guidance, not this one's
+    # the composed likelihoods may be read under another posterior
+    axis = TrainConfig(**{**prior.__dict__, "output": tmp_path / "axis", "posterior": "axis", "epochs": 1})
+    train_classifier(base, axis)
+    by_axis = PreferenceClassifier.load(axis.output, base)
+    assert by_axis.config.posterior == "axis" and by_axis.guidance_digest() != fitted.guidance_digest()
     with pytest.raises(ValueError, match="prior-on"):
         _tiny_config(data, tmp_path / "none", head_parts_from=parts)

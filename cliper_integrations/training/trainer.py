@@ -643,18 +643,21 @@ def _prior_on(
     base: LoadedModel,
     parts_from: Sequence[tuple[Sequence[str], Path]] = (),
 ) -> list[torch.nn.Parameter]:
-    """Copy a trained bayes head that guides with a uniform prior (and its ``prompted_weight_factors``)
-    into ``classifier`` and freeze it; return the prior's parameters, the only ones left to train.
+    """Copy a trained bayes head that guides with a uniform prior into ``classifier`` and freeze it;
+    return the prior's parameters, the only ones left to train.
 
     The head may carry a reading-only prior already (such as the shipped default): it is left behind
     and a new one is fitted, so a prior can be refitted on grown data without the head's own run. With
-    ``parts_from``, the classes named there are scored by those classifiers' heads (``compose``)."""
-    trained = PreferenceClassifier.load(folder, base)
+    ``parts_from``, the classes named there are scored by those classifiers' heads (``compose``), and
+    ``classifier``'s posterior may differ from the head's. Its ``prompted_weight_factors`` carry over
+    only where guidance stays exactly the head's: they were probed for that guidance."""
+    original = trained = PreferenceClassifier.load(folder, base)
     if parts_from:
         trained = compose(trained, [(list(names), PreferenceClassifier.load(path, base)) for names, path in parts_from])
     wanted = {
         "form": "bayes",
-        "posterior": classifier.config.posterior,
+        # a posterior of its own only for composed heads, whose guidance is new anyway
+        "posterior": trained.config.posterior if parts_from else classifier.config.posterior,
         "head_size": classifier.config.head_size,
         "shift_rank": classifier.config.shift_rank,
         "classes": classifier.classes,
@@ -669,8 +672,8 @@ def _prior_on(
         classifier.head = PreferenceHead.for_config(classifier.config)
     likelihood = {name: tensor for name, tensor in trained.head.state_dict().items() if not name.startswith("prior.")}
     classifier.head.load_state_dict(likelihood, strict=False)  # all but the prior
-    # guidance stays the trained head's, so the α it was probed at with the prompt still holds
-    classifier.config.prompted_weight_factors = dict(trained.config.prompted_weight_factors)
+    if classifier.guidance_digest() == original.guidance_digest():  # the α probed with the prompt still holds
+        classifier.config.prompted_weight_factors = dict(original.config.prompted_weight_factors)
     for name, parameter in classifier.head.named_parameters():
         parameter.requires_grad_(name.startswith("prior."))
     return list(classifier.head.prior.parameters())
