@@ -215,7 +215,11 @@ def train(
         str, typer.Option(help="bayes form: uniform, or learned (a second small head's p(class | prefix))")
     ] = "uniform",
     posterior: Annotated[
-        str, typer.Option(help="joint (each class against all) or axis (against its own axis's other pole)")
+        str,
+        typer.Option(
+            help="joint (each class against all), axis (against its own axis's other pole) or part (against the "
+            "classes of its own head part, with --part)"
+        ),
     ] = "joint",
     response_weight: Annotated[
         float, typer.Option(help="weight of the response-level term (class of a whole response from its tokens)")

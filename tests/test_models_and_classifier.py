@@ -351,3 +351,22 @@ def test_head_parts_must_be_compatible_disjoint_groups_of_the_classes(base):
     for parts in ([["friendly"], ["friendly"]], [["cheerful"]], [[]], [classes]):
         with pytest.raises(ValueError, match="head_parts"):
             ClassifierConfig.model_validate({**settings, "head_parts": parts})
+
+
+def test_a_part_posterior_tells_each_class_from_its_own_heads_classes_and_the_background():
+    from cliper_integrations.core.classifier import normalizer
+
+    classes = ["concise", "informative", "friendly", "unfriendly", "refusal"]
+    parts = [["concise", "informative", "refusal"], ["friendly", "unfriendly"]]
+    mask = normalizer(classes, "part", parts)
+    included = {
+        name: {other for other, value in zip(classes, row, strict=True) if value == 0}
+        for name, row in zip(classes, mask, strict=True)
+    }
+    assert included["concise"] == included["refusal"] == {"concise", "informative", "refusal"}
+    assert included["friendly"] == {"friendly", "unfriendly", "refusal"}
+    assert normalizer(classes, "part", parts[:1]) is None  # one head: the joint posterior
+    scores = torch.randn(3, len(classes))
+    friendly = scores[:, [2, 3, 4]]
+    by_part = scores - torch.logsumexp(scores.unsqueeze(-2) + mask, dim=-1)
+    torch.testing.assert_close(by_part[:, 2], friendly[:, 0] - torch.logsumexp(friendly, -1))

@@ -96,8 +96,9 @@ class ClassifierConfig(BaseModel):
     """Bayes form only: the class prior p(c | prefix) in Bayes' rule."""
     guidance_prior: Literal["learned", "uniform"] = "learned"
     """With a learned prior: whether decoding uses it too, or scores candidates with a uniform prior."""
-    posterior: Literal["joint", "axis"] = "joint"
-    """What each class's posterior is normalised over: every class, or its own axis (``normalizer``)."""
+    posterior: Literal["joint", "axis", "part"] = "joint"
+    """What each class's posterior is normalised over: every class, its own axis, or the classes of its own
+    head part (``normalizer``)."""
     prior_layer: int | None = Field(default=None, ge=0)
     """The backbone layer (an index into its ``hidden_states``) the learned prior reads; None: the final
     state, as the likelihood head. Reading only: decoding taps the final state alone."""
@@ -309,7 +310,7 @@ def class_conditional(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> t
     return joint - torch.logsumexp(joint, dim=-2, keepdim=True)
 
 
-def normalizer(classes: list[str], posterior: str) -> torch.Tensor | None:
+def normalizer(classes: list[str], posterior: str, part_classes: list[list[str]] | None = None) -> torch.Tensor | None:
     """Which classes each class's posterior is normalised over, as a [K, K] log-mask (0: included,
     -inf: not), or None for all of them (``joint``).
 
@@ -317,13 +318,20 @@ def normalizer(classes: list[str], posterior: str) -> torch.Tensor | None:
     background classes (``refusal``): the axes are independent preferences, so a request for "concise"
     and "friendly" multiplies two axis posteriors (FUDGE's product of attributes) instead of having the
     two compete in one softmax, where pushing towards "concise" also pushes away from "friendly" text.
-    Classes on no axis and background classes are normalised over all classes."""
-    if posterior == "joint":
+    Classes on no axis and background classes are normalised over all classes.
+
+    With ``part``, a class is told apart from the classes its own head part scores and the background
+    classes (``head_parts``): a head trained jointly over its classes is read as it was trained, and a
+    part trained for one axis (tone, taught hard) stays out of the other heads' posteriors."""
+    if posterior == "joint" or (posterior == "part" and len(part_classes or []) < 2):
         return None
+    groups = {name: {name, opposite(name)} for name in classes}
+    if posterior == "part":
+        groups = {name: set(group) for group in part_classes or [] for name in group}
     mask = torch.zeros(len(classes), len(classes))
     for row, name in enumerate(classes):
-        if (other_pole := opposite(name)) in classes:
-            members = {name, other_pole, *BACKGROUND_CLASSES}
+        if posterior == "part" or opposite(name) in classes:
+            members = groups[name] | set(BACKGROUND_CLASSES)
             mask[row] = torch.tensor([0.0 if other in members else float("-inf") for other in classes])
     return mask
 
@@ -361,7 +369,7 @@ class PreferenceClassifier(nn.Module):
         self.backbone = backbone
         self.head = head or PreferenceHead.for_config(config)
         self._projected_vocab: tuple[tuple[int, ...], torch.Tensor] | None = None
-        self._normalizer = normalizer(config.classes, config.posterior)
+        self._normalizer = normalizer(config.classes, config.posterior, config.part_classes)
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
 
@@ -376,7 +384,7 @@ class PreferenceClassifier(nn.Module):
         seed: int = 0,
         form: Literal["direct", "bayes"] = "direct",
         class_prior: Literal["uniform", "learned"] = "uniform",
-        posterior: Literal["joint", "axis"] = "joint",
+        posterior: Literal["joint", "axis", "part"] = "joint",
         guidance_prior: Literal["learned", "uniform"] = "learned",
         prior_layer: int | None = None,
         shift_rank: int = 0,

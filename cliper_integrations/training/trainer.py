@@ -69,8 +69,9 @@ class TrainConfig:
     response_weight: float = 0.0
     """Weight of a response-level term: the class of each whole response from the sum of its tokens'
     class log-probs (what response accuracy reads), trained beside the token-level loss."""
-    posterior: Literal["joint", "axis"] = "joint"
-    """Normalise each class's posterior over all classes, or over its own axis (``core/classifier.py``)."""
+    posterior: Literal["joint", "axis", "part"] = "joint"
+    """Normalise each class's posterior over all classes, over its own axis, or over its own head part's
+    classes (``core/classifier.py``; "part" means something only with head parts)."""
     prior_on: Path | None = None
     """Fit only a learned class prior on top of this saved bayes classifier that guides with a uniform
     prior ("default": the one packaged for the base model): its likelihood head is copied and frozen, so
