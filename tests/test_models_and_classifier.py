@@ -285,18 +285,8 @@ def test_a_shift_term_starts_at_zero_and_adds_a_low_rank_bilinear_score(tmp_path
     expected = untrained + torch.einsum("bnr,bkr->bnk", shift_of_candidates, per_class)
     torch.testing.assert_close(head(hidden, projected), expected)
 
-    vocab = len(base.tokenizer)
-    log_lm = torch.log_softmax(torch.randn(2, vocab), -1)
-    whole = classifier.log_probs(hidden, None, log_lm)[:, :vocab]
-    by_id = classifier.log_probs(hidden, torch.arange(vocab).expand(2, -1), log_lm)
-    torch.testing.assert_close(whole, by_id, rtol=1e-4, atol=1e-4)
-
-    loaded = PreferenceClassifier.load(classifier.save(tmp_path / "shifted"), base)
+    loaded = _scores_alike_by_vocabulary_and_after_saving(classifier, base, hidden, candidates, tmp_path / "shifted")
     assert loaded.config.shift_rank == 4
-    some_log_lm = log_lm[:, :4]
-    torch.testing.assert_close(
-        loaded.log_probs(hidden, candidates, some_log_lm), classifier.log_probs(hidden, candidates, some_log_lm)
-    )
 
 
 def test_composed_heads_score_each_class_exactly_as_its_own_head(tmp_path, base):
@@ -322,18 +312,8 @@ def test_composed_heads_score_each_class_exactly_as_its_own_head(tmp_path, base)
     torch.testing.assert_close(scores[..., tone], donor.head(hidden, donor._project(candidates))[..., tone])
     torch.testing.assert_close(scores[..., rest], main.head(hidden, main._project(candidates))[..., rest])
 
-    vocab = len(base.tokenizer)
-    log_lm = torch.log_softmax(torch.randn(2, vocab), -1)
-    whole = composed.log_probs(hidden, None, log_lm)[:, :vocab]
-    by_id = composed.log_probs(hidden, torch.arange(vocab).expand(2, -1), log_lm)
-    torch.testing.assert_close(whole, by_id, rtol=1e-4, atol=1e-4)
-
-    loaded = PreferenceClassifier.load(composed.save(tmp_path / "composed"), base)
+    loaded = _scores_alike_by_vocabulary_and_after_saving(composed, base, hidden, candidates, tmp_path / "composed")
     assert loaded.config.head_parts == [["unfriendly", "friendly"]]
-    some_log_lm = log_lm[:, :4]
-    torch.testing.assert_close(
-        loaded.log_probs(hidden, candidates, some_log_lm), composed.log_probs(hidden, candidates, some_log_lm)
-    )
     assert loaded.guidance_digest() == composed.guidance_digest() != main.guidance_digest()
 
 
@@ -370,3 +350,19 @@ def test_a_part_posterior_tells_each_class_from_its_own_heads_classes_and_the_ba
     friendly = scores[:, [2, 3, 4]]
     by_part = scores - torch.logsumexp(scores.unsqueeze(-2) + mask, dim=-1)
     torch.testing.assert_close(by_part[:, 2], friendly[:, 0] - torch.logsumexp(friendly, -1))
+
+
+def _scores_alike_by_vocabulary_and_after_saving(classifier, base, hidden, candidates, folder):
+    """The whole-vocabulary path gives the candidate-id path's log-probs, and so does the classifier saved
+    to ``folder`` and loaded again; returns the loaded one."""
+    vocab = len(base.tokenizer)
+    log_lm = torch.log_softmax(torch.randn(2, vocab), -1)
+    whole = classifier.log_probs(hidden, None, log_lm)[:, :vocab]
+    by_id = classifier.log_probs(hidden, torch.arange(vocab).expand(2, -1), log_lm)
+    torch.testing.assert_close(whole, by_id, rtol=1e-4, atol=1e-4)
+    loaded = PreferenceClassifier.load(classifier.save(folder), base)
+    some_log_lm = log_lm[:, :4]
+    torch.testing.assert_close(
+        loaded.log_probs(hidden, candidates, some_log_lm), classifier.log_probs(hidden, candidates, some_log_lm)
+    )
+    return loaded

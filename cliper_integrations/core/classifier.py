@@ -243,7 +243,7 @@ class ComposedHead(_ClassScorer):
     The heads share one MLP's projections across the classes they score, so a head trained hard for one
     axis (tone taught by the prompted model on every answer) pushes the other axes less. Here each part's
     classes get their likelihoods s_c(h, x) from their own head, and Bayes' rule still normalises over
-    every class (or axis); the class prior, when learned, is one MLP over all classes."""
+    every class (or axis, or part: ``normalizer``); the class prior, when learned, is one MLP over all classes."""
 
     def __init__(self, parts: list[PreferenceHead], part_rows: list[list[int]], prior: nn.Module | None) -> None:
         super().__init__()
@@ -325,12 +325,13 @@ def normalizer(classes: list[str], posterior: str, part_classes: list[list[str]]
     part trained for one axis (tone, taught hard) stays out of the other heads' posteriors."""
     if posterior == "joint" or (posterior == "part" and len(part_classes or []) < 2):
         return None
-    groups = {name: {name, opposite(name)} for name in classes}
     if posterior == "part":
         groups = {name: set(group) for group in part_classes or [] for name in group}
+    else:
+        groups = {name: {name, pole} for name in classes if (pole := opposite(name)) in classes}
     mask = torch.zeros(len(classes), len(classes))
     for row, name in enumerate(classes):
-        if posterior == "part" or opposite(name) in classes:
+        if name in groups:
             members = groups[name] | set(BACKGROUND_CLASSES)
             mask[row] = torch.tensor([0.0 if other in members else float("-inf") for other in classes])
     return mask
