@@ -342,6 +342,13 @@ def evaluate(
     classes: Annotated[
         str | None, typer.Option(help="comma-separated classes to measure (and the combinations among them)")
     ] = None,
+    unguided_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="another run's output folder: take its unguided and prompting-only answers instead of "
+            "answering them again (they do not depend on the classifier)"
+        ),
+    ] = None,
     model: ModelOption = EMBEDDED_SPEC,
     classifier: ClassifierOption = "default",
 ) -> None:
@@ -376,6 +383,7 @@ def evaluate(
                 batch_size=batch_size,
                 classes=measured,
                 restart=restart,
+                unguided_from=unguided_from,
             ),
         )
     except (CLIPerError, OSError) as error:

@@ -187,6 +187,57 @@ def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, m
     assert len(store.read_text().splitlines()) == 1 + jobs
 
 
+def test_a_new_classifier_takes_another_runs_unguided_answers_and_makes_only_its_guided_ones(
+    tmp_path, monkeypatch, base, shared_classifier
+):
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.core.errors import EvalStoreError
+    from cliper_integrations.evaluation import steering
+    from tests.tiny import tiny_classifier
+
+    prompts = ["Explain rain.", "Hi"]
+    first_run, longer_run = tmp_path / "first", tmp_path / "longer"
+    first_run.mkdir(), longer_run.mkdir()
+    steering.run_eval(CLIPerEngine(base, classifier=shared_classifier), _eval_config(first_run, prompts))
+    theirs = _stored(first_run / "out")
+    other = CLIPerEngine(base, classifier=tiny_classifier(base, "shared", seed=5))
+    assert other.classifier.guidance_digest() != shared_classifier.guidance_digest()
+
+    answered: list[str] = []
+    generate = steering.generate
+
+    def counted(engine, texts, job, config):
+        answered.append(job.setting)
+        return generate(engine, texts, job, config)
+
+    monkeypatch.setattr(steering, "generate", counted)
+    config = _eval_config(tmp_path, prompts, unguided_from=first_run / "out")
+    results = steering.run_eval(other, config)
+    assert set(answered) == {"guidance", "prompt+guidance"}  # nothing made without guidance was answered again
+    ours = _stored(tmp_path / "out")
+    unguided_jobs = {job.key for job in steering.plan(config) if not steering.SETTINGS[job.setting]["guided"]}
+    assert {k: v for k, v in ours.items() if k[1] in unguided_jobs} == {
+        k: v for k, v in theirs.items() if k[1] in unguided_jobs
+    }
+    assert len(ours) == len(theirs)  # every job of this run answered for every prompt
+    assert results["unguided"] == steering.summarize([theirs[(pid, "-|unguided|0")] for pid in (10, 11)])
+
+    before = (tmp_path / "out" / steering.RESPONSES_FILE).read_text()
+    longer = _eval_config(longer_run, prompts, max_new_tokens=5, unguided_from=first_run / "out")
+    with pytest.raises(EvalStoreError, match="max_new_tokens"):  # answers of another token budget differ
+        steering.run_eval(other, longer)
+    with pytest.raises(EvalStoreError, match="no stored responses"):
+        steering.run_eval(other, _eval_config(tmp_path, prompts, unguided_from=tmp_path / "nowhere"))
+    assert (tmp_path / "out" / steering.RESPONSES_FILE).read_text() == before  # refusing loses nothing
+
+
+def _stored(output) -> dict[tuple[int, str], dict]:
+    from cliper_integrations.evaluation.steering import RESPONSES_FILE
+
+    lines = (output / RESPONSES_FILE).read_text().splitlines()[1:]
+    return {(r["prompt_id"], r["job"]): r for r in map(json.loads, lines)}
+
+
 def test_a_sweep_limit_answers_the_other_alphas_on_the_first_prompts_and_plots_every_alpha_there(
     tmp_path, base, shared_classifier
 ):

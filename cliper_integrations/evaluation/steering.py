@@ -64,6 +64,10 @@ class EvalConfig:
     classes: tuple[str, ...] = tuple(TARGETS)
     combinations: list[tuple[str, ...]] = field(default_factory=lambda: list(COMBINATIONS))
     restart: bool = False
+    unguided_from: Path | None = None
+    """Another run's output folder whose answers made without guidance (unguided, prompting only) this run
+    takes instead of answering them again: they depend on the model, prompts and token budget only, not
+    on the classifier or guidance's settings, so a new classifier needs only its guided answers made."""
 
     def job(self, classes: tuple[str, ...], setting: str) -> Job:
         """The job answering ``classes`` in ``setting`` at this run's α (with guidance off, the α only keys it)."""
@@ -141,13 +145,32 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
     }
 
 
+UNGUIDED_SIGNATURE = ("model", "prompts_file", "max_new_tokens", "decoding")
+"""The parts of a run signature that answers made without guidance depend on."""
+
+
+def _read_store(path: Path) -> tuple[dict[str, object], list[dict], bool]:
+    """A store's run signature, its records, and whether its last line was broken (a run killed
+    mid-write leaves at most that one; a broken line elsewhere is an error)."""
+    header, *lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=2):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines) + 1:
+                return json.loads(header).get("run"), records, True
+            raise EvalStoreError(f"{path}, line {number}: {error}; pass --restart to start over") from error
+    return json.loads(header).get("run"), records, False
+
+
 class ResponseStore:
     """Every evaluated response with its metrics, one JSON line each after a header line holding the run
     signature. Appended as the run goes, so an interrupted run resumes where it stopped and a later run
     with a larger ``--limit`` only answers the prompts that are new."""
 
     def __init__(self, path: Path, signature: dict[str, object], restart: bool = False) -> None:
-        self.path = path
+        self.path, self.signature = path, signature
         self.records: dict[tuple[int, str], dict] = {}
         if restart:
             path.unlink(missing_ok=True)
@@ -155,22 +178,15 @@ class ResponseStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"run": signature}) + "\n")
             return
-        header, *lines = path.read_text().splitlines()
-        stored = json.loads(header).get("run")
+        stored, records, broken = _read_store(path)
         if stored != signature:
             raise EvalStoreError(
                 f"{path} holds responses of another run ({stored}); this run is {signature}. "
                 "Pass --restart to discard them, or write to another --output folder."
             )
-        for number, line in enumerate(lines, start=2):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                if number == len(lines) + 1:  # a run killed mid-write leaves at most its last line broken
-                    path.write_text("".join(f"{kept}\n" for kept in [header, *lines[:-1]]))
-                    continue
-                raise EvalStoreError(f"{path}, line {number}: {error}; pass --restart to start over") from error
-            self.records[(record["prompt_id"], record["job"])] = record
+        if broken:
+            path.write_text("".join(f"{line}\n" for line in path.read_text().splitlines()[:-1]))
+        self.records = {(record["prompt_id"], record["job"]): record for record in records}
 
     def missing(self, job: Job, prompts: list[tuple[int, str]]) -> list[tuple[int, str]]:
         return [(pid, prompt) for pid, prompt in prompts if (pid, job.key) not in self.records]
@@ -179,6 +195,24 @@ class ResponseStore:
         with self.path.open("a") as handle:
             handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         self.records.update({(record["prompt_id"], record["job"]): record for record in records})
+
+    def adopt_unguided(self, source: Path, jobs: list[Job]) -> int:
+        """Take the answers of ``jobs`` (made without guidance) from another run's store ``source`` where
+        this one lacks them; returns how many. Refused when that run used another model, prompt file or
+        token budget."""
+        if not source.is_file():
+            raise EvalStoreError(f"{source}: no stored responses to take the unguided answers from")
+        theirs, records, _ = _read_store(source)
+        if differs := [key for key in UNGUIDED_SIGNATURE if theirs.get(key) != self.signature.get(key)]:
+            raise EvalStoreError(
+                f"{source} was answered with another {', '.join(differs)} "
+                f"({', '.join(f'{theirs.get(key)} vs {self.signature.get(key)}' for key in differs)})"
+            )
+        assert not any(SETTINGS[job.setting]["guided"] for job in jobs)
+        keys = {job.key for job in jobs}
+        unguided = [r for r in records if r["job"] in keys and (r["prompt_id"], r["job"]) not in self.records]
+        self.add(unguided)
+        return len(unguided)
 
     def responses(self, job: Job, prompts: list[tuple[int, str]]) -> list[dict]:
         return [self.records[(pid, job.key)] for pid, _ in prompts]
@@ -283,6 +317,10 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     sweep_only = {job for job in jobs if job.setting == "guidance" and job.alpha != config.alpha}
     answered = {job: sweep_prompts if job in sweep_only else prompts for job in jobs}
     store = ResponseStore(config.output / RESPONSES_FILE, run_signature(engine, config), config.restart)
+    if config.unguided_from is not None:
+        store.adopt_unguided(
+            config.unguided_from / RESPONSES_FILE, [job for job in jobs if not SETTINGS[job.setting]["guided"]]
+        )
     bar = tqdm(total=sum(len(store.missing(job, answered[job])) for job in jobs), desc="Evaluating", unit="response")
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start : start + config.batch_size]
