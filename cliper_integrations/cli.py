@@ -24,12 +24,16 @@ ModelOption = Annotated[str, typer.Option("--model", help="embedded, a Hugging F
 ClassifierOption = Annotated[
     str, typer.Option("--classifier", help="'default' (packaged for the model), 'none', or a classifier folder")
 ]
+DTypeOption = Annotated[
+    str,
+    typer.Option("--dtype", help="float32, bfloat16 (several times faster on CPUs with AVX512-BF16 or AMX) or float16"),
+]
 
 
-def _engine(model: str, classifier: str):
+def _engine(model: str, classifier: str, dtype: str = "float32"):
     from cliper_integrations.core.engine import CLIPerEngine
 
-    return CLIPerEngine(model, classifier=None if classifier == "none" else classifier)
+    return CLIPerEngine(model, classifier=None if classifier == "none" else classifier, dtype=dtype)
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -53,6 +57,7 @@ def generate(
     input: Annotated[Path | None, typer.Option("--input", help="JSONL: 'prompt' or 'instruction' (+ 'input')")] = None,
     model: ModelOption = EMBEDDED_SPEC,
     classifier: ClassifierOption = "default",
+    dtype: DTypeOption = "float32",
     weights: Annotated[
         list[str] | None, typer.Option(help="NAME=ALPHA,...; repeat to answer once per weight set")
     ] = None,
@@ -80,7 +85,7 @@ def generate(
             else [_record_prompt(json.loads(line)) for line in input.read_text().splitlines() if line.strip()]
         )
         weight_sets = [parse_weights(text) for text in weights] if weights else [None]
-        engine = _engine(model, classifier)
+        engine = _engine(model, classifier, dtype)
         if user is not None:
             engine.memory = _memory(db)
     except (CLIPerError, OSError, json.JSONDecodeError) as error:
@@ -135,6 +140,7 @@ def generate(
 def bench(
     model: ModelOption = EMBEDDED_SPEC,
     classifier: ClassifierOption = "default",
+    dtype: DTypeOption = "float32",
     max_new_tokens: int = 64,
     repeats: int = 3,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -143,7 +149,7 @@ def bench(
     from cliper_integrations.evaluation.bench import run_bench
 
     try:
-        result = run_bench(_engine(model, classifier), max_new_tokens=max_new_tokens, repeats=repeats)
+        result = run_bench(_engine(model, classifier, dtype), max_new_tokens=max_new_tokens, repeats=repeats)
     except CLIPerError as error:
         raise _fail(error) from error
     if as_json:
@@ -351,6 +357,7 @@ def evaluate(
     ] = None,
     model: ModelOption = EMBEDDED_SPEC,
     classifier: ClassifierOption = "default",
+    dtype: DTypeOption = "float32",
 ) -> None:
     """Measure steering: four settings per class, combinations and an α sweep; writes a report.
 
@@ -364,7 +371,7 @@ def evaluate(
         prompted_alphas = parse_weights(prompted_alpha or "")
         if unmeasured := sorted(set(prompted_alphas) - set(measured)):
             raise InvalidRequestError(f"--prompted-alpha names {', '.join(unmeasured)}, which --classes leaves out")
-        engine = _engine(model, classifier)
+        engine = _engine(model, classifier, dtype)
         if engine.classifier is None:
             raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))
         if prompted_alpha is None:

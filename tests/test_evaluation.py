@@ -174,8 +174,9 @@ def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, m
 
     with pytest.raises(EvalStoreError, match="--restart"):
         run_eval(engine, _eval_config(tmp_path, prompts, limit=1, max_new_tokens=5))
-    for changed in ({"guided_no_repeat_ngram": None}, {"guided_plausibility": None}, {"refusal_lookahead": None}):
-        other = CLIPerEngine(base, classifier=shared_classifier, **changed)
+    changes = ({"guided_no_repeat_ngram": None}, {"guided_plausibility": None}, {"refusal_lookahead": None})
+    for changed in ({"model": "tiny-base", "dtype": "bfloat16"}, *changes):
+        other = CLIPerEngine(**{"model": base, **changed}, classifier=shared_classifier)
         with pytest.raises(EvalStoreError, match="--restart"):  # guided answers would differ: not mixed in
             run_eval(other, _eval_config(tmp_path, prompts, limit=3))
     with monkeypatch.context() as patched:  # the decoding rule's code changed: its answers would differ too

@@ -30,6 +30,33 @@ def test_local_folder_loads_once_and_is_shared(tmp_path, base):
     assert first.context_window == 256
 
 
+@pytest.mark.parametrize("form", ["direct", "bayes"])
+def test_a_model_loaded_in_bfloat16_is_shared_and_its_classifier_reads_it_as_in_float32(tmp_path, base, form):
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.core.errors import InvalidRequestError
+
+    half = models.load_model("tiny-base", "bfloat16")
+    assert (half.dtype, base.dtype) == ("bfloat16", "float32")
+    assert models.load_model("tiny-base", "bfloat16") is half and models.load_model("tiny-base") is base
+    tiny_classifier(base, "shared", seed=3, form=form).save(tmp_path / "classifier")
+    ids, mask = torch.tensor([[0, 0, 11, 12, 13, 14]]), torch.tensor([[0, 0, 1, 1, 1, 1]])
+    full = PreferenceClassifier.load(tmp_path / "classifier", base).sequence_log_probs(ids, mask, top_k=5)
+    reread = PreferenceClassifier.load(tmp_path / "classifier", half)
+    assert reread.backbone is half.model
+    halved = reread.sequence_log_probs(ids, mask, top_k=5)
+    assert halved.dtype == torch.float32  # the head stays float32 and reads the states in float32
+    torch.testing.assert_close(halved, full, rtol=0.02, atol=0.02)  # bfloat16's three digits, nothing more
+
+    engine = CLIPerEngine("tiny-base", classifier=tmp_path / "classifier", dtype="bfloat16")
+    assert engine.loaded is half
+    guided = engine.generate("Explain rain.", weights={"concise": 8}, max_new_tokens=12)
+    assert guided.text != engine.generate("Explain rain.", max_new_tokens=12).text
+    with pytest.raises(ModelResolutionError, match="dtype must be one of"):
+        models.load_model("tiny-base", "int4")
+    with pytest.raises(InvalidRequestError, match="loaded in bfloat16"):
+        CLIPerEngine(half, classifier=None, dtype="float32")
+
+
 def test_missing_path_and_bad_gguf_are_refused(tmp_path):
     with pytest.raises(ModelResolutionError, match="not found"):
         models.load_model(str(tmp_path / "absent.gguf"))

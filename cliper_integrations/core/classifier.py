@@ -543,7 +543,8 @@ class PreferenceClassifier(nn.Module):
         """log p_LM(· | prefix) over the vocabulary [..., V] from the shared backbone's final states [..., H]."""
         if self.kind != "shared":
             raise ValueError("Base log-probs come from the shared backbone's own output layer")
-        return torch.log_softmax(self.backbone.get_output_embeddings()(hidden.float()).float(), dim=-1)
+        output_embeddings = self.backbone.get_output_embeddings()
+        return torch.log_softmax(output_embeddings(hidden.to(output_embeddings.weight.dtype)).float(), dim=-1)
 
     def sequence_log_probs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 32

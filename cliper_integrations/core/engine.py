@@ -34,7 +34,7 @@ from cliper_integrations.core.errors import (
     PromptTooLongError,
 )
 from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
-from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, load_model
+from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, ModelDType, load_model
 from cliper_integrations.core.preferences import (
     AXES,
     BACKGROUND_CLASSES,
@@ -359,6 +359,8 @@ class CLIPerEngine:
             (guided) from the draft's opening; streams hold these tokens back until that is decided. None
             turns both off.
         declines: what counts as a refusal in an opening (default: the English openings of ``is_refusal``).
+        dtype: what a model named by its spec is loaded in (``ModelDType``; None: float32, or as a
+            ``LoadedModel`` is); the classifier's head keeps float32 and reads hidden states in float32.
     """
 
     def __init__(
@@ -373,8 +375,11 @@ class CLIPerEngine:
         guided_plausibility: float | None = 0.1,
         refusal_lookahead: int | None = DEFAULT_REFUSAL_LOOKAHEAD,
         declines: Callable[[str], bool] = is_refusal,
+        dtype: ModelDType | None = None,
     ) -> None:
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype or "float32")
+        if dtype is not None and self.loaded.dtype != dtype:
+            raise InvalidRequestError(f"dtype={dtype!r}, but the model given is loaded in {self.loaded.dtype}")
         self.classifier = self._resolve_classifier(classifier)
         self.memory = memory
         self.top_k = top_k

