@@ -26,7 +26,7 @@ ClassifierOption = Annotated[
 ]
 DTypeOption = Annotated[
     str,
-    typer.Option("--dtype", help="float32, bfloat16 (several times faster on CPUs with AVX512-BF16 or AMX) or float16"),
+    typer.Option("--dtype", help="float32, bfloat16 (3.6× faster on an AVX512-BF16 CPU; docs/performance.md), float16"),
 ]
 
 

@@ -377,9 +377,11 @@ class CLIPerEngine:
         declines: Callable[[str], bool] = is_refusal,
         dtype: ModelDType | None = None,
     ) -> None:
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype or "float32")
-        if dtype is not None and self.loaded.dtype != dtype:
-            raise InvalidRequestError(f"dtype={dtype!r}, but the model given is loaded in {self.loaded.dtype}")
+        if not isinstance(model, LoadedModel):
+            model = load_model(model, dtype or "float32")
+        elif dtype is not None and model.dtype != dtype:
+            raise InvalidRequestError(f"dtype={dtype!r}, but the model given is loaded in {model.dtype}")
+        self.loaded = model
         self.classifier = self._resolve_classifier(classifier)
         self.memory = memory
         self.top_k = top_k

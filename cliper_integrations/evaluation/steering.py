@@ -199,9 +199,9 @@ class ResponseStore:
         self.records.update({(record["prompt_id"], record["job"]): record for record in records})
 
     def adopt_unguided(self, source: Path, jobs: list[Job]) -> int:
-        """Take the answers of ``jobs`` (made without guidance) from another run's store ``source`` where
-        this one lacks them; returns how many. Refused when that run used another model, prompt file or
-        token budget."""
+        """Take the answers of those ``jobs`` made without guidance from another run's store ``source``
+        where this one lacks them; returns how many. Refused when that run differs in what such answers
+        depend on (``UNGUIDED_SIGNATURE``)."""
         if not source.is_file():
             raise EvalStoreError(f"{source}: no stored responses to take the unguided answers from")
         theirs, records, _ = _read_store(source)
@@ -210,8 +210,7 @@ class ResponseStore:
                 f"{source} was answered with another {', '.join(differs)} "
                 f"({', '.join(f'{theirs.get(key)} vs {self.signature.get(key)}' for key in differs)})"
             )
-        assert not any(SETTINGS[job.setting]["guided"] for job in jobs)
-        keys = {job.key for job in jobs}
+        keys = {job.key for job in jobs if not SETTINGS[job.setting]["guided"]}
         unguided = [r for r in records if r["job"] in keys and (r["prompt_id"], r["job"]) not in self.records]
         self.add(unguided)
         return len(unguided)
@@ -320,9 +319,7 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     answered = {job: sweep_prompts if job in sweep_only else prompts for job in jobs}
     store = ResponseStore(config.output / RESPONSES_FILE, run_signature(engine, config), config.restart)
     if config.unguided_from is not None:
-        store.adopt_unguided(
-            config.unguided_from / RESPONSES_FILE, [job for job in jobs if not SETTINGS[job.setting]["guided"]]
-        )
+        store.adopt_unguided(config.unguided_from / RESPONSES_FILE, jobs)
     bar = tqdm(total=sum(len(store.missing(job, answered[job])) for job in jobs), desc="Evaluating", unit="response")
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start : start + config.batch_size]
