@@ -1,42 +1,54 @@
-"""Greedy decoding speed of the embedded model in float32 and bfloat16, measured in one run.
+"""Decoding speed of the embedded model in float32 and bfloat16, through the engine, measured in one run.
 
-    python benchmarks/dtype_speed.py
+    python benchmarks/dtype_speed.py [--without-contiguous-copy]
 
-Eight chat prompts in one batch, 64 new tokens each, plain transformers ``generate`` (no guidance),
-float32, bfloat16, then float32 again so that drift of a noisy machine shows; also prints each run's
-first answer's opening, to see whether bfloat16 changes the greedy text.
+Eight chat prompts in one batch, 96 greedy new tokens each, through ``CLIPerEngine.generate_batch`` with
+the packaged classifier: unguided, and guided (expert, α = 8). float32, bfloat16, then float32 again so
+that drift of a noisy machine shows; also prints each run's first answer's opening, to see whether
+bfloat16 changes the greedy text. ``--without-contiguous-copy`` adds a bfloat16 run with the model's
+output projection fed ``generate``'s strided slice as it is (``models._contiguous_input`` removed), to
+show what that copy is for.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
-import torch
-
-from cliper_integrations.core.models import load_model
+from cliper_integrations.core import models
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 
 PROMPTS = ["Explain how rain forms.", "What is a binary tree?", "Give three tips for sleep.", "Describe Paris."] * 2
-NEW_TOKENS = 64
+NEW_TOKENS = 96
+SETTINGS = {"unguided": {}, "guided (expert, α = 8)": {"expert": 8.0}}
+
+
+def _measure(engine: CLIPerEngine, label: str) -> None:
+    for setting, weights in SETTINGS.items():
+        requests = [
+            GenerationRequest(p, weights=weights, guidance=bool(weights), max_new_tokens=NEW_TOKENS) for p in PROMPTS
+        ]
+        engine.generate_batch(requests[:2])  # warm-up
+        started = time.perf_counter()
+        results = engine.generate_batch(requests)
+        seconds = time.perf_counter() - started
+        tokens = sum(result.completion_tokens for result in results)
+        print(f"| {label} | {setting} | {tokens / seconds:.1f} | {results[0].text[:48]!r} |", flush=True)
 
 
 def main() -> None:
-    loaded = load_model("embedded")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    tokenizer.padding_side = "left"
-    chats = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in PROMPTS
-    ]
-    batch = tokenizer(chats, return_tensors="pt", padding=True)
-    for dtype in (torch.float32, torch.bfloat16, torch.float32):
-        model.to(dtype)
-        with torch.inference_mode():
-            model.generate(**batch, max_new_tokens=4, do_sample=False)  # warm-up
-            started = time.perf_counter()
-            out = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-            seconds = time.perf_counter() - started
-        opening = tokenizer.decode(out[0, batch.input_ids.shape[1] :][:20])
-        print(f"{dtype}: {len(PROMPTS) * NEW_TOKENS / seconds:.1f} tokens/s  {opening!r}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--without-contiguous-copy", action="store_true")
+    args = parser.parse_args()
+    print("| dtype | setting | tokens/s | first answer's opening |\n| --- | --- | --- | --- |")
+    for dtype in ("float32", "bfloat16", "float32"):
+        _measure(CLIPerEngine("embedded", classifier="default", dtype=dtype), dtype)
+    if args.without_contiguous_copy:
+        engine = CLIPerEngine("embedded", classifier="default", dtype="bfloat16")
+        hooks = engine.model.get_output_embeddings()._forward_pre_hooks
+        for handle in [key for key, hook in hooks.items() if hook is models._contiguous_input]:
+            del hooks[handle]
+        _measure(engine, "bfloat16, strided slice as it is")
 
 
 if __name__ == "__main__":

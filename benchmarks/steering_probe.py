@@ -8,6 +8,7 @@ prompt alone, and the row says whether guidance moves it further than the prompt
 
     python benchmarks/steering_probe.py runs/classifier --alphas 8 --prompts 6 --max-new-tokens 64
     python benchmarks/steering_probe.py default --setting prompt+guidance --alphas 2,4,8 --max-new-tokens 160
+    python benchmarks/steering_probe.py default --all-kinds --prompts 24 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ INSTRUCTIONS = Path("../shared/data/instructions/alpaca_train.jsonl")
 QUESTION_WORDS = ("Explain", "Describe", "What", "Why", "How")
 
 
-def probe_prompts(count: int, skip: int = 0) -> list[str]:
-    """Open questions (no input) from the part of the seeded shuffle that data generation never reaches."""
+def probe_prompts(count: int, skip: int = 0, all_kinds: bool = False) -> list[str]:
+    """Instructions from the part of the seeded shuffle that data generation never reaches: open questions
+    without input, or (``all_kinds``) every kind Alpaca has, rewrites and instructions with an input too."""
     records = [json.loads(line) for line in INSTRUCTIONS.read_text().splitlines() if line.strip()]
     random.Random(0).shuffle(records)
-    chosen = [r for r in records[3000:] if not r.get("input") and r["instruction"].split()[0] in QUESTION_WORDS]
+    chosen = [
+        r for r in records[3000:] if all_kinds or (not r.get("input") and r["instruction"].split()[0] in QUESTION_WORDS)
+    ]
     return [instruction_text(r) for r in chosen[skip : skip + count]]
 
 
@@ -59,7 +63,11 @@ def main() -> None:
     parser.add_argument("--setting", choices=("guidance", "prompt+guidance"), default="guidance")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--skip", type=int, default=0, help="start after this many prompts (a fresh set of them)")
+    parser.add_argument(
+        "--all-kinds", action="store_true", help="draw every kind of instruction, not only open questions"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the model's weights)")
     parser.add_argument(
         "--plausibility",
         default=None,
@@ -67,9 +75,9 @@ def main() -> None:
     )
     parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
     args = parser.parse_args()
-    prompts = probe_prompts(args.prompts, args.skip)
+    prompts = probe_prompts(args.prompts, args.skip, args.all_kinds)
     floor = {} if args.plausibility is None else {"guided_plausibility": _floor(args.plausibility)}
-    engine = CLIPerEngine("embedded", classifier=args.classifier, **floor)
+    engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype, **floor)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
 
     def answer(job: Job) -> dict[str, float]:

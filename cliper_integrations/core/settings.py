@@ -45,8 +45,8 @@ class GenerationSettings(BaseModel):
     top_k: int | None = 32
     """Candidates the classifier scores per step."""
     dtype: ModelDType = "float32"
-    """What the model is loaded in (``ModelDType``): ``bfloat16`` decoded 3.6× faster on an AVX512-BF16
-    CPU (``docs/performance.md``)."""
+    """What the model is loaded in (``ModelDType``): ``bfloat16`` decoded 2.2 to 2.3× faster, guided
+    or not, on an AVX512-BF16 CPU (``docs/performance.md``)."""
     answer_after_tool_result: bool = False
     """Offer no tools when the last message is a tool result, so the model answers in words (the
     0.5B default model otherwise tends to call the same tool again)."""
