@@ -26,7 +26,7 @@ ClassifierOption = Annotated[
 ]
 DTypeOption = Annotated[
     str,
-    typer.Option("--dtype", help="float32, bfloat16 (2.2× faster through the engine on an AVX512-BF16 CPU; docs/performance.md), float16"),
+    typer.Option("--dtype", help="float32, bfloat16 (2.2× faster on an AVX512-BF16 CPU; docs/performance.md), float16"),
 ]
 
 

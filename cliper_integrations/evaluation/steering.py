@@ -150,7 +150,7 @@ UNGUIDED_SIGNATURE = ("model", "dtype", "prompts_file", "max_new_tokens", "decod
 """The parts of a run signature that answers made without guidance depend on."""
 
 
-def _read_store(path: Path) -> tuple[dict[str, object], list[dict], bool]:
+def read_store(path: Path) -> tuple[dict[str, object], list[dict], bool]:
     """A store's run signature, its records, and whether its last line was broken (a run killed
     mid-write leaves at most that one; a broken line elsewhere is an error)."""
     header, *lines = path.read_text().splitlines()
@@ -180,7 +180,7 @@ class ResponseStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"run": signature}) + "\n")
             return
-        stored, records, broken = _read_store(path)
+        stored, records, broken = read_store(path)
         if stored != signature:
             raise EvalStoreError(
                 f"{path} holds responses of another run ({stored}); this run is {signature}. "
@@ -204,7 +204,7 @@ class ResponseStore:
         depend on (``UNGUIDED_SIGNATURE``)."""
         if not source.is_file():
             raise EvalStoreError(f"{source}: no stored responses to take the unguided answers from")
-        theirs, records, _ = _read_store(source)
+        theirs, records, _ = read_store(source)
         if differs := [key for key in UNGUIDED_SIGNATURE if theirs.get(key) != self.signature.get(key)]:
             raise EvalStoreError(
                 f"{source} was answered with another {', '.join(differs)} "

@@ -1,0 +1,39 @@
+"""Compare two ``cliper eval`` runs answer by answer: how many greedy answers are the same, and how far
+each setting's metrics moved (for example float32 against bfloat16, or one classifier against another).
+
+    python benchmarks/compare_runs.py docs/results_responses.jsonl docs/results_bfloat16/results_responses.jsonl
+
+Only the (prompt, setting) pairs both runs answered are compared; a setting's figures are ``summarize``'s
+(the medians and means the results page reports) over those shared prompts, first run → second run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from cliper_integrations.evaluation.steering import read_store, summarize
+
+SHOWN = ("words", "fk_grade", "vader", "distinct2", "perplexity")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("first", type=Path)
+    parser.add_argument("second", type=Path)
+    args = parser.parse_args()
+    runs = [{(r["prompt_id"], r["job"]): r for r in read_store(path)[1]} for path in (args.first, args.second)]
+    by_job: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
+    for key in runs[0].keys() & runs[1].keys():
+        by_job[key[1]].append((runs[0][key], runs[1][key]))
+    print(f"| setting | prompts | same answer | {' | '.join(SHOWN)} |\n| --- |{' --- |' * (len(SHOWN) + 2)}")
+    for job, pairs in sorted(by_job.items()):
+        same = sum(a["response"] == b["response"] for a, b in pairs)
+        first, second = (summarize([pair[side] for pair in pairs]) for side in (0, 1))
+        moved = " | ".join(f"{first[name]:.2f} → {second[name]:.2f}" for name in SHOWN)
+        print(f"| {job} | {len(pairs)} | {same / len(pairs):.0%} | {moved} |")
+
+
+if __name__ == "__main__":
+    main()
