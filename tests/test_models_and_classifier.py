@@ -60,19 +60,24 @@ def test_a_model_loaded_in_bfloat16_is_shared_and_its_classifier_reads_it_as_in_
 def test_the_output_projection_gets_a_contiguous_input_in_every_generate_step(base):
     """``generate`` slices the prefill's last position; bfloat16 decoding fed that strided slice ran 1.6 to
     1.7× slower on this project's CPU (``benchmarks/dtype_speed.py``), so every loaded model's projection
-    gets a contiguous copy."""
+    gets a contiguous copy: one built directly (the tiny base) and a cast copy of it alike."""
     half = models.load_model("tiny-base", "bfloat16")
-    seen = []
-    hook = half.model.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: seen.append(args[0].is_contiguous())
-    )
-    try:
-        prompt = torch.tensor([[0, 0, 11, 12, 13, 14], [11, 12, 13, 14, 15, 16]])  # two rows: a strided slice
-        with torch.inference_mode():
-            half.model.generate(input_ids=prompt, attention_mask=(prompt > 0).long(), max_new_tokens=3, do_sample=False)
-    finally:
-        hook.remove()
-    assert len(seen) == 3 and all(seen)
+    for loaded in (base, half):
+        projection = loaded.model.get_output_embeddings()
+        assert list(projection._forward_pre_hooks.values()).count(models._contiguous_input) == 1
+        seen = []
+        hook = projection.register_forward_hook(
+            lambda module, args, output, seen=seen: seen.append(args[0].is_contiguous())
+        )
+        try:
+            prompt = torch.tensor([[0, 0, 11, 12, 13, 14], [11, 12, 13, 14, 15, 16]])  # two rows: a strided slice
+            with torch.inference_mode():
+                loaded.model.generate(
+                    input_ids=prompt, attention_mask=(prompt > 0).long(), max_new_tokens=3, do_sample=False
+                )
+        finally:
+            hook.remove()
+        assert len(seen) == 3 and all(seen)
 
 
 def test_missing_path_and_bad_gguf_are_refused(tmp_path):

@@ -63,6 +63,12 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     source: str
 
+    def __post_init__(self) -> None:
+        projection = self.model.get_output_embeddings()
+        if projection is not None and _contiguous_input not in projection._forward_pre_hooks.values():
+            # (a cast copy keeps the hooks of the model it was copied from)
+            projection.register_forward_pre_hook(_contiguous_input)
+
     @property
     def dtype(self) -> str:
         return str(self.model.dtype).removeprefix("torch.")
@@ -71,6 +77,14 @@ class LoadedModel:
     def context_window(self) -> int:
         config = self.model.config
         return int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Hand the output projection of every ``LoadedModel`` a contiguous copy of its input. ``generate``
+    gives it the last position's slice of the prefill's states; on this project's CPU bfloat16 decoding
+    through the engine ran 1.6 to 1.7× faster with the copy (``benchmarks/dtype_speed.py``,
+    ``docs/performance.md``)."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def embedded_chunk_paths() -> list[Path]:
@@ -224,18 +238,8 @@ def load_model(spec: str = EMBEDDED_SPEC, dtype: ModelDType = "float32") -> Load
             else:
                 loaded = _resolve(spec, wanted)
             loaded.model.eval()
-            projection = loaded.model.get_output_embeddings()
-            if _contiguous_input not in projection._forward_pre_hooks.values():  # a cast copy keeps its hooks
-                projection.register_forward_pre_hook(_contiguous_input)
             _LOADED[key] = loaded
         return _LOADED[key]
-
-
-def _contiguous_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Hand the output projection a contiguous copy of its input. ``generate`` gives it the last
-    position's slice of the prefill's states; on this project's CPU bfloat16 decoding through the
-    engine ran 1.6 to 1.7× faster with the copy (``benchmarks/dtype_speed.py``, ``docs/performance.md``)."""
-    return (args[0].contiguous(), *args[1:])
 
 
 def register_model(loaded: LoadedModel) -> None:
