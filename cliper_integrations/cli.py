@@ -223,8 +223,9 @@ def train(
     posterior: Annotated[
         str,
         typer.Option(
-            help="joint (each class against all), axis (against its own axis's other pole) or part (against the "
-            "classes of its own head part, with --part)"
+            help="joint (each class against all), axis (against its own axis's other pole), part (against the "
+            "classes of its own head part, with --part) or main-joint (so for the parts' classes; the main head's "
+            "classes against all of its own rows, guiding exactly as it alone does)"
         ),
     ] = "joint",
     response_weight: Annotated[
@@ -348,11 +349,12 @@ def evaluate(
     classes: Annotated[
         str | None, typer.Option(help="comma-separated classes to measure (and the combinations among them)")
     ] = None,
-    unguided_from: Annotated[
+    reuse_from: Annotated[
         Path | None,
         typer.Option(
-            help="another run's output folder: take its unguided and prompting-only answers instead of "
-            "answering them again (they do not depend on the classifier)"
+            help="another run's output folder: take the answers this run would make alike instead of answering "
+            "them again (unguided and prompting-only ones, and guided ones of classes this classifier guides "
+            "exactly as that run's did)"
         ),
     ] = None,
     model: ModelOption = EMBEDDED_SPEC,
@@ -390,7 +392,7 @@ def evaluate(
                 batch_size=batch_size,
                 classes=measured,
                 restart=restart,
-                unguided_from=unguided_from,
+                reuse_from=reuse_from,
             ),
         )
     except (CLIPerError, OSError) as error:

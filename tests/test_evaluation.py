@@ -212,7 +212,7 @@ def test_a_new_classifier_takes_another_runs_unguided_answers_and_makes_only_its
         return generate(engine, texts, job, config)
 
     monkeypatch.setattr(steering, "generate", counted)
-    config = _eval_config(tmp_path, prompts, unguided_from=first_run / "out")
+    config = _eval_config(tmp_path, prompts, reuse_from=first_run / "out")
     results = steering.run_eval(other, config)
     assert set(answered) == {"guidance", "prompt+guidance"}  # nothing made without guidance was answered again
     ours = _stored(tmp_path / "out")
@@ -224,12 +224,50 @@ def test_a_new_classifier_takes_another_runs_unguided_answers_and_makes_only_its
     assert results["unguided"] == steering.summarize([theirs[(pid, "-|unguided|0")] for pid in (10, 11)])
 
     before = (tmp_path / "out" / steering.RESPONSES_FILE).read_text()
-    longer = _eval_config(longer_run, prompts, max_new_tokens=5, unguided_from=first_run / "out")
+    longer = _eval_config(longer_run, prompts, max_new_tokens=5, reuse_from=first_run / "out")
     with pytest.raises(EvalStoreError, match="max_new_tokens"):  # answers of another token budget differ
         steering.run_eval(other, longer)
     with pytest.raises(EvalStoreError, match="no stored responses"):
-        steering.run_eval(other, _eval_config(tmp_path, prompts, unguided_from=tmp_path / "nowhere"))
+        steering.run_eval(other, _eval_config(tmp_path, prompts, reuse_from=tmp_path / "nowhere"))
     assert (tmp_path / "out" / steering.RESPONSES_FILE).read_text() == before  # refusing loses nothing
+
+
+def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it_guides_alike(
+    tmp_path, monkeypatch, base
+):
+    """``reuse_from`` with a ``main-joint`` composition: the main head's classes guide exactly as before, so
+    their guided answers are taken; only the part's classes are answered again, and the taken answers are
+    what this classifier gives when it answers everything itself."""
+    from cliper_integrations.core.classifier import compose
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.evaluation import steering
+    from tests.tiny import tiny_classifier
+
+    main, donor = (tiny_classifier(base, "shared", seed=seed, form="bayes") for seed in (1, 7))
+    hybrid = compose(main, [(["friendly", "unfriendly"], donor)], posterior="main-joint")
+    prompts, options = ["Explain rain.", "Hi"], {"classes": ("concise", "friendly"), "sweep": (0.0,)}
+    first, scratch = tmp_path / "first", tmp_path / "scratch"
+    first.mkdir(), scratch.mkdir()
+    steering.run_eval(CLIPerEngine(base, classifier=main), _eval_config(first, prompts, **options))
+    steering.run_eval(CLIPerEngine(base, classifier=hybrid), _eval_config(scratch, prompts, **options))
+
+    answered: list[tuple[str, ...]] = []
+    generate = steering.generate
+
+    def counted(engine, texts, job, config):
+        answered.append(job.classes)
+        return generate(engine, texts, job, config)
+
+    monkeypatch.setattr(steering, "generate", counted)
+    steering.run_eval(
+        CLIPerEngine(base, classifier=hybrid), _eval_config(tmp_path, prompts, reuse_from=first / "out", **options)
+    )
+    assert set(answered) == {("friendly",)}  # concise's guided answers and every unguided one were taken
+    ours, theirs, own = (_stored(folder / "out") for folder in (tmp_path, first, scratch))
+    assert ours == own  # the same table as answering everything with this classifier
+    assert {k: v for k, v in ours.items() if "concise|" in k[1]} == {
+        k: v for k, v in theirs.items() if "concise|" in k[1]
+    }
 
 
 def _stored(output) -> dict[tuple[int, str], dict]:

@@ -367,6 +367,36 @@ def test_composed_heads_score_each_class_exactly_as_its_own_head(tmp_path, base)
     assert loaded.guidance_digest() == composed.guidance_digest() != main.guidance_digest()
 
 
+def test_a_main_joint_posterior_guides_the_main_heads_classes_exactly_as_that_head_alone(tmp_path, base):
+    """``main-joint``: the main head keeps scoring the parts' classes for its own classes' posterior, so
+    those classes get the main head's log-probs (and its digest), while a part's classes are told apart
+    from their part and the background only, with the part's likelihoods."""
+    from cliper_integrations.core.classifier import class_conditional, compose
+
+    classes = ["concise", "informative", "friendly", "unfriendly", "refusal"]
+    main, donor = (PreferenceClassifier.create(base, classes, form="bayes", head_size=16, seed=s) for s in (1, 2))
+    composed = compose(main, [(["friendly", "unfriendly"], donor)], posterior="main-joint")
+    assert composed.config.shadowed_classes == ["friendly", "unfriendly"]
+    hidden = torch.randn(2, composed.config.hidden_size)
+    candidates = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    log_lm = torch.log_softmax(torch.randn(2, 4), -1)
+    ours, alone = composed.log_probs(hidden, candidates, log_lm), main.log_probs(hidden, candidates, log_lm)
+    rest, tone = [0, 1, 4], [2, 3]
+    torch.testing.assert_close(ours[..., rest], alone[..., rest])
+    donor_tone = class_conditional(donor.head(hidden, donor._project(candidates)), log_lm)[..., tone]
+    main_refusal = class_conditional(main.head(hidden, main._project(candidates)), log_lm)[..., [4]]
+    expected_tone = torch.log_softmax(torch.cat([donor_tone, main_refusal], -1), -1)[..., :2]
+    torch.testing.assert_close(ours[..., tone], expected_tone)
+    assert not torch.allclose(ours[..., tone], alone[..., tone])
+
+    assert composed.guidance_digest(["concise", "informative"]) == main.guidance_digest()
+    assert composed.guidance_digest(["concise", "friendly"]) == composed.guidance_digest() != main.guidance_digest()
+    part = compose(main, [(["friendly", "unfriendly"], donor)], posterior="part")
+    assert part.guidance_digest(["concise"]) == part.guidance_digest() != main.guidance_digest()
+    loaded = _scores_alike_by_vocabulary_and_after_saving(composed, base, hidden, candidates, tmp_path / "main-joint")
+    assert loaded.guidance_digest(["concise"]) == main.guidance_digest()
+
+
 def test_head_parts_must_be_compatible_disjoint_groups_of_the_classes(base):
     from cliper_integrations.core.classifier import ClassifierConfig, compose
 

@@ -459,6 +459,54 @@ def test_a_teacher_on_its_axis_ignores_targets_another_run_cached_for_every_answ
     assert every["train"]["teacher_kl_base"] != fresh["train"]["teacher_kl_base"]  # the tone answers count there
 
 
+def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alpha(tmp_path, base):
+    """``--posterior main-joint``: the main head's classes still guide exactly as the main head alone, so
+    the α probed for them with the prompt carries over; the part's class is read against the background."""
+    from cliper_integrations.core.classifier import PreferenceClassifier
+
+    refusals = [
+        {
+            "id": f"r{n}",
+            "instruction": f"Question {n}?",
+            "input": "",
+            "class": "concise",
+            "refusal": True,
+            "response": "I'm sorry, but I can't help with that.",
+            "truncated": False,
+            "model": "tiny",
+        }
+        for n in range(30)
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*_style_rows(30), *refusals]))
+    cache, classes = tmp_path / "features", ("concise", "informative", "refusal")
+    main = _tiny_config(data, tmp_path / "main", epochs=3, feature_cache=cache, classes=classes)
+    donor = _tiny_config(data, tmp_path / "donor", epochs=2, feature_cache=cache, classes=classes, seed=5)
+    train_classifier(base, main)
+    train_classifier(base, donor)
+    probed = json.loads((main.output / "classifier.json").read_text())
+    factors = {"concise": 0.25, "informative": 0.5}
+    (main.output / "classifier.json").write_text(json.dumps({**probed, "prompted_weight_factors": factors}))
+    hybrid_run = _tiny_config(
+        data,
+        tmp_path / "hybrid",
+        feature_cache=cache,
+        classes=classes,
+        prior_on=main.output,
+        head_parts_from=[(("informative",), donor.output)],
+        guidance_prior="uniform",
+        posterior="main-joint",
+        epochs=3,
+    )
+    metrics = train_classifier(base, hybrid_run)
+    hybrid = PreferenceClassifier.load(hybrid_run.output, base)
+    assert hybrid.config.posterior == "main-joint" and hybrid.config.shadowed_classes == ["informative"]
+    assert hybrid.guidance_digest(["concise"]) == PreferenceClassifier.load(main.output, base).guidance_digest()
+    assert hybrid.guidance_digest(["informative"]) == hybrid.guidance_digest() != hybrid.guidance_digest(["concise"])
+    assert hybrid.config.prompted_weight_factors == {"concise": 0.25}
+    assert metrics["validation"]["response_accuracy"] >= 0.9
+
+
 def test_a_prior_fitted_on_composed_heads_keeps_each_parts_likelihood(tmp_path, base):
     """``prior_on`` with ``head_parts_from``: a class named there is scored by that classifier's head, the
     rest by ``prior_on``'s, both frozen; only the prior trains, and guidance is the composed heads'."""

@@ -41,7 +41,11 @@ for it without moving how the others score theirs.
 
 Either form normalises each class's posterior over every class (``posterior: joint``) or, with
 ``posterior: axis``, over its own preference axis and the background classes only (``normalizer``):
-the axes are independent, so two requested classes on different axes then do not compete.
+the axes are independent, so two requested classes on different axes then do not compete. With head
+parts, ``part`` normalises each class over its own part's classes, and ``main-joint`` keeps the main
+head's posterior exactly as that head was trained (jointly over all of its own rows, including its
+scores of the parts' classes) while each part's classes are normalised over their part: the main
+classes then guide exactly as the main head alone does.
 
 Saved as ``classifier.safetensors`` (head only) plus ``classifier.json`` (config); never pickle.
 """
@@ -53,6 +57,7 @@ import hashlib
 import json
 import math
 import threading
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,9 +101,10 @@ class ClassifierConfig(BaseModel):
     """Bayes form only: the class prior p(c | prefix) in Bayes' rule."""
     guidance_prior: Literal["learned", "uniform"] = "learned"
     """With a learned prior: whether decoding uses it too, or scores candidates with a uniform prior."""
-    posterior: Literal["joint", "axis", "part"] = "joint"
-    """What each class's posterior is normalised over: every class, its own axis, or the classes of its own
-    head part (``normalizer``)."""
+    posterior: Literal["joint", "axis", "part", "main-joint"] = "joint"
+    """What each class's posterior is normalised over: every class, its own axis, the classes of its own
+    head part, or (``main-joint``) its own part for a part's classes and, for the main head's classes, every
+    row of the main head, which keeps scoring the parts' classes for that alone (``normalizer``)."""
     prior_layer: int | None = Field(default=None, ge=0)
     """The backbone layer (an index into its ``hidden_states``) the learned prior reads; None: the final
     state, as the likelihood head. Reading only: decoding taps the final state alone."""
@@ -132,6 +138,13 @@ class ClassifierConfig(BaseModel):
         """The classes each head scores, the main head first (one group when there are no parts)."""
         named = {name for part in self.head_parts for name in part}
         return [[name for name in self.classes if name not in named], *self.head_parts]
+
+    @property
+    def shadowed_classes(self) -> list[str]:
+        """The parts' classes whose main-head scores are kept beside the parts' own (``main-joint``), in
+        class order: extra score columns that only the main classes' posterior reads."""
+        named = {name for part in self.head_parts for name in part}
+        return [name for name in self.classes if name in named] if self.posterior == "main-joint" else []
 
     @model_validator(mode="after")
     def _factors_of_own_classes(self) -> ClassifierConfig:
@@ -243,21 +256,33 @@ class ComposedHead(_ClassScorer):
     The heads share one MLP's projections across the classes they score, so a head trained hard for one
     axis (tone taught by the prompted model on every answer) pushes the other axes less. Here each part's
     classes get their likelihoods s_c(h, x) from their own head, and Bayes' rule still normalises over
-    every class (or axis, or part: ``normalizer``); the class prior, when learned, is one MLP over all classes."""
+    every class (or axis, or part: ``normalizer``); the class prior, when learned, is one MLP over all classes.
+    A class scored by several parts takes the last part's score; the main head's (first part's) scores of
+    the ``shadows`` follow the classes' columns, for the main classes' posterior (``main-joint``)."""
 
-    def __init__(self, parts: list[PreferenceHead], part_rows: list[list[int]], prior: nn.Module | None) -> None:
+    def __init__(
+        self,
+        parts: list[PreferenceHead],
+        part_rows: list[list[int]],
+        prior: nn.Module | None,
+        shadows: list[int] | None = None,
+    ) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
-        concatenated = [row for rows in part_rows for row in rows]
-        self.num_classes = len(concatenated)
-        # the column of each class among the parts' concatenated scores
-        self.register_buffer("order", torch.tensor(concatenated).argsort(), persistent=False)
+        concatenated = [(part, row) for part, rows in enumerate(part_rows) for row in rows]
+        column = {scored: position for position, scored in enumerate(concatenated)}
+        owner = {row: part for part, row in concatenated}  # the last part that scores a class
+        self.num_classes = len(owner)
+        order = [column[owner[row], row] for row in range(self.num_classes)]
+        order += [column[0, row] for row in shadows or []]
+        # the column of each class (then of each shadow) among the parts' concatenated scores
+        self.register_buffer("order", torch.tensor(order), persistent=False)
         self.widths = [part.head_size + part.shift_rank for part in parts]
         self.prior = prior
 
     @classmethod
     def for_config(cls, config: ClassifierConfig) -> ComposedHead:
-        groups = config.part_classes
+        groups = [_main_head_classes(config), *config.head_parts]
         parts = [
             PreferenceHead(
                 config.hidden_size, config.embedding_size, config.head_size, len(group), False, config.shift_rank
@@ -266,7 +291,9 @@ class ComposedHead(_ClassScorer):
         ]
         learned = config.class_prior == "learned"
         prior = _prior_mlp(config.hidden_size, config.head_size, len(config.classes)) if learned else None
-        return cls(parts, [[config.classes.index(name) for name in group] for group in groups], prior)
+        index = config.classes.index
+        shadows = [index(name) for name in config.shadowed_classes]
+        return cls(parts, [[index(name) for name in group] for group in groups], prior, shadows)
 
     def project(self, embeddings: torch.Tensor) -> torch.Tensor:
         return torch.cat([part.project(embeddings) for part in self.parts], dim=-1)
@@ -280,11 +307,21 @@ class ComposedHead(_ClassScorer):
         return scores.index_select(-1, self.order)
 
 
-def compose(main: PreferenceClassifier, donors: list[tuple[list[str], PreferenceClassifier]]) -> PreferenceClassifier:
+def _main_head_classes(config: ClassifierConfig) -> list[str]:
+    """The classes the main head scores: those no part names, and with ``main-joint`` every class."""
+    return list(config.classes) if config.shadowed_classes else config.part_classes[0]
+
+
+def compose(
+    main: PreferenceClassifier,
+    donors: list[tuple[list[str], PreferenceClassifier]],
+    posterior: str | None = None,
+) -> PreferenceClassifier:
     """``main`` with the likelihoods of some classes taken from other trained heads: each (classes, donor)
     pair becomes a part that scores those classes exactly as ``donor`` does, and every other class is
-    scored exactly as ``main`` scores it. The prior (if any) is ``main``'s: fit it again on the composed
-    likelihoods (``cliper train --prior-on … --part …``) before reading texts with it."""
+    scored exactly as ``main`` scores it, read under ``posterior`` (default: ``main``'s). The prior (if
+    any) is ``main``'s: fit it again on the composed likelihoods (``cliper train --prior-on … --part …``)
+    before reading texts with it."""
     for _, donor in donors:
         settings = ("kind", "form", "classes", "head_size", "shift_rank", "tokenizer_fingerprint")
         if mismatch := [name for name in settings if getattr(donor.config, name) != getattr(main.config, name)]:
@@ -293,13 +330,15 @@ def compose(main: PreferenceClassifier, donors: list[tuple[list[str], Preference
         raise ValueError("Compose single-head classifiers (neither the main one nor a part may have parts)")
     if main.config.form != "bayes":
         raise ValueError("Head parts need the bayes form, whose class likelihoods are each normalised on their own")
-    config = main.config.model_copy(update={"head_parts": [list(names) for names, _ in donors]})
-    config = ClassifierConfig.model_validate(config.model_dump())  # check the parts
+    update = {"head_parts": [list(names) for names, _ in donors], "posterior": posterior or main.config.posterior}
+    config = ClassifierConfig.model_validate(main.config.model_copy(update=update).model_dump())  # check the parts
     index = config.classes.index
-    parts = [main.head.restricted_to([index(name) for name in config.part_classes[0]])]
+    groups = [_main_head_classes(config), *config.head_parts]
+    parts = [main.head.restricted_to([index(name) for name in groups[0]])]
     parts += [donor.head.restricted_to([index(name) for name in names]) for names, donor in donors]
-    rows = [[index(name) for name in group] for group in config.part_classes]
-    head = ComposedHead(parts, rows, copy.deepcopy(main.head.prior))
+    rows = [[index(name) for name in group] for group in groups]
+    shadows = [index(name) for name in config.shadowed_classes]
+    head = ComposedHead(parts, rows, copy.deepcopy(main.head.prior), shadows)
     return PreferenceClassifier(config, main.backbone, head).eval()
 
 
@@ -310,9 +349,12 @@ def class_conditional(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> t
     return joint - torch.logsumexp(joint, dim=-2, keepdim=True)
 
 
-def normalizer(classes: list[str], posterior: str, part_classes: list[list[str]] | None = None) -> torch.Tensor | None:
-    """Which classes each class's posterior is normalised over, as a [K, K] log-mask (0: included,
-    -inf: not), or None for all of them (``joint``).
+def normalizer(
+    classes: list[str], posterior: str, part_classes: list[list[str]] | None = None, shadowed: list[str] | None = None
+) -> torch.Tensor | None:
+    """Which score columns each class's posterior is normalised over, as a [K, K + S] log-mask (0:
+    included, -inf: not) over the classes' columns and then the ``shadowed`` classes' main-head columns
+    (``main-joint``), or None for all of the classes (``joint``).
 
     With ``axis``, a class on a preference axis is told apart only from the axis's other pole and the
     background classes (``refusal``): the axes are independent preferences, so a request for "concise"
@@ -322,18 +364,27 @@ def normalizer(classes: list[str], posterior: str, part_classes: list[list[str]]
 
     With ``part``, a class is told apart from the classes its own head part scores and the background
     classes (``head_parts``): a head trained jointly over its classes is read as it was trained, and a
-    part trained for one axis (tone, taught hard) stays out of the other heads' posteriors."""
-    if posterior == "joint" or (posterior == "part" and len(part_classes or []) < 2):
+    part trained for one axis (tone, taught hard) stays out of the other heads' posteriors. ``main-joint``
+    reads the parts' classes so too, and the main head's classes over every row of the main head: its
+    scores of its own classes and of the parts' (``shadowed``), exactly the main head's joint posterior."""
+    parted = posterior in ("part", "main-joint")
+    if posterior == "joint" or (parted and len(part_classes or []) < 2):
         return None
-    if posterior == "part":
+    shadowed = shadowed or []
+    if parted:
         groups = {name: set(group) for group in part_classes or [] for name in group}
     else:
         groups = {name: {name, pole} for name in classes if (pole := opposite(name)) in classes}
-    mask = torch.zeros(len(classes), len(classes))
+    main = set((part_classes or [[]])[0]) if shadowed else set()
+    mask = torch.zeros(len(classes), len(classes) + len(shadowed))
     for row, name in enumerate(classes):
-        if name in groups:
+        if name in main:  # the classes' columns of the main head's own classes, and its shadow columns
+            mask[row, : len(classes)] = torch.tensor([0.0 if other in main else float("-inf") for other in classes])
+        elif name in groups:
             members = groups[name] | set(BACKGROUND_CLASSES)
-            mask[row] = torch.tensor([0.0 if other in members else float("-inf") for other in classes])
+            mask[row] = torch.tensor(
+                [0.0 if other in members else float("-inf") for other in classes] + [float("-inf")] * len(shadowed)
+            )
     return mask
 
 
@@ -370,9 +421,25 @@ class PreferenceClassifier(nn.Module):
         self.backbone = backbone
         self.head = head or PreferenceHead.for_config(config)
         self._projected_vocab: tuple[tuple[int, ...], torch.Tensor] | None = None
-        self._normalizer = normalizer(config.classes, config.posterior, config.part_classes)
+        self._read_columns()
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
+
+    def _read_columns(self) -> None:
+        """What the posterior normalises each class over, and the class whose prior each score column
+        takes (the classes', then the shadows': ``main-joint``), from the config."""
+        config = self.config
+        self._normalizer = normalizer(config.classes, config.posterior, config.part_classes, config.shadowed_classes)
+        self._column_classes = torch.tensor(
+            [*range(len(config.classes)), *map(config.classes.index, config.shadowed_classes)]
+        )
+
+    def set_head_parts(self, head_parts: list[list[str]]) -> None:
+        """Score each group of classes by a head of its own (freshly initialised: load the trained parts'
+        weights next) and read the posterior over the parts accordingly."""
+        self.config = ClassifierConfig.model_validate({**self.config.model_dump(), "head_parts": head_parts})
+        self.head = PreferenceHead.for_config(self.config)
+        self._read_columns()
 
     @classmethod
     def create(
@@ -601,16 +668,21 @@ class PreferenceClassifier(nn.Module):
         return self.head.log_prior(prior_hidden)
 
     def posterior(self, log_likelihoods: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
-        """Bayes form: log p(c | prefix, x) from log p(x | prefix, c) [..., K] and the class prior
-        log p(c | prefix) (broadcast to it), by Bayes' rule."""
+        """Bayes form: log p(c | prefix, x) [..., K] from log p(x | prefix, c) per score column [..., C] and
+        the class prior log p(c | prefix) [..., K] (broadcast to it; a shadow column takes its class's),
+        by Bayes' rule."""
+        if log_likelihoods.shape[-1] > log_prior.shape[-1]:
+            log_prior = log_prior.index_select(-1, self._column_classes.to(log_prior.device))
         return self.normalize(log_likelihoods + log_prior)
 
     def normalize(self, class_scores: torch.Tensor) -> torch.Tensor:
-        """Class scores [..., K] -> log-probs, each class normalised over its ``normalizer`` set."""
+        """Scores per column [..., C] (the classes', then any shadows') -> class log-probs [..., K], each
+        class normalised over its ``normalizer`` set; given the classes' columns alone, over those of them."""
         if self._normalizer is None:
             return torch.log_softmax(class_scores, dim=-1)
-        mask = self._normalizer.to(class_scores.device)
-        return class_scores - torch.logsumexp(class_scores.unsqueeze(-2) + mask, dim=-1)
+        mask = self._normalizer[:, : class_scores.shape[-1]].to(class_scores.device)
+        scores = class_scores[..., : len(self.classes)]
+        return scores - torch.logsumexp(class_scores.unsqueeze(-2) + mask, dim=-1)
 
     def token_log_likelihoods(
         self,
@@ -620,8 +692,9 @@ class PreferenceClassifier(nn.Module):
         candidate_log_lm: torch.Tensor | None,
         next_log_lm: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Bayes form: log p(x_t | prefix, c) of each observed token among the base candidates, per class
-        [..., K]; a candidate equal to the observed token counts once."""
+        """Bayes form: log p(x_t | prefix, c) of each observed token among the base candidates, per score
+        column [..., C] (the classes', then any shadows': ``ComposedHead``); a candidate equal to the
+        observed token counts once."""
         if candidates is None or candidate_log_lm is None or next_log_lm is None:
             raise ValueError("A bayes-form classifier scores a token among the base model's candidates")
         # a duplicate of the observed token drops out of the sums (exp(-1e4) is 0 in float32) with no
@@ -634,8 +707,8 @@ class PreferenceClassifier(nn.Module):
     def candidate_log_likelihoods(
         self, hidden: torch.Tensor, candidates: torch.Tensor, candidate_log_lm: torch.Tensor
     ) -> torch.Tensor:
-        """Bayes form: log p(x | prefix, c) for every candidate x [..., N] and class, over those
-        candidates: [..., N, K]."""
+        """Bayes form: log p(x | prefix, c) for every candidate x [..., N] and score column, over those
+        candidates: [..., N, C]."""
         return class_conditional(self.head(hidden.float(), self._project(candidates.long())), candidate_log_lm)
 
     @property
@@ -643,10 +716,14 @@ class PreferenceClassifier(nn.Module):
         """Whether decoding reads the learned class prior (``guidance_prior``)."""
         return self.head.prior is not None and self.config.guidance_prior == "learned"
 
-    def guidance_digest(self) -> str:
+    def guidance_digest(self, classes: Sequence[str] | None = None) -> str:
         """SHA-256 of everything that decides how candidates are scored at decoding: classes, form,
         posterior, whether the prior takes part, and the weights guidance reads (a learned prior that
-        decoding leaves out is not among them). Two classifiers with one digest steer alike."""
+        decoding leaves out is not among them). Two classifiers with one digest steer alike. With
+        ``classes``, of what guidance towards those classes reads: under ``main-joint`` the main head's
+        classes are guided exactly as by the main head alone, whose digest they then share."""
+        if classes is not None and (main := self._main_head_alone(classes)) is not None:
+            return main.guidance_digest()
         settings = {
             "classes": self.classes,
             "form": self.config.form,
@@ -658,6 +735,16 @@ class PreferenceClassifier(nn.Module):
             if self.guides_with_prior or not name.startswith("prior."):
                 digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()
+
+    def _main_head_alone(self, classes: Sequence[str]) -> PreferenceClassifier | None:
+        """The main head as a classifier of its own, where it alone decides guidance towards ``classes``."""
+        main_classes = self.config.part_classes[0]
+        if not self.config.shadowed_classes or self.guides_with_prior or not set(classes) <= set(main_classes):
+            return None
+        assert isinstance(self.head, ComposedHead)
+        alone = {"head_parts": [], "posterior": "joint", "class_prior": "uniform", "prior_layer": None}
+        config = ClassifierConfig.model_validate(self.config.model_copy(update=alone).model_dump())
+        return PreferenceClassifier(config, self.backbone, self.head.parts[0])
 
     # --- persistence --------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +65,12 @@ class EvalConfig:
     classes: tuple[str, ...] = tuple(TARGETS)
     combinations: list[tuple[str, ...]] = field(default_factory=lambda: list(COMBINATIONS))
     restart: bool = False
-    unguided_from: Path | None = None
-    """Another run's output folder whose answers made without guidance (unguided, prompting only) this run
-    takes instead of answering them again: they depend on the model, prompts and token budget only, not
-    on the classifier or guidance's settings, so a new classifier needs only its guided answers made."""
+    reuse_from: Path | None = None
+    """Another run's output folder whose answers this run would make alike it takes instead of answering
+    them again: those made without guidance (unguided, prompting only), which depend on the model, prompts
+    and token budget only, and, where guidance's settings are the same too, the guided answers of every
+    job whose classes this run's classifier guides exactly as that run's did (``guidance_digest(classes)``:
+    a classifier that replaces one part keeps the other classes' answers)."""
 
     def job(self, classes: tuple[str, ...], setting: str) -> Job:
         """The job answering ``classes`` in ``setting`` at this run's α (with guidance off, the α only keys it)."""
@@ -198,22 +201,29 @@ class ResponseStore:
             handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         self.records.update({(record["prompt_id"], record["job"]): record for record in records})
 
-    def adopt_unguided(self, source: Path, jobs: list[Job]) -> int:
-        """Take the answers of those ``jobs`` made without guidance from another run's store ``source``
-        where this one lacks them; returns how many. Refused when that run differs in what such answers
-        depend on (``UNGUIDED_SIGNATURE``)."""
+    def adopt(self, source: Path, jobs: list[Job], guidance_digest: Callable[[tuple[str, ...]], str]) -> int:
+        """Take from another run's store ``source`` the answers of those ``jobs`` that this run would make
+        alike, where this one lacks them; returns how many. Those made without guidance need the same
+        ``UNGUIDED_SIGNATURE`` (refused otherwise); a guided job's need the rest of the signature the same
+        and ``guidance_digest`` of its classes equal to that run's classifier's."""
         if not source.is_file():
-            raise EvalStoreError(f"{source}: no stored responses to take the unguided answers from")
+            raise EvalStoreError(f"{source}: no stored responses to take the answers from")
         theirs, records, _ = read_store(source)
         if differs := [key for key in UNGUIDED_SIGNATURE if theirs.get(key) != self.signature.get(key)]:
             raise EvalStoreError(
                 f"{source} was answered with another {', '.join(differs)} "
                 f"({', '.join(f'{theirs.get(key)} vs {self.signature.get(key)}' for key in differs)})"
             )
-        keys = {job.key for job in jobs if not SETTINGS[job.setting]["guided"]}
-        unguided = [r for r in records if r["job"] in keys and (r["prompt_id"], r["job"]) not in self.records]
-        self.add(unguided)
-        return len(unguided)
+        same_guidance = all(theirs.get(key) == value for key, value in self.signature.items() if key != "classifier")
+        keys = {
+            job.key
+            for job in jobs
+            if not SETTINGS[job.setting]["guided"]
+            or (same_guidance and guidance_digest(job.classes) == theirs.get("classifier"))
+        }
+        adopted = [r for r in records if r["job"] in keys and (r["prompt_id"], r["job"]) not in self.records]
+        self.add(adopted)
+        return len(adopted)
 
     def responses(self, job: Job, prompts: list[tuple[int, str]]) -> list[dict]:
         return [self.records[(pid, job.key)] for pid, _ in prompts]
@@ -318,8 +328,8 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     sweep_only = {job for job in jobs if job.setting == "guidance" and job.alpha != config.alpha}
     answered = {job: sweep_prompts if job in sweep_only else prompts for job in jobs}
     store = ResponseStore(config.output / RESPONSES_FILE, run_signature(engine, config), config.restart)
-    if config.unguided_from is not None:
-        store.adopt_unguided(config.unguided_from / RESPONSES_FILE, jobs)
+    if config.reuse_from is not None:
+        store.adopt(config.reuse_from / RESPONSES_FILE, jobs, engine.classifier.guidance_digest)
     bar = tqdm(total=sum(len(store.missing(job, answered[job])) for job in jobs), desc="Evaluating", unit="response")
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start : start + config.batch_size]

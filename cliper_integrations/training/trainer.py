@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional
 from tqdm.auto import tqdm
 
-from cliper_integrations.core.classifier import PreferenceClassifier, PreferenceHead, compose
+from cliper_integrations.core.classifier import PreferenceClassifier, compose
 from cliper_integrations.core.engine import DEFAULT_CLASSIFIER, default_classifier_path
 from cliper_integrations.core.errors import ModelResolutionError
 from cliper_integrations.core.models import LoadedModel
@@ -69,9 +69,10 @@ class TrainConfig:
     response_weight: float = 0.0
     """Weight of a response-level term: the class of each whole response from the sum of its tokens'
     class log-probs (what response accuracy reads), trained beside the token-level loss."""
-    posterior: Literal["joint", "axis", "part"] = "joint"
-    """Normalise each class's posterior over all classes, over its own axis, or over its own head part's
-    classes (``core/classifier.py``; "part" means something only with head parts)."""
+    posterior: Literal["joint", "axis", "part", "main-joint"] = "joint"
+    """Normalise each class's posterior over all classes, over its own axis, over its own head part's
+    classes, or so for the parts' classes while the main head's stay joint over its own rows
+    (``core/classifier.py``; "part" and "main-joint" mean something only with head parts)."""
     prior_on: Path | None = None
     """Fit only a learned class prior on top of this saved bayes classifier that guides with a uniform
     prior ("default": the one packaged for the base model): its likelihood head is copied and frozen, so
@@ -651,14 +652,14 @@ def _prior_on(
     and a new one is fitted, so a prior can be refitted on grown data without the head's own run. With
     ``parts_from``, the classes named there are scored by those classifiers' heads (``compose``), and
     ``classifier``'s posterior may differ from the head's. Its ``prompted_weight_factors`` carry over
-    only where guidance stays exactly the head's: they were probed for that guidance."""
+    for the classes whose guidance stays exactly the head's: they were probed for that guidance."""
     original = trained = PreferenceClassifier.load(folder, base)
     if parts_from:
-        trained = compose(trained, [(list(names), PreferenceClassifier.load(path, base)) for names, path in parts_from])
+        donors = [(list(names), PreferenceClassifier.load(path, base)) for names, path in parts_from]
+        trained = compose(trained, donors, posterior=classifier.config.posterior)
     wanted = {
         "form": "bayes",
-        # a posterior of its own only for composed heads, whose guidance is new anyway
-        "posterior": trained.config.posterior if parts_from else classifier.config.posterior,
+        "posterior": classifier.config.posterior,
         "head_size": classifier.config.head_size,
         "shift_rank": classifier.config.shift_rank,
         "classes": classifier.classes,
@@ -669,12 +670,14 @@ def _prior_on(
     if trained.guides_with_prior:
         raise ValueError(f"--prior-on needs a head that guides with a uniform prior; {folder}'s prior guides")
     if trained.config.head_parts:
-        classifier.config.head_parts = trained.config.head_parts
-        classifier.head = PreferenceHead.for_config(classifier.config)
+        classifier.set_head_parts(trained.config.head_parts)
     likelihood = {name: tensor for name, tensor in trained.head.state_dict().items() if not name.startswith("prior.")}
     classifier.head.load_state_dict(likelihood, strict=False)  # all but the prior
-    if classifier.guidance_digest() == original.guidance_digest():  # the α probed with the prompt still holds
-        classifier.config.prompted_weight_factors = dict(original.config.prompted_weight_factors)
+    classifier.config.prompted_weight_factors = {  # where the α probed with the prompt still holds
+        name: factor
+        for name, factor in original.config.prompted_weight_factors.items()
+        if classifier.guidance_digest([name]) == original.guidance_digest([name])
+    }
     for name, parameter in classifier.head.named_parameters():
         parameter.requires_grad_(name.startswith("prior."))
     return list(classifier.head.prior.parameters())
@@ -716,7 +719,7 @@ def _token_loss(
     log_prior = classifier.reading_log_prior(features["hidden"], features.get("prior_hidden"))
     log_probs = classifier.posterior(conditional, log_prior)
     discriminative = functional.nll_loss(log_probs, labels, weight=class_weight)
-    generative = functional.nll_loss(conditional, labels, weight=class_weight)
+    generative = functional.nll_loss(conditional[..., : len(classifier.classes)], labels, weight=class_weight)
     return log_probs, (1 - generative_weight) * discriminative + generative_weight * generative
 
 
