@@ -411,6 +411,10 @@ def test_head_parts_must_be_compatible_disjoint_groups_of_the_classes(base):
     for parts in ([["friendly"], ["friendly"]], [["cheerful"]], [[]], [classes]):
         with pytest.raises(ValueError, match="head_parts"):
             ClassifierConfig.model_validate({**settings, "head_parts": parts})
+    for posterior in ("part", "main-joint"):  # one class and no background: its posterior would always be 1
+        with pytest.raises(ValueError, match="told apart"):
+            ClassifierConfig.model_validate({**settings, "head_parts": [["friendly"]], "posterior": posterior})
+    ClassifierConfig.model_validate({**settings, "head_parts": [["friendly"]]})  # joint: told from all the others
 
 
 def test_a_part_posterior_tells_each_class_from_its_own_heads_classes_and_the_background():

@@ -131,6 +131,14 @@ class ClassifierConfig(BaseModel):
             raise ValueError(f"head_parts must be disjoint, non-empty groups of the classes, got {self.head_parts!r}")
         if self.head_parts and set(named) == set(self.classes):
             raise ValueError("head_parts must leave the main head some classes (those no part names)")
+        background = {name for name in self.classes if name in BACKGROUND_CLASSES}
+        if self.posterior in ("part", "main-joint") and (
+            alone := [part for part in self.head_parts if len(set(part) | background) < 2]
+        ):
+            raise ValueError(
+                f"posterior {self.posterior}: head part {alone[0]!r} has no class to be told apart from "
+                "(give it both poles, or train a background class)"
+            )
         return self
 
     @property
