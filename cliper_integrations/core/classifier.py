@@ -151,8 +151,8 @@ class ClassifierConfig(BaseModel):
     def shadowed_classes(self) -> list[str]:
         """The parts' classes whose main-head scores are kept beside the parts' own (``main-joint``), in
         class order: extra score columns that only the main classes' posterior reads."""
-        named = {name for part in self.head_parts for name in part}
-        return [name for name in self.classes if name in named] if self.posterior == "main-joint" else []
+        main = set(self.part_classes[0])
+        return [name for name in self.classes if name not in main] if self.posterior == "main-joint" else []
 
     @model_validator(mode="after")
     def _factors_of_own_classes(self) -> ClassifierConfig:
@@ -290,18 +290,16 @@ class ComposedHead(_ClassScorer):
 
     @classmethod
     def for_config(cls, config: ClassifierConfig) -> ComposedHead:
-        groups = [_main_head_classes(config), *config.head_parts]
+        rows, shadows = _part_layout(config)
         parts = [
             PreferenceHead(
-                config.hidden_size, config.embedding_size, config.head_size, len(group), False, config.shift_rank
+                config.hidden_size, config.embedding_size, config.head_size, len(part), False, config.shift_rank
             )
-            for group in groups
+            for part in rows
         ]
         learned = config.class_prior == "learned"
         prior = _prior_mlp(config.hidden_size, config.head_size, len(config.classes)) if learned else None
-        index = config.classes.index
-        shadows = [index(name) for name in config.shadowed_classes]
-        return cls(parts, [[index(name) for name in group] for group in groups], prior, shadows)
+        return cls(parts, rows, prior, shadows)
 
     def project(self, embeddings: torch.Tensor) -> torch.Tensor:
         return torch.cat([part.project(embeddings) for part in self.parts], dim=-1)
@@ -315,9 +313,13 @@ class ComposedHead(_ClassScorer):
         return scores.index_select(-1, self.order)
 
 
-def _main_head_classes(config: ClassifierConfig) -> list[str]:
-    """The classes the main head scores: those no part names, and with ``main-joint`` every class."""
-    return list(config.classes) if config.shadowed_classes else config.part_classes[0]
+def _part_layout(config: ClassifierConfig) -> tuple[list[list[int]], list[int]]:
+    """The class indices each part's head scores, the main head first (those no part names, and with
+    ``main-joint`` every class), and the indices of the shadowed classes."""
+    index = config.classes.index
+    main = config.classes if config.shadowed_classes else config.part_classes[0]
+    rows = [[index(name) for name in group] for group in [main, *config.head_parts]]
+    return rows, [index(name) for name in config.shadowed_classes]
 
 
 def compose(
@@ -340,12 +342,9 @@ def compose(
         raise ValueError("Head parts need the bayes form, whose class likelihoods are each normalised on their own")
     update = {"head_parts": [list(names) for names, _ in donors], "posterior": posterior or main.config.posterior}
     config = ClassifierConfig.model_validate(main.config.model_copy(update=update).model_dump())  # check the parts
-    index = config.classes.index
-    groups = [_main_head_classes(config), *config.head_parts]
-    parts = [main.head.restricted_to([index(name) for name in groups[0]])]
-    parts += [donor.head.restricted_to([index(name) for name in names]) for names, donor in donors]
-    rows = [[index(name) for name in group] for group in groups]
-    shadows = [index(name) for name in config.shadowed_classes]
+    rows, shadows = _part_layout(config)
+    heads = [main.head, *(donor.head for _, donor in donors)]
+    parts = [head.restricted_to(part) for head, part in zip(heads, rows, strict=True)]
     head = ComposedHead(parts, rows, copy.deepcopy(main.head.prior), shadows)
     return PreferenceClassifier(config, main.backbone, head).eval()
 
