@@ -4,7 +4,9 @@ Used to choose classifier settings and α without looking at ``../shared/data/ev
 or with the request also in the prompt) at each α against unguided, on instructions from
 ``alpaca_train.jsonl`` beyond the first 3,000 of the seeded shuffle (data generation uses at most the first
 600), measured like ``cliper eval``. With ``--setting prompt+guidance`` each class is also answered with the
-prompt alone, and the row says whether guidance moves it further than the prompt does.
+prompt alone, and the row says whether guidance moves it further than the prompt does. Answers made
+without guidance (unguided, prompt alone) depend only on the model, dtype and token budget, so they are
+kept in ``runs/probe_cache/`` and a later probe reuses them instead of answering them again.
 
     python benchmarks/steering_probe.py runs/classifier --alphas 8 --prompts 6 --max-new-tokens 64
     python benchmarks/steering_probe.py default --setting prompt+guidance --alphas 2,4,8 --max-new-tokens 160
@@ -14,6 +16,7 @@ prompt alone, and the row says whether guidance moves it further than the prompt
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -21,30 +24,49 @@ from pathlib import Path
 from cliper_integrations.core.engine import CLIPerEngine
 from cliper_integrations.core.prompting import instruction_text
 from cliper_integrations.evaluation.steering import (
+    SETTINGS,
     TARGETS,
     EvalConfig,
     Job,
+    ResponseStore,
     fluency,
     generate,
     moves_further,
     response_record,
     summarize,
+    unguided_signature,
     verdict,
 )
 
 INSTRUCTIONS = Path("../shared/data/instructions/alpaca_train.jsonl")
 QUESTION_WORDS = ("Explain", "Describe", "What", "Why", "How")
+CACHE = Path("runs/probe_cache")
 
 
-def probe_prompts(count: int, skip: int = 0, all_kinds: bool = False) -> list[str]:
-    """Instructions from the part of the seeded shuffle that data generation never reaches: open questions
-    without input, or (``all_kinds``) every kind Alpaca has, rewrites and instructions with an input too."""
+def probe_instructions(count: int, skip: int = 0, all_kinds: bool = False) -> list[tuple[int, str]]:
+    """(id, prompt) pairs from the part of the seeded shuffle that data generation never reaches: open
+    questions without input, or (``all_kinds``) every kind Alpaca has, rewrites and instructions with an
+    input too. The id is the instruction's place in the shuffle, the same whichever kinds are drawn."""
     records = [json.loads(line) for line in INSTRUCTIONS.read_text().splitlines() if line.strip()]
     random.Random(0).shuffle(records)
     chosen = [
-        r for r in records[3000:] if all_kinds or (not r.get("input") and r["instruction"].split()[0] in QUESTION_WORDS)
+        (place, instruction_text(r))
+        for place, r in enumerate(records[3000:], start=3000)
+        if all_kinds or (not r.get("input") and r["instruction"].split()[0] in QUESTION_WORDS)
     ]
-    return [instruction_text(r) for r in chosen[skip : skip + count]]
+    return chosen[skip : skip + count]
+
+
+def probe_prompts(count: int, skip: int = 0, all_kinds: bool = False) -> list[str]:
+    """The prompts of ``probe_instructions``."""
+    return [prompt for _, prompt in probe_instructions(count, skip, all_kinds)]
+
+
+def unguided_cache(engine: CLIPerEngine, max_new_tokens: int) -> ResponseStore:
+    """The store of this model's, dtype's and token budget's answers made without guidance."""
+    signature = unguided_signature(engine, INSTRUCTIONS, max_new_tokens)
+    name = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+    return ResponseStore(CACHE / f"{name}.jsonl", signature)
 
 
 def _floor(value: str) -> float | None:
@@ -75,18 +97,23 @@ def main() -> None:
     )
     parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
     args = parser.parse_args()
-    prompts = probe_prompts(args.prompts, args.skip, args.all_kinds)
+    prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
     floor = {} if args.plausibility is None else {"guided_plausibility": _floor(args.plausibility)}
     engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype, **floor)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
+    cache = unguided_cache(engine, args.max_new_tokens)
 
     def answer(job: Job) -> dict[str, float]:
-        results = generate(engine, prompts, job, config)
+        cached = not SETTINGS[job.setting]["guided"]
+        missing = cache.missing(job, prompts) if cached else prompts
+        results = generate(engine, [prompt for _, prompt in missing], job, config) if missing else []
+        records = [response_record(engine, job, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
+        if cached:
+            cache.add(records)
+            records = cache.responses(job, prompts)
         if args.show:
-            print(f"  [{job.key}] {results[0].text[: args.show]!r}", flush=True)
-        return summarize(
-            [response_record(engine, job, i, p, r) for i, (p, r) in enumerate(zip(prompts, results, strict=True))]
-        )
+            print(f"  [{job.key}] {records[0]['response'][: args.show]!r}", flush=True)
+        return summarize(records)
 
     unguided = answer(Job((), "unguided", 0.0))
     print("unguided", {name: round(value, 2) for name, value in unguided.items()}, flush=True)

@@ -132,8 +132,7 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
     be mixed into one table."""
     assert engine.classifier is not None
     return {
-        "model": engine.loaded.name,
-        "dtype": engine.loaded.dtype,
+        **unguided_signature(engine, config.prompts_file, config.max_new_tokens),
         "classifier": engine.classifier.guidance_digest(),
         "decoding_rule": hashlib.sha256(inspect.getsource(logits_processor).encode()).hexdigest()[:16],
         "top_k": engine.top_k,
@@ -143,14 +142,22 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
         # with the look-ahead, a guided opening that declines is answered again (engine.py, _OpeningCheck)
         "guided_opening_check": bool(engine.refusal_lookahead),
         "declines": f"{engine.declines.__module__}.{engine.declines.__qualname__}",
-        "prompts_file": config.prompts_file.name,
-        "max_new_tokens": config.max_new_tokens,
+    }
+
+
+def unguided_signature(engine: CLIPerEngine, prompts_file: Path, max_new_tokens: int) -> dict[str, object]:
+    """The parts of a run signature that answers made without guidance depend on."""
+    return {
+        "model": engine.loaded.name,
+        "dtype": engine.loaded.dtype,
+        "prompts_file": prompts_file.name,
+        "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
     }
 
 
 UNGUIDED_SIGNATURE = ("model", "dtype", "prompts_file", "max_new_tokens", "decoding")
-"""The parts of a run signature that answers made without guidance depend on."""
+"""The keys of ``unguided_signature``."""
 
 
 def read_store(path: Path) -> tuple[dict[str, object], list[dict], bool]:
