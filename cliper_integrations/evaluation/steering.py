@@ -145,19 +145,14 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
     }
 
 
-def unguided_signature(engine: CLIPerEngine, prompts_file: Path, max_new_tokens: int) -> dict[str, object]:
-    """The parts of a run signature that answers made without guidance depend on."""
-    return {
-        "model": engine.loaded.name,
-        "dtype": engine.loaded.dtype,
-        "prompts_file": prompts_file.name,
-        "max_new_tokens": max_new_tokens,
-        "decoding": "greedy",
-    }
-
-
 UNGUIDED_SIGNATURE = ("model", "dtype", "prompts_file", "max_new_tokens", "decoding")
-"""The keys of ``unguided_signature``."""
+"""The parts of a run signature that answers made without guidance depend on."""
+
+
+def unguided_signature(engine: CLIPerEngine, prompts_file: Path, max_new_tokens: int) -> dict[str, object]:
+    """The ``UNGUIDED_SIGNATURE`` part of a run signature."""
+    values = (engine.loaded.name, engine.loaded.dtype, prompts_file.name, max_new_tokens, "greedy")
+    return dict(zip(UNGUIDED_SIGNATURE, values, strict=True))
 
 
 def read_store(path: Path) -> tuple[dict[str, object], list[dict], bool]:
