@@ -245,6 +245,13 @@ def train(
             "head instead (repeat for several), e.g. friendly,unfriendly=runs/tone"
         ),
     ] = None,
+    prior_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="with --prior-on: start the reading prior from this classifier's ('default': the packaged one's); "
+            "with --epochs 0 it is kept as it is"
+        ),
+    ] = None,
     guidance_prior: Annotated[
         str, typer.Option(help="with a learned prior: learned (decoding uses it too) or uniform (reading only)")
     ] = "learned",
@@ -290,6 +297,7 @@ def train(
             response_weight=response_weight,
             prior_on=prior_on,
             head_parts_from=[_head_part(spec) for spec in part or []],
+            prior_from=prior_from,
             guidance_prior=guidance_prior,
             prior_layer=prior_layer,
             teacher_classes=tuple(name for name in teacher.split(",") if name),

@@ -507,6 +507,51 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     assert metrics["validation"]["response_accuracy"] >= 0.9
 
 
+def test_a_borrowed_prior_reads_a_new_head_part_as_it_read_the_old_head(tmp_path, base):
+    """``prior_from`` with ``epochs`` 0: the composed heads guide as composed, and the prior is the donor's
+    exactly, so the classes the old head still scores are read as the donor read them."""
+    from cliper_integrations.core.classifier import PreferenceClassifier, compose
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(30)))
+    cache = tmp_path / "features"
+    main = _tiny_config(data, tmp_path / "main", epochs=3, feature_cache=cache)
+    donor = _tiny_config(data, tmp_path / "donor", epochs=2, feature_cache=cache, seed=5)
+    train_classifier(base, main)
+    train_classifier(base, donor)
+    read = _tiny_config(data, tmp_path / "read", feature_cache=cache, prior_on=main.output, guidance_prior="uniform")
+    train_classifier(base, read)
+    composed = _tiny_config(
+        data,
+        tmp_path / "composed",
+        feature_cache=cache,
+        prior_on=main.output,
+        head_parts_from=[(("informative",), donor.output)],
+        prior_from=read.output,
+        guidance_prior="uniform",
+        epochs=0,
+    )
+    metrics = train_classifier(base, composed)
+    reader, borrowed = (PreferenceClassifier.load(run.output, base) for run in (read, composed))
+    for name, tensor in reader.head.prior.state_dict().items():
+        torch.testing.assert_close(borrowed.head.prior.state_dict()[name], tensor, rtol=0, atol=0)
+    assert borrowed.config.head_parts == [["informative"]] and metrics["history"] == []
+    assert metrics["config"]["prior_from"] == str(read.output)
+    expected = compose(
+        PreferenceClassifier.load(main.output, base), [(["informative"], PreferenceClassifier.load(donor.output, base))]
+    )
+    assert borrowed.guidance_digest() == expected.guidance_digest() != reader.guidance_digest()
+    # a prior of another layer (or none) is refused, as is a borrowed prior without a head to put it on
+    other_layer = TrainConfig(**{**read.__dict__, "output": tmp_path / "layer", "prior_layer": 1, "epochs": 1})
+    train_classifier(base, other_layer)
+    with pytest.raises(ValueError, match="prior-from"):
+        train_classifier(base, TrainConfig(**{**composed.__dict__, "prior_from": other_layer.output}))
+    with pytest.raises(ValueError, match="prior-from"):
+        train_classifier(base, TrainConfig(**{**composed.__dict__, "prior_from": main.output}))
+    with pytest.raises(ValueError, match="prior-on"):
+        _tiny_config(data, tmp_path / "none", prior_from=read.output)
+
+
 def test_a_prior_fitted_on_composed_heads_keeps_each_parts_likelihood(tmp_path, base):
     """``prior_on`` with ``head_parts_from``: a class named there is scored by that classifier's head, the
     rest by ``prior_on``'s, both frozen; only the prior trains, and guidance is the composed heads'."""

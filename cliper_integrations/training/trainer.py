@@ -81,6 +81,11 @@ class TrainConfig:
     """With ``prior_on``: (classes, classifier folder) pairs whose classes are scored by that trained
     classifier's head instead (``core/classifier.py``, ``compose``), so that one axis can take a head
     trained for it while the others keep ``prior_on``'s; the prior is then fitted on the composed head."""
+    prior_from: Path | None = None
+    """With ``prior_on``: start the prior from this classifier's learned prior ("default": the packaged
+    one's) instead of afresh; with ``epochs`` 0 it is kept as it is. A prior depends on the prefix only,
+    so one fitted beside another head can read a head whose parts changed (a new tone head keeps the
+    packaged prior's reading of the other axes exactly)."""
     guidance_prior: Literal["learned", "uniform"] = "learned"
     """With a learned prior: whether decoding uses it too (``core/classifier.py``)."""
     prior_layer: int | None = None
@@ -111,8 +116,8 @@ class TrainConfig:
             raise ValueError(f"Teacher classes must be trained classes on a preference axis: {unknown}")
         if self.teacher_answers not in ("axis", "all"):
             raise ValueError(f"teacher_answers must be 'axis' or 'all', not {self.teacher_answers!r}")
-        if self.head_parts_from and self.prior_on is None:
-            raise ValueError("Head parts are composed from trained classifiers: they need --prior-on")
+        if (self.head_parts_from or self.prior_from) and self.prior_on is None:
+            raise ValueError("Head parts and a borrowed prior go on a trained classifier's head: they need --prior-on")
         if self.teacher_classes and (self.form != "bayes" or self.prior_on is not None):
             raise ValueError("A teacher trains a bayes-form likelihood head (not a prior fitted on top)")
 
@@ -528,6 +533,8 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     trainable = (
         _prior_on(classifier, prior_on, base, config.head_parts_from) if prior_on else classifier.head.parameters()
     )
+    if config.prior_from is not None:
+        _start_prior_from(classifier, _prior_on_folder(config.prior_from, base), base)
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     teacher = config.teacher_classes
     features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
@@ -681,6 +688,22 @@ def _prior_on(
     for name, parameter in classifier.head.named_parameters():
         parameter.requires_grad_(name.startswith("prior."))
     return list(classifier.head.prior.parameters())
+
+
+def _start_prior_from(classifier: PreferenceClassifier, folder: Path, base: LoadedModel) -> None:
+    """Copy the learned prior of the classifier in ``folder`` into ``classifier``: same classes, layer and size."""
+    donor = PreferenceClassifier.load(folder, base)
+    wanted = {
+        "class_prior": "learned",
+        "classes": classifier.classes,
+        "prior_layer": classifier.config.prior_layer,
+        "head_size": classifier.config.head_size,
+    }
+    found = {name: getattr(donor.config, name) for name in wanted}
+    if mismatch := {name: value for name, value in found.items() if value != wanted[name]}:
+        raise ValueError(f"--prior-from needs a classifier with {wanted}; {folder} has {mismatch}")
+    prior = {name: tensor for name, tensor in donor.head.state_dict().items() if name.startswith("prior.")}
+    classifier.head.prior.load_state_dict({name.removeprefix("prior."): tensor for name, tensor in prior.items()})
 
 
 def _response_batches(data: EncodedSet, size: int, generator: torch.Generator) -> list[torch.Tensor]:
