@@ -507,11 +507,8 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     assert metrics["validation"]["response_accuracy"] >= 0.9
 
 
-def test_a_borrowed_prior_reads_a_new_head_part_as_it_read_the_old_head(tmp_path, base):
-    """``prior_from`` with ``epochs`` 0: the composed heads guide as composed, and the prior is the donor's
-    exactly, so the classes the old head still scores are read as the donor read them."""
-    from cliper_integrations.core.classifier import PreferenceClassifier, compose
-
+def _train_main_and_donor(tmp_path: Path, base) -> tuple[Path, Path, TrainConfig, TrainConfig]:
+    """Style data, a shared feature cache and two trained heads (the second seeded apart, to lend a part)."""
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(30)))
     cache = tmp_path / "features"
@@ -519,6 +516,15 @@ def test_a_borrowed_prior_reads_a_new_head_part_as_it_read_the_old_head(tmp_path
     donor = _tiny_config(data, tmp_path / "donor", epochs=2, feature_cache=cache, seed=5)
     train_classifier(base, main)
     train_classifier(base, donor)
+    return data, cache, main, donor
+
+
+def test_a_borrowed_prior_reads_a_new_head_part_as_it_read_the_old_head(tmp_path, base):
+    """``prior_from`` with ``epochs`` 0: the composed heads guide as composed, and the prior is the donor's
+    exactly, so the classes the old head still scores are read as the donor read them."""
+    from cliper_integrations.core.classifier import PreferenceClassifier, compose
+
+    data, cache, main, donor = _train_main_and_donor(tmp_path, base)
     read = _tiny_config(data, tmp_path / "read", feature_cache=cache, prior_on=main.output, guidance_prior="uniform")
     train_classifier(base, read)
     composed = _tiny_config(
@@ -557,13 +563,7 @@ def test_a_prior_fitted_on_composed_heads_keeps_each_parts_likelihood(tmp_path, 
     rest by ``prior_on``'s, both frozen; only the prior trains, and guidance is the composed heads'."""
     from cliper_integrations.core.classifier import PreferenceClassifier, compose
 
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _style_rows(30)))
-    cache = tmp_path / "features"
-    main = _tiny_config(data, tmp_path / "main", epochs=3, feature_cache=cache)
-    donor = _tiny_config(data, tmp_path / "donor", epochs=2, feature_cache=cache, seed=5)
-    train_classifier(base, main)
-    train_classifier(base, donor)
+    data, cache, main, donor = _train_main_and_donor(tmp_path, base)
     probed = json.loads((main.output / "classifier.json").read_text())
     (main.output / "classifier.json").write_text(json.dumps({**probed, "prompted_weight_factors": {"concise": 0.25}}))
     parts = [(("informative",), donor.output)]

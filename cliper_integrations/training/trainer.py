@@ -671,9 +671,7 @@ def _prior_on(
         "shift_rank": classifier.config.shift_rank,
         "classes": classifier.classes,
     }
-    found = {name: getattr(trained.config, name) for name in wanted}
-    if mismatch := {name: value for name, value in found.items() if value != wanted[name]}:
-        raise ValueError(f"--prior-on needs a classifier with {wanted}; {folder} has {mismatch}")
+    _require_settings(trained, wanted, "--prior-on", folder)
     if trained.guides_with_prior:
         raise ValueError(f"--prior-on needs a head that guides with a uniform prior; {folder}'s prior guides")
     if trained.config.head_parts:
@@ -699,11 +697,15 @@ def _start_prior_from(classifier: PreferenceClassifier, folder: Path, base: Load
         "prior_layer": classifier.config.prior_layer,
         "head_size": classifier.config.head_size,
     }
-    found = {name: getattr(donor.config, name) for name in wanted}
+    _require_settings(donor, wanted, "--prior-from", folder)
+    classifier.head.prior.load_state_dict(donor.head.prior.state_dict())
+
+
+def _require_settings(classifier: PreferenceClassifier, wanted: dict, option: str, folder: Path) -> None:
+    """Refuse a saved classifier whose config differs from ``wanted`` where ``option`` needs them alike."""
+    found = {name: getattr(classifier.config, name) for name in wanted}
     if mismatch := {name: value for name, value in found.items() if value != wanted[name]}:
-        raise ValueError(f"--prior-from needs a classifier with {wanted}; {folder} has {mismatch}")
-    prior = {name: tensor for name, tensor in donor.head.state_dict().items() if name.startswith("prior.")}
-    classifier.head.prior.load_state_dict({name.removeprefix("prior."): tensor for name, tensor in prior.items()})
+        raise ValueError(f"{option} needs a classifier with {wanted}; {folder} has {mismatch}")
 
 
 def _response_batches(data: EncodedSet, size: int, generator: torch.Generator) -> list[torch.Tensor]:
