@@ -107,7 +107,8 @@ def main() -> None:
         cached = not SETTINGS[job.setting]["guided"]
         missing = cache.missing(job, prompts) if cached else prompts
         results = generate(engine, [prompt for _, prompt in missing], job, config) if missing else []
-        records = [response_record(engine, job, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
+        guidance = None if cached else engine.classifier.guidance_digest(job.classes)
+        records = [response_record(engine, job, guidance, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
         if cached:
             cache.add(records)
             records = cache.responses(job, prompts)

@@ -246,8 +246,8 @@ def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it
     main, donor = (tiny_classifier(base, "shared", seed=seed, form="bayes") for seed in (1, 7))
     hybrid = compose(main, [(["friendly", "unfriendly"], donor)], posterior="main-joint")
     prompts, options = ["Explain rain.", "Hi"], {"classes": ("concise", "friendly"), "sweep": (0.0,)}
-    first, scratch = tmp_path / "first", tmp_path / "scratch"
-    first.mkdir(), scratch.mkdir()
+    first, scratch, chained = tmp_path / "first", tmp_path / "scratch", tmp_path / "chained"
+    first.mkdir(), scratch.mkdir(), chained.mkdir()
     steering.run_eval(CLIPerEngine(base, classifier=main), _eval_config(first, prompts, **options))
     steering.run_eval(CLIPerEngine(base, classifier=hybrid), _eval_config(scratch, prompts, **options))
 
@@ -268,6 +268,13 @@ def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it
     assert {k: v for k, v in ours.items() if "concise|" in k[1]} == {
         k: v for k, v in theirs.items() if "concise|" in k[1]
     }
+
+    # Each answer records what guided it, so the answers this run took can be taken from its store again.
+    answered.clear()
+    steering.run_eval(
+        CLIPerEngine(base, classifier=hybrid), _eval_config(chained, prompts, reuse_from=tmp_path / "out", **options)
+    )
+    assert answered == [] and _stored(chained / "out") == own
 
 
 def _stored(output) -> dict[tuple[int, str], dict]:

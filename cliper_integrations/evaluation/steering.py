@@ -14,7 +14,6 @@ import inspect
 import json
 import math
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,11 +202,13 @@ class ResponseStore:
             handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         self.records.update({(record["prompt_id"], record["job"]): record for record in records})
 
-    def adopt(self, source: Path, jobs: list[Job], guidance_digest: Callable[[tuple[str, ...]], str]) -> int:
-        """Take from another run's store ``source`` the answers of those ``jobs`` that this run would make
-        alike, where this one lacks them; returns how many. Those made without guidance need the same
-        ``UNGUIDED_SIGNATURE`` (refused otherwise); a guided job's need the rest of the signature the same
-        and ``guidance_digest`` of its classes equal to that run's classifier's."""
+    def adopt(self, source: Path, guidance: dict[Job, str | None]) -> int:
+        """Take from another run's store ``source`` the answers of the jobs in ``guidance`` that this run
+        would make alike, where this one lacks them; returns how many. Those made without guidance (None)
+        need the same ``UNGUIDED_SIGNATURE`` (refused otherwise); a guided job's need the rest of the
+        signature the same and the job's ``guidance_digest`` equal to the one the answer records it was made
+        with (a store from before answers recorded it: that run's whole classifier's), so answers a store
+        took from a third run can be taken from it again."""
         if not source.is_file():
             raise EvalStoreError(f"{source}: no stored responses to take the answers from")
         theirs, records, _ = read_store(source)
@@ -217,13 +218,14 @@ class ResponseStore:
                 f"({', '.join(f'{theirs.get(key)} vs {self.signature.get(key)}' for key in differs)})"
             )
         same_guidance = all(theirs.get(key) == value for key, value in self.signature.items() if key != "classifier")
-        keys = {
-            job.key
-            for job in jobs
-            if not SETTINGS[job.setting]["guided"]
-            or (same_guidance and guidance_digest(job.classes) == theirs.get("classifier"))
-        }
-        adopted = [r for r in records if r["job"] in keys and (r["prompt_id"], r["job"]) not in self.records]
+        wanted = {job.key: digest for job, digest in guidance.items() if same_guidance or digest is None}
+        adopted = [
+            r
+            for r in records
+            if r["job"] in wanted
+            and (r["prompt_id"], r["job"]) not in self.records
+            and (wanted[r["job"]] is None or r.get("guidance", theirs.get("classifier")) == wanted[r["job"]])
+        ]
         self.add(adopted)
         return len(adopted)
 
@@ -231,11 +233,16 @@ class ResponseStore:
         return [self.records[(pid, job.key)] for pid, _ in prompts]
 
 
-def response_record(engine: CLIPerEngine, job: Job, prompt_id: int, prompt: str, result: GenerationResult) -> dict:
+def response_record(
+    engine: CLIPerEngine, job: Job, guidance: str | None, prompt_id: int, prompt: str, result: GenerationResult
+) -> dict:
+    """One answer with its metrics; ``guidance`` is the ``guidance_digest`` of the job's classes it was made
+    with (None without guidance), which decides where else the answer may be taken for (``adopt``)."""
     response = result.text
     return {
         "prompt_id": prompt_id,
         "job": job.key,
+        "guidance": guidance,
         "response": response,
         "finish_reason": result.finish_reason,
         "words": word_count(response),
@@ -330,8 +337,11 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     sweep_only = {job for job in jobs if job.setting == "guidance" and job.alpha != config.alpha}
     answered = {job: sweep_prompts if job in sweep_only else prompts for job in jobs}
     store = ResponseStore(config.output / RESPONSES_FILE, run_signature(engine, config), config.restart)
+    guidance = {
+        job: engine.classifier.guidance_digest(job.classes) if SETTINGS[job.setting]["guided"] else None for job in jobs
+    }
     if config.reuse_from is not None:
-        store.adopt(config.reuse_from / RESPONSES_FILE, jobs, engine.classifier.guidance_digest)
+        store.adopt(config.reuse_from / RESPONSES_FILE, guidance)
     bar = tqdm(total=sum(len(store.missing(job, answered[job])) for job in jobs), desc="Evaluating", unit="response")
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start : start + config.batch_size]
@@ -340,7 +350,7 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
                 results = generate(engine, [prompt for _, prompt in missing], job, config)
                 store.add(
                     [
-                        response_record(engine, job, pid, prompt, result)
+                        response_record(engine, job, guidance[job], pid, prompt, result)
                         for (pid, prompt), result in zip(missing, results, strict=True)
                     ]
                 )
