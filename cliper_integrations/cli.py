@@ -362,7 +362,7 @@ def evaluate(
         typer.Option(
             help="another run's output folder: take the answers this run would make alike instead of answering "
             "them again (unguided and prompting-only ones, and guided ones of classes this classifier guides "
-            "exactly as that run's did)"
+            "exactly as each answer records it was guided)"
         ),
     ] = None,
     model: ModelOption = EMBEDDED_SPEC,
