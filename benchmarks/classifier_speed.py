@@ -16,7 +16,7 @@ import statistics
 
 from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
-from cliper_integrations.evaluation.bench import BENCH_PROMPTS, WEIGHT_SETS, _tokens_per_second
+from cliper_integrations.evaluation.bench import BENCH_PROMPTS, batch_of_eight, tokens_per_second
 
 
 def main() -> None:
@@ -32,18 +32,11 @@ def main() -> None:
         if spec != args.classifiers[0]:
             engines[spec].classifier = PreferenceClassifier.load(spec, engine.loaded).eval()
 
-    def batch(weighted: bool) -> list[GenerationRequest]:
-        prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(len(WEIGHT_SETS))]
-        return [
-            GenerationRequest(prompt, weights=weights if weighted else None, max_new_tokens=args.max_new_tokens)
-            for prompt, weights in zip(prompts, WEIGHT_SETS, strict=True)
-        ]
-
     engine.generate(GenerationRequest(BENCH_PROMPTS[0], max_new_tokens=8))  # warm-up
     speeds: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(args.repeats):
         for name, each in engines.items():
-            speeds[name].append(_tokens_per_second(each, batch(name != "unguided")))
+            speeds[name].append(tokens_per_second(each, batch_of_eight(args.max_new_tokens, name != "unguided")))
     medians = {name: round(statistics.median(values), 2) for name, values in speeds.items()}
     print(json.dumps({"batch8_tok_s": medians, "runs": speeds}))
 

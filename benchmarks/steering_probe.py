@@ -31,6 +31,7 @@ from cliper_integrations.evaluation.steering import (
     ResponseStore,
     fluency,
     generate,
+    guidance_of,
     moves_further,
     response_record,
     summarize,
@@ -107,7 +108,7 @@ def main() -> None:
         cached = not SETTINGS[job.setting]["guided"]
         missing = cache.missing(job, prompts) if cached else prompts
         results = generate(engine, [prompt for _, prompt in missing], job, config) if missing else []
-        guidance = None if cached else engine.classifier.guidance_digest(job.classes)
+        guidance = guidance_of(engine, job)
         records = [response_record(engine, job, guidance, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
         if cached:
             cache.add(records)

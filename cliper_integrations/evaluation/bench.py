@@ -76,7 +76,17 @@ def _first_text_seconds(engine: CLIPerEngine, request: GenerationRequest) -> flo
     return first if first is not None else time.perf_counter() - started
 
 
-def _tokens_per_second(engine: CLIPerEngine, requests: list[GenerationRequest]) -> float:
+def batch_of_eight(max_new_tokens: int, guided: bool = True) -> list[GenerationRequest]:
+    """The bench's batch: one request per weight set (none when not ``guided``), over the prompts in turn."""
+    return [
+        GenerationRequest(
+            BENCH_PROMPTS[i % len(BENCH_PROMPTS)], weights=w if guided else None, max_new_tokens=max_new_tokens
+        )
+        for i, w in enumerate(WEIGHT_SETS)
+    ]
+
+
+def tokens_per_second(engine: CLIPerEngine, requests: list[GenerationRequest]) -> float:
     results = engine.generate_batch(requests)
     tokens = sum(r.completion_tokens for r in results)
     return tokens / results[0].seconds
@@ -108,15 +118,14 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
     unguided, guided, without_lookahead, batched, unguided_first, guided_first = [], [], [], [], [], []
     for _ in range(repeats):
         for prompt, weights in zip(BENCH_PROMPTS, WEIGHT_SETS, strict=False):
-            unguided.append(_tokens_per_second(engine, [single(prompt, None)]))
-            guided.append(_tokens_per_second(engine, [single(prompt, weights)]))
-            without_lookahead.append(_tokens_per_second(no_lookahead, [single(prompt, weights)]))
+            unguided.append(tokens_per_second(engine, [single(prompt, None)]))
+            guided.append(tokens_per_second(engine, [single(prompt, weights)]))
+            without_lookahead.append(tokens_per_second(no_lookahead, [single(prompt, weights)]))
             unguided_first.append(_first_text_seconds(engine, GenerationRequest(prompt, max_new_tokens=STREAM_TOKENS)))
             guided_first.append(
                 _first_text_seconds(engine, GenerationRequest(prompt, weights=weights, max_new_tokens=STREAM_TOKENS))
             )
-        batch = [single(BENCH_PROMPTS[i % len(BENCH_PROMPTS)], w) for i, w in enumerate(WEIGHT_SETS)]
-        batched.append(_tokens_per_second(engine, batch))
+        batched.append(tokens_per_second(engine, batch_of_eight(max_new_tokens)))
     unguided_tok_s, guided_tok_s = statistics.median(unguided), statistics.median(guided)
     without_lookahead_tok_s = statistics.median(without_lookahead)
     batch8 = statistics.median(batched)

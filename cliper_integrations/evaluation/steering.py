@@ -233,6 +233,11 @@ class ResponseStore:
         return [self.records[(pid, job.key)] for pid, _ in prompts]
 
 
+def guidance_of(engine: CLIPerEngine, job: Job) -> str | None:
+    """The ``guidance_digest`` of the job's classes its answers record; None for a job without guidance."""
+    return engine.classifier.guidance_digest(job.classes) if SETTINGS[job.setting]["guided"] else None
+
+
 def response_record(
     engine: CLIPerEngine, job: Job, guidance: str | None, prompt_id: int, prompt: str, result: GenerationResult
 ) -> dict:
@@ -337,9 +342,7 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     sweep_only = {job for job in jobs if job.setting == "guidance" and job.alpha != config.alpha}
     answered = {job: sweep_prompts if job in sweep_only else prompts for job in jobs}
     store = ResponseStore(config.output / RESPONSES_FILE, run_signature(engine, config), config.restart)
-    guidance = {
-        job: engine.classifier.guidance_digest(job.classes) if SETTINGS[job.setting]["guided"] else None for job in jobs
-    }
+    guidance = {job: guidance_of(engine, job) for job in jobs}
     if config.reuse_from is not None:
         store.adopt(config.reuse_from / RESPONSES_FILE, guidance)
     bar = tqdm(total=sum(len(store.missing(job, answered[job])) for job in jobs), desc="Evaluating", unit="response")
