@@ -213,6 +213,13 @@ def train(
     contrast_filter: Annotated[
         bool, typer.Option(help="keep only answers whose text shows their class against the opposite pole")
     ] = True,
+    pole_limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="CLASS=BOUND: training answers of the class must also measure at most (at least, for the pole "
+            "measured higher) this on their axis, e.g. unfriendly=0 (VADER); repeat for several"
+        ),
+    ] = None,
     form: Annotated[
         str, typer.Option(help="bayes (scores candidates against the base model; shared backbone) or direct")
     ] = "bayes",
@@ -290,6 +297,7 @@ def train(
             seed=seed,
             feature_cache=feature_cache,
             contrast_filter=contrast_filter,
+            pole_limits=dict(_pole_limit(spec) for spec in pole_limit or []),
             form=form,
             generative_weight=generative_weight,
             class_prior=class_prior,
@@ -318,6 +326,18 @@ def train(
         for axis, values in validation["axes"].items():
             typer.echo(f"  {axis:>9}: token {values['token_accuracy']:.3f}, response {values['response_accuracy']:.3f}")
     typer.echo(f"saved to {output}")
+
+
+def _pole_limit(spec: str) -> tuple[str, float]:
+    """``unfriendly=0`` -> ("unfriendly", 0.0)."""
+    name, _, bound = spec.partition("=")
+    try:
+        limit = float(bound)
+    except ValueError:
+        limit = None
+    if not name.strip() or limit is None:
+        raise typer.BadParameter(f"--pole-limit takes CLASS=NUMBER, got {spec!r}")
+    return name.strip(), limit
 
 
 def _head_part(spec: str) -> tuple[list[str], Path]:

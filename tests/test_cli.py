@@ -158,6 +158,17 @@ def test_train_part_takes_classes_and_a_folder(tmp_path, model_folder, classifie
     assert not out.exists()
 
 
+def test_train_pole_limit_takes_a_class_and_a_number(tmp_path, model_folder):
+    out = tmp_path / "out"
+    common = ("train", "--model", model_folder, "--data", tmp_path / "none.jsonl", "--output", out)
+    for spec in ("unfriendly", "unfriendly=curt", "=0"):
+        result = run(*common, "--pole-limit", spec)
+        assert result.exit_code == 2 and "CLASS=NUMBER" in result.output, spec
+    result = run(*common, "--pole-limit", "unfriendly=0", "--no-contrast-filter")
+    assert result.exit_code == 2 and "contrast filter" in result.output
+    assert not out.exists()
+
+
 def test_guidance_without_classifier(model_folder):
     result = run(
         "generate",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from collections import defaultdict
@@ -151,6 +152,43 @@ def test_among_several_samples_the_clearest_pair_of_each_group_is_kept():
     kept, dropped = keep_contrasting(rows)
     assert [(r["class"], r["sample"]) for r in kept] == [("friendly", 1), ("unfriendly", 1)]
     assert dropped == {"tone": 3, "length": 1}
+
+
+def test_pole_limits_drop_answers_that_show_their_pole_only_against_their_partner():
+    def row(instruction: str, name: str, response: str, sample: int = 0) -> dict:
+        return {"id": instruction, "class": name, "response": response, "model": "m", "sample": sample}
+
+    warm = "I love this, you are wonderful and great!"
+    mild = "Okay, here is the answer."  # positive VADER, yet far less warm than its partner
+    curt = "This is terrible, awful and stupid."
+    rows = [
+        row("a", "friendly", warm),
+        row("a", "unfriendly", mild),  # passes the 0.4 contrast, not unfriendly=0: the pair goes
+        row("b", "friendly", warm),
+        row("b", "unfriendly", mild),
+        row("b", "friendly", warm, 1),
+        row("b", "unfriendly", curt, 1),  # the clearest pair within the limit wins
+    ]
+    assert [(r["id"], r["class"], r["sample"]) for r in keep_contrasting(rows)[0]] == [
+        ("a", "friendly", 0),
+        ("a", "unfriendly", 0),
+        ("b", "friendly", 1),
+        ("b", "unfriendly", 1),
+    ]
+    kept, dropped = keep_contrasting(rows, {"unfriendly": 0.0})
+    assert [(r["id"], r["class"], r["sample"]) for r in kept] == [("b", "friendly", 1), ("b", "unfriendly", 1)]
+    assert dropped == {"tone": 4}
+    # the pole measured higher is bounded from below: no friendly answer reaches +0.99, so none is kept
+    assert keep_contrasting(rows, {"friendly": 0.99})[0] == []
+    with pytest.raises(ValueError, match="not on a preference axis"):
+        keep_contrasting(rows, {"pirate": 0.0})
+
+
+def test_pole_limits_need_the_contrast_filter_and_finite_bounds(tmp_path):
+    with pytest.raises(ValueError, match="contrast filter"):
+        TrainConfig(data=[tmp_path / "d.jsonl"], output=tmp_path, contrast_filter=False, pole_limits={"unfriendly": 0})
+    with pytest.raises(ValueError, match="finite"):
+        TrainConfig(data=[tmp_path / "d.jsonl"], output=tmp_path, pole_limits={"unfriendly": math.nan})
 
 
 def test_split_keeps_each_instruction_on_one_side_as_data_grows():

@@ -11,7 +11,7 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -54,9 +54,22 @@ CONTRAST_RULES: dict[str, tuple[Callable[[str], float], Callable[[float, float],
     "length": (word_count, lambda concise, informative: 1.0 - concise / max(0.6 * informative, 1e-9)),
     "tone": (vader_compound, lambda friendly, unfriendly: friendly - unfriendly - 0.4),
 }
+# The pole of each axis whose answers measure the higher (the other pole's measure the lower).
+HIGHER_POLES: dict[str, str] = {"expertise": "expert", "length": "informative", "tone": "friendly"}
 
 
-def keep_contrasting(rows: Sequence[dict]) -> tuple[list[dict], Counter]:
+def within_limit(name: str, value: float, pole_limits: Mapping[str, float]) -> bool:
+    """Whether an answer of class ``name`` measuring ``value`` on its axis passes the class's own limit:
+    at least the limit for the pole measured higher, at most it for the other (no limit: passes)."""
+    limit = pole_limits.get(name)
+    if limit is None:
+        return True
+    return value >= limit if name == HIGHER_POLES[axis_of(name)] else value <= limit
+
+
+def keep_contrasting(
+    rows: Sequence[dict], pole_limits: Mapping[str, float] | None = None
+) -> tuple[list[dict], Counter]:
     """Keep the answers whose text does what their label says, judged against the opposite pole.
 
     A small model asked for "expert" often writes at the same grade as when asked for "elementary" (half
@@ -64,15 +77,23 @@ def keep_contrasting(rows: Sequence[dict]) -> tuple[list[dict], Counter]:
     pair of pole answers (one per pole, from every sample ``cliper data generate --samples`` wrote) with
     the largest margin is kept if it passes the axis's rule; every other answer of that group is dropped.
     A pole without a partner from the same model is dropped. Classes outside the default axes pass
-    untouched. Returns the kept rows, in their order, and how many were dropped per axis.
+    untouched. ``pole_limits`` (class -> bound on its axis's measure, ``within_limit``) also drops the
+    answers that show their pole only against their partner: an "unfriendly" answer can be less warm
+    than its friendly partner and still warm (VADER above 0). Returns the kept rows, in their order, and
+    how many were dropped per axis.
     """
+    pole_limits = pole_limits or {}
+    if unknown := [name for name in pole_limits if axis_of(name) not in CONTRAST_RULES]:
+        raise ValueError(f"Pole limits name classes that are not on a preference axis: {unknown}")
     groups: dict[tuple[str, str, str], dict[str, list[tuple[float, int]]]] = defaultdict(lambda: defaultdict(list))
     keep: set[int] = set()
     for index, row in enumerate(rows):
         axis = axis_of(row["class"])
         if axis in CONTRAST_RULES:
             measure, _ = CONTRAST_RULES[axis]
-            groups[(row.get("model", ""), row["id"], axis)][row["class"]].append((measure(row["response"]), index))
+            value = measure(row["response"])
+            if within_limit(row["class"], value, pole_limits):
+                groups[(row.get("model", ""), row["id"], axis)][row["class"]].append((value, index))
         else:
             keep.add(index)
     for (_, _, axis), by_pole in groups.items():

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -95,6 +96,10 @@ class TrainConfig:
     contrast_filter: bool = True
     """Train and validate only on answers whose text shows their class against the opposite pole
     (``keep_contrasting``); validation is also scored on every usable answer, as ``validation_unfiltered``."""
+    pole_limits: dict[str, float] = field(default_factory=dict)
+    """With the contrast filter: per class, a bound the training answers' axis measure must also pass in
+    the pole's direction (``within_limit``; e.g. unfriendly 0: VADER at most 0). Validation keeps the
+    plain contrast rule, so its figures compare with runs without limits."""
     teacher_classes: tuple[str, ...] = ()
     """Bayes form: classes whose next-token distribution is also taught by the base model itself, asked
     for the class in the prompt (DESIGN.md's prompted copies). At every position of the answers on these
@@ -114,6 +119,10 @@ class TrainConfig:
         self.teacher_classes = tuple(self.teacher_classes)
         if unknown := [name for name in self.teacher_classes if name not in self.classes or not axis_of(name)]:
             raise ValueError(f"Teacher classes must be trained classes on a preference axis: {unknown}")
+        if self.pole_limits and not self.contrast_filter:
+            raise ValueError("Pole limits refine the contrast filter: they need it on")
+        if not all(math.isfinite(limit) for limit in self.pole_limits.values()):
+            raise ValueError(f"Pole limits must be finite, got {self.pole_limits}")
         if self.teacher_answers not in ("axis", "all"):
             raise ValueError(f"teacher_answers must be 'axis' or 'all', not {self.teacher_answers!r}")
         if (self.head_parts_from or self.prior_from) and self.prior_on is None:
@@ -513,7 +522,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     train_rows, all_val_rows = split_by_instruction(rows, config.val_fraction, config.seed)
     val_rows = all_val_rows
     if config.contrast_filter:
-        train_rows, uncontrasted = keep_contrasting(train_rows)
+        train_rows, uncontrasted = keep_contrasting(train_rows, config.pole_limits)
         val_rows, val_uncontrasted = keep_contrasting(all_val_rows)
         dropped.update({f"uncontrasted_{axis}": n for axis, n in (uncontrasted + val_uncontrasted).items()})
     classifier = PreferenceClassifier.create(
