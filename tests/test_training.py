@@ -22,7 +22,7 @@ from cliper_integrations.training.data import (
     is_refusal,
     keep_contrasting,
 )
-from cliper_integrations.training.trainer import TrainConfig, split_by_instruction, train_classifier
+from cliper_integrations.training.trainer import TrainConfig, judge_row, split_by_instruction, train_classifier
 
 STYLE_WORDS = {
     "concise": ["Paris.", "No.", "Yes.", "Done."],
@@ -189,6 +189,25 @@ def test_pole_limits_need_the_contrast_filter_and_finite_bounds(tmp_path):
         TrainConfig(data=[tmp_path / "d.jsonl"], output=tmp_path, contrast_filter=False, pole_limits={"unfriendly": 0})
     with pytest.raises(ValueError, match="finite"):
         TrainConfig(data=[tmp_path / "d.jsonl"], output=tmp_path, pole_limits={"unfriendly": math.nan})
+
+
+def test_each_generated_row_is_kept_relabelled_or_dropped_for_one_named_reason():
+    def row(name: str, response: str) -> dict:
+        return {"id": "a", "class": name, "response": response}
+
+    answer = "Paris is the capital of France, on the Seine, with about two million people."
+    loop = "no pleasantries, " * 8
+    classes = ("concise", "unfriendly", "refusal")
+    assert judge_row(row("concise", answer), classes) == (row("concise", answer), None)
+    assert judge_row(row("concise", "I'm sorry, I can't help."), classes)[0]["class"] == "refusal"
+    assert judge_row(row("concise", "I'm sorry, I can't help."), ("concise",)) == (None, "refusals")
+    assert judge_row(row("refusal", answer), classes) == (None, "refusal_requests_answered")
+    assert judge_row(row("unfriendly", loop), classes) == (None, "degenerate")
+    assert judge_row(row("unfriendly", "No pleasantries, no encouragement, just a blunt answer."), classes) == (
+        None,
+        "echoes",
+    )
+    assert judge_row(row("expert", answer), classes) == (None, None)  # not trained, not counted as dropped
 
 
 def test_split_keeps_each_instruction_on_one_side_as_data_grows():

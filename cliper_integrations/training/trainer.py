@@ -172,29 +172,39 @@ BAYES_FEATURES = ("candidates", "candidate_log_lm", "next_log_lm")
 STATES = ("hidden", "prior_hidden")
 
 
+def judge_row(row: dict, classes: tuple[str, ...]) -> tuple[dict | None, str | None]:
+    """What training makes of one generated row: the row to train (relabelled ``refusal`` where it
+    declines and that class is trained) and None, or None and why it is dropped (refusals, degenerate,
+    echoes, refusal_requests_answered), or None and None for a class not among ``classes``. Judged from the
+    text, so rows written before a check existed are judged the same way."""
+    refused = bool(row.get("refusal")) or is_refusal(row["response"])
+    if refused and REFUSAL in classes:
+        return {**row, "class": REFUSAL}, None
+    if refused:
+        return None, "refusals"
+    if row["class"] == REFUSAL:
+        return None, "refusal_requests_answered"
+    if is_degenerate(row["response"]):
+        return None, "degenerate"
+    if echoes_request(row["response"], row["class"]):
+        return None, "echoes"
+    return (row, None) if row["class"] in classes else (None, None)
+
+
 def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dict], Counter]:
-    """Usable rows from every file, and counts of what was dropped: refusals, answers stuck in a loop and
-    answers that echo their request (judged from the text, so rows written before a check existed are
-    judged the same way).
+    """Usable rows from every file (``judge_row``), and counts of what was dropped: refusals, answers stuck
+    in a loop and answers that echo their request.
 
     With the background class ``refusal`` among ``classes``, a refusal is kept as that class whatever was
     asked for, and an answer to the request to decline that does not decline is dropped."""
     rows, dropped = [], Counter()
     for path in paths:
         for row in read_jsonl(path):
-            refused = bool(row.get("refusal")) or is_refusal(row["response"])
-            if refused and REFUSAL in classes:
-                rows.append({**row, "class": REFUSAL})
-            elif refused:
-                dropped["refusals"] += 1
-            elif row["class"] == REFUSAL:
-                dropped["refusal_requests_answered"] += 1
-            elif is_degenerate(row["response"]):
-                dropped["degenerate"] += 1
-            elif echoes_request(row["response"], row["class"]):
-                dropped["echoes"] += 1
-            elif row["class"] in classes:
-                rows.append(row)
+            kept, reason = judge_row(row, classes)
+            if kept is not None:
+                rows.append(kept)
+            elif reason is not None:
+                dropped[reason] += 1
     return rows, dropped
 
 
