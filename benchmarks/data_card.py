@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, REFUSAL, axis_of
-from cliper_integrations.training.data import CONTRAST_RULES, keep_contrasting, read_jsonl
+from cliper_integrations.training.data import CONTRAST_RULES, keep_contrasting, parse_pole_limit, read_jsonl
 from cliper_integrations.training.trainer import judge_row
 
 COLUMNS = ("responses", "trained as refusal", "loops", "echoes", "at the cap")
@@ -30,15 +30,15 @@ def main() -> None:
     args = parser.parse_args()
     start, _, end = args.rows.partition(":")
     every = list(read_jsonl(args.file))
-    chosen = every[int(start or 0) : int(end) if end else None]
-    classes = (*DEFAULT_CLASSES, REFUSAL)
-    limits = {name: float(bound) for name, _, bound in (spec.partition("=") for spec in args.pole_limit)}
+    rows = slice(int(start or 0), int(end) if end else None)
+    chosen = every[rows]
+    judged = [judge_row(row, (*DEFAULT_CLASSES, REFUSAL)) for row in every]  # once per row: both tables read it
+    limits = dict(parse_pole_limit(spec) for spec in args.pole_limit)
 
     counts: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(COLUMNS, 0))
     tokens: dict[str, list[int]] = defaultdict(list)
-    for row in chosen:
+    for row, (kept, reason) in zip(chosen, judged[rows], strict=True):
         line = counts[row["class"]]
-        kept, reason = judge_row(row, classes)
         line["responses"] += 1
         line["trained as refusal"] += kept is not None and kept["class"] == REFUSAL
         line["loops"] += reason == "degenerate"
@@ -51,7 +51,7 @@ def main() -> None:
         print(f"| {name} | {' | '.join(str(int(line[c])) for c in COLUMNS)} | {statistics.mean(tokens[name]):.0f} |")
 
     ids = {row["id"] for row in chosen}
-    usable = [kept for row in every if row["id"] in ids and (kept := judge_row(row, classes)[0]) is not None]
+    usable = [kept for row, (kept, _) in zip(every, judged, strict=True) if row["id"] in ids and kept is not None]
     kept_rows, _ = keep_contrasting(usable, limits)
     print("\n| axis | instructions with a kept pair | mean measure of the kept answers |\n| --- | --- | --- |")
     for axis, poles in AXES.items():

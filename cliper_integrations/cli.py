@@ -329,15 +329,12 @@ def train(
 
 
 def _pole_limit(spec: str) -> tuple[str, float]:
-    """``unfriendly=0`` -> ("unfriendly", 0.0)."""
-    name, _, bound = spec.partition("=")
+    from cliper_integrations.training.data import parse_pole_limit
+
     try:
-        limit = float(bound)
-    except ValueError:
-        limit = None
-    if not name.strip() or limit is None:
-        raise typer.BadParameter(f"--pole-limit takes CLASS=NUMBER, got {spec!r}")
-    return name.strip(), limit
+        return parse_pole_limit(spec)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 def _head_part(spec: str) -> tuple[list[str], Path]:

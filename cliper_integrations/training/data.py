@@ -67,6 +67,18 @@ def within_limit(name: str, value: float, pole_limits: Mapping[str, float]) -> b
     return value >= limit if name == HIGHER_POLES[axis_of(name)] else value <= limit
 
 
+def parse_pole_limit(spec: str) -> tuple[str, float]:
+    """``unfriendly=0`` -> ("unfriendly", 0.0); ValueError for anything that is not CLASS=NUMBER."""
+    name, _, bound = spec.partition("=")
+    try:
+        limit = float(bound)
+    except ValueError:
+        limit = None
+    if not name.strip() or limit is None:
+        raise ValueError(f"--pole-limit takes CLASS=NUMBER, got {spec!r}")
+    return name.strip(), limit
+
+
 def keep_contrasting(
     rows: Sequence[dict], pole_limits: Mapping[str, float] | None = None
 ) -> tuple[list[dict], Counter]:
