@@ -64,6 +64,34 @@ def test_plausibility_floor_limits_guidance_to_what_the_base_model_would_write(b
     assert texts(pushed) != texts(unguided)  # without the floor the same push does change the answers
 
 
+def test_a_class_floor_binds_only_the_rows_that_weigh_that_class(base, shared_classifier):
+    """``plausibility_floors``: rows guided towards a class with a floor of 1 may only write the base
+    model's own greedy tokens, while the other rows of the same call decode as with no floor at all."""
+    from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
+
+    config = ClassifierConfig.model_validate(
+        {**shared_classifier.config.model_dump(), "plausibility_floors": {"expert": 1.0}}
+    )
+    floored = PreferenceClassifier(config, base.model, shared_classifier.head)
+    free = CLIPerEngine(base, classifier=shared_classifier, top_k=8, guided_plausibility=None)
+    engine = CLIPerEngine(base, classifier=floored, top_k=8, guided_plausibility=None)
+    asks = [{"expert": 50}, {"concise": 50}, {"expert": 50, "concise": 50}, {}]
+    requests = [GenerationRequest(p, weights=w, max_new_tokens=12) for p in PROMPTS for w in asks]
+    mixed, unfloored = engine.generate_batch(requests), free.generate_batch(requests)
+    unguided = CLIPerEngine(base, classifier=None).generate_batch(
+        [GenerationRequest(p, max_new_tokens=12) for p in PROMPTS]
+    )
+    for index, (request, result, reference) in enumerate(zip(requests, mixed, unfloored, strict=True)):
+        if "expert" in request.weights:
+            assert unguided[index // len(asks)].text.startswith(result.text)
+        else:
+            assert result.text == reference.text
+    assert texts(mixed) != texts(unfloored)  # the expert rows were pushed elsewhere without their floor
+    assert floored.guidance_digest(["concise"]) == shared_classifier.guidance_digest(["concise"])
+    assert floored.guidance_digest(["expert"]) != shared_classifier.guidance_digest(["expert"])
+    assert floored.guidance_digest(["expert", "concise"]) != shared_classifier.guidance_digest(["expert", "concise"])
+
+
 def test_a_row_whose_base_model_opens_with_a_refusal_is_left_unguided(base, classifier):
     """Whether to decline is the base model's call: a guided row whose unguided greedy draft "declines"
     is answered as unguided; the other rows of the batch stay guided, and answer as they would without
@@ -339,14 +367,25 @@ def test_memory_weights_are_eased_by_the_classifiers_factors_when_the_request_is
     assert bob.weights == {"friendly": 8.0} and bob.weights_source == "memory"
 
 
-@pytest.mark.parametrize("factors", [{"nonsense": 0.5}, {"concise": -1.0}, {"concise": float("nan")}])
-def test_prompted_weight_factors_must_name_own_classes_with_sane_values(shared_classifier, factors):
+@pytest.mark.parametrize(
+    ("setting", "values"),
+    [
+        ("prompted_weight_factors", {"nonsense": 0.5}),
+        ("prompted_weight_factors", {"concise": -1.0}),
+        ("prompted_weight_factors", {"concise": float("nan")}),
+        ("plausibility_floors", {"nonsense": 0.3}),
+        ("plausibility_floors", {"concise": 0.0}),
+        ("plausibility_floors", {"concise": 1.5}),
+        ("plausibility_floors", {"concise": float("nan")}),
+    ],
+)
+def test_per_class_settings_must_name_own_classes_with_sane_values(shared_classifier, setting, values):
     from pydantic import ValidationError
 
     from cliper_integrations.core.classifier import ClassifierConfig
 
-    with pytest.raises(ValidationError, match="prompted_weight_factors"):
-        ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), "prompted_weight_factors": factors})
+    with pytest.raises(ValidationError, match=setting):
+        ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), setting: values})
 
 
 def test_measure_style_gives_axis_probabilities(engine):

@@ -333,7 +333,8 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
     train_classifier(base, first)
     cached = sorted(first.feature_cache.iterdir())
     probed = json.loads((first.output / "classifier.json").read_text())
-    (first.output / "classifier.json").write_text(json.dumps({**probed, "prompted_weight_factors": {"concise": 0.25}}))
+    probed_settings = {"prompted_weight_factors": {"concise": 0.25}, "plausibility_floors": {"concise": 0.3}}
+    (first.output / "classifier.json").write_text(json.dumps({**probed, **probed_settings}))
     second = TrainConfig(
         **{
             **first.__dict__,
@@ -347,7 +348,10 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
     old, new = PreferenceClassifier.load(first.output, base), PreferenceClassifier.load(second.output, base)
     assert new.config.class_prior == "learned" and new.config.guidance_prior == "uniform"
     assert new.config.prior_layer == prior_layer and metrics["validation"]["response_accuracy"] >= 0.9
-    assert new.config.prompted_weight_factors == {"concise": 0.25}  # guidance, and so its easing, carries over
+    # guidance, and so its easing and its floor, carries over
+    assert new.config.prompted_weight_factors == {"concise": 0.25}
+    assert new.config.plausibility_floors == {"concise": 0.3}
+    assert new.guidance_digest(["concise"]) == old.guidance_digest(["concise"])
     assert sorted(first.feature_cache.iterdir()) == cached  # the same responses, the same files ...
     stored = load_file(cached[0])
     assert ("hidden.1" in stored) == (prior_layer == 1) and "candidates" in stored  # ... the layer joins them
@@ -543,7 +547,10 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     train_classifier(base, donor)
     probed = json.loads((main.output / "classifier.json").read_text())
     factors = {"concise": 0.25, "informative": 0.5}
-    (main.output / "classifier.json").write_text(json.dumps({**probed, "prompted_weight_factors": factors}))
+    floors = {"concise": 0.3, "informative": 0.3}
+    (main.output / "classifier.json").write_text(
+        json.dumps({**probed, "prompted_weight_factors": factors, "plausibility_floors": floors})
+    )
     hybrid_run = _tiny_config(
         data,
         tmp_path / "hybrid",
@@ -558,9 +565,12 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     metrics = train_classifier(base, hybrid_run)
     hybrid = PreferenceClassifier.load(hybrid_run.output, base)
     assert hybrid.config.posterior == "main-joint" and hybrid.config.shadowed_classes == ["informative"]
-    assert hybrid.guidance_digest(["concise"]) == PreferenceClassifier.load(main.output, base).guidance_digest()
-    assert hybrid.guidance_digest(["informative"]) == hybrid.guidance_digest() != hybrid.guidance_digest(["concise"])
+    assert hybrid.guidance_digest(["concise"]) == PreferenceClassifier.load(main.output, base).guidance_digest(
+        ["concise"]
+    )
+    assert hybrid.guidance_digest(["informative"]) != hybrid.guidance_digest(["concise"])
     assert hybrid.config.prompted_weight_factors == {"concise": 0.25}
+    assert hybrid.config.plausibility_floors == {"concise": 0.3}  # the donor's informative was not probed
     assert metrics["validation"]["response_accuracy"] >= 0.9
 
 

@@ -116,6 +116,11 @@ class ClassifierConfig(BaseModel):
     prompt (``preference_prompt``): the prompt already moves the answer part of the way, and full
     guidance on top overshoots at a cost in fluency. Measured per classifier on training-side prompts
     (``benchmarks/steering_probe.py --setting prompt+guidance``); a class not named keeps its weight."""
+    plausibility_floors: dict[str, float] = Field(default_factory=dict)
+    """Per class, the least plausibility floor guidance towards it decodes under (``guided_plausibility``
+    of ``CLIPerEngine``; a row's floor is the largest of the engine's and its weighted classes' floors):
+    a class whose push costs more fluency than the others' keeps to what the base model finds more
+    plausible. Measured per classifier on training-side prompts; a class not named takes the engine's."""
     format_version: int = 1
 
     @model_validator(mode="after")
@@ -155,13 +160,24 @@ class ClassifierConfig(BaseModel):
         return [name for name in self.classes if name not in main] if self.posterior == "main-joint" else []
 
     @model_validator(mode="after")
-    def _factors_of_own_classes(self) -> ClassifierConfig:
-        for name, factor in self.prompted_weight_factors.items():
-            if name not in self.classes:
-                raise ValueError(f"prompted_weight_factors names {name!r}, which is not one of the classes")
-            if not (math.isfinite(factor) and factor >= 0):
-                raise ValueError(f"prompted_weight_factors[{name!r}] must be finite and >= 0, got {factor!r}")
+    def _per_class_settings_of_own_classes(self) -> ClassifierConfig:
+        for field_name, values, valid, bounds in (
+            ("prompted_weight_factors", self.prompted_weight_factors, lambda v: v >= 0, ">= 0"),
+            ("plausibility_floors", self.plausibility_floors, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ):
+            for name, value in values.items():
+                if name not in self.classes:
+                    raise ValueError(f"{field_name} names {name!r}, which is not one of the classes")
+                if not (math.isfinite(value) and valid(value)):
+                    raise ValueError(f"{field_name}[{name!r}] must be finite and {bounds}, got {value!r}")
         return self
+
+    def plausibility_floor(self, classes: Sequence[str], engine_floor: float | None) -> float | None:
+        """The floor guidance towards ``classes`` decodes under: the largest of ``engine_floor`` and those
+        classes' own (None: no floor at all)."""
+        floors = [self.plausibility_floors[name] for name in classes if name in self.plausibility_floors]
+        floors += [engine_floor] if engine_floor is not None else []
+        return max(floors, default=None)
 
 
 def _prior_mlp(hidden_size: int, head_size: int, num_classes: int) -> nn.Module:
@@ -728,15 +744,19 @@ class PreferenceClassifier(nn.Module):
         posterior, whether the prior takes part, and the weights guidance reads (a learned prior that
         decoding leaves out is not among them). Two classifiers with one digest steer alike. With
         ``classes``, of what guidance towards those classes reads: under ``main-joint`` the main head's
-        classes are guided exactly as by the main head alone, whose digest they then share."""
+        classes are guided exactly as by the main head alone, whose digest they then share. Per-class
+        plausibility floors count for the classes they name (all of them without ``classes``)."""
         if classes is not None and (main := self._main_head_alone(classes)) is not None:
-            return main.guidance_digest()
+            return main.guidance_digest(classes)
         settings = {
             "classes": self.classes,
             "form": self.config.form,
             "posterior": self.config.posterior,
             "prior": "learned" if self.guides_with_prior else "uniform",
         }
+        own = self.config.plausibility_floors
+        if floors := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
+            settings["plausibility_floors"] = floors  # absent when none: digests from before floors hold
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for name, tensor in sorted(self.head.state_dict().items()):
             if self.guides_with_prior or not name.startswith("prior."):

@@ -351,7 +351,9 @@ class CLIPerEngine:
             guard: a strong push can lock greedy decoding into a loop); None turns it off.
         guided_plausibility: on guided rows only, leave out tokens whose base probability is below this
             fraction of that of the most likely token the loop guard allows (end-of-turn tokens exempt),
-            so that guidance reorders only what the base model finds plausible; None turns it off.
+            so that guidance reorders only what the base model finds plausible; None turns it off. The
+            classifier may name a stricter floor for some classes (``plausibility_floors``), which rows
+            weighing those classes decode under instead.
         refusal_lookahead: before guiding, draft each guided row's first tokens greedily without guidance
             (this many); a row whose draft ``declines`` is answered without guidance, so whether to refuse
             stays the base model's decision and guidance cannot talk it out of a refusal. Nor into one: a
@@ -446,7 +448,7 @@ class CLIPerEngine:
         groups: dict[tuple, list[_PreparedRow]] = {}
         for row in rows:
             if row.result.error is None:
-                groups.setdefault(row.request.sampling_key(), []).append(row)
+                groups.setdefault((row.request.sampling_key(), self._plausibility_floor(row)), []).append(row)
         for group in groups.values():
             for start in range(0, len(group), self.max_batch_size):
                 self._run_group(group[start : start + self.max_batch_size])
@@ -609,7 +611,7 @@ class CLIPerEngine:
                     always_include=self.eos_token_ids,
                     suspend=_SpanGate(self.tokenizer, width, rows) if any(r.request.spans() for r in rows) else None,
                     no_repeat_ngram=self.guided_no_repeat_ngram,
-                    plausibility=self.guided_plausibility,
+                    plausibility=self._group_floor(rows),
                 )
             )
         sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
@@ -701,6 +703,22 @@ class CLIPerEngine:
         """``tokens`` up to (not including) the first end token."""
         end = next((i for i, token in enumerate(tokens) if token in self.eos_token_ids), len(tokens))
         return tokens[:end]
+
+    def _plausibility_floor(self, row: _PreparedRow) -> float | None:
+        """The floor a guided row decodes under: the engine's, or a stricter one of the classifier's for
+        the classes it weighs (``ClassifierConfig.plausibility_floors``). One per batch, so rows are
+        grouped by it; unguided rows take the engine's, which leaves them as they are."""
+        if self.classifier is None or not row.guided:
+            return self.guided_plausibility
+        weighted = [name for name, value in row.result.weights.items() if value]
+        return self.classifier.config.plausibility_floor(weighted, self.guided_plausibility)
+
+    def _group_floor(self, rows: list[_PreparedRow]) -> float | None:
+        """The one floor of a batch's guided rows (``generate_batch`` groups rows by it)."""
+        floors = {self._plausibility_floor(row) for row in rows if row.guided}
+        if len(floors) > 1:
+            raise AssertionError(f"rows with different plausibility floors {sorted(floors)} in one batch")
+        return floors.pop() if floors else self.guided_plausibility
 
     def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
         if self.classifier is None or not any(row.guided for row in rows):
