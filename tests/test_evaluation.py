@@ -277,6 +277,42 @@ def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it
     assert answered == [] and _stored(chained / "out") == own
 
 
+def test_reuse_takes_the_answers_a_class_floor_leaves_alike_and_the_report_names_the_floor(
+    tmp_path, monkeypatch, base, shared_classifier
+):
+    """A classifier that differs only by a stricter floor for friendly guides concise exactly as before:
+    its concise answers are taken, friendly's guided ones answered again under the floor."""
+    from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.evaluation import steering
+
+    config = ClassifierConfig.model_validate(
+        {**shared_classifier.config.model_dump(), "plausibility_floors": {"friendly": 0.9}}
+    )
+    floored = PreferenceClassifier(config, base.model, shared_classifier.head)
+    prompts, options = ["Explain rain.", "Hi"], {"classes": ("concise", "friendly"), "sweep": (0.0,)}
+    first, scratch = tmp_path / "first", tmp_path / "scratch"
+    first.mkdir(), scratch.mkdir()
+    steering.run_eval(CLIPerEngine(base, classifier=shared_classifier), _eval_config(first, prompts, **options))
+    steering.run_eval(CLIPerEngine(base, classifier=floored), _eval_config(scratch, prompts, **options))
+    answered: list[tuple[tuple[str, ...], str]] = []
+    generate = steering.generate
+
+    def counted(engine, texts, job, config):
+        answered.append((job.classes, job.setting))
+        return generate(engine, texts, job, config)
+
+    monkeypatch.setattr(steering, "generate", counted)
+    results = steering.run_eval(
+        CLIPerEngine(base, classifier=floored), _eval_config(tmp_path, prompts, reuse_from=first / "out", **options)
+    )
+    assert set(answered) == {(("friendly",), "guidance"), (("friendly",), "prompt+guidance")}
+    assert _stored(tmp_path / "out") == _stored(scratch / "out")  # as if this classifier answered everything
+    assert results["plausibility"] == {"engine": 0.1, "classes": {"friendly": 0.9}}
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "guided rows under a plausibility floor 0.1 (friendly 0.9: the classifier's own)." in report
+
+
 def _stored(output) -> dict[tuple[int, str], dict]:
     from cliper_integrations.evaluation.steering import RESPONSES_FILE
 
@@ -343,7 +379,10 @@ def test_prompting_plus_guidance_guides_at_its_own_alpha_per_class_and_the_repor
     assert results["table"]["concise"]["prompt+guidance"] == summarize(combined)
     assert results["prompted_alpha"] == {"concise": 2.0, "friendly": 8.0}
     report = (tmp_path / "out" / "results.md").read_text()
-    assert "α = 8.0 per requested class (prompting plus guidance: concise α = 2)." in report
+    assert (
+        "α = 8.0 per requested class (prompting plus guidance: concise α = 2), "
+        "guided rows under a plausibility floor 0.1." in report
+    )
 
 
 def test_bench_leaves_the_engine_it_measures_as_it_was(base):
