@@ -64,10 +64,14 @@ def test_eval_command_writes_a_report(tmp_path, base, shared_classifier, sweep):
     assert "concise+friendly" in numbers["table"] and "| concise | guidance |" in report
     assert "| unfriendly |" in report.split("## Targets")[1]
     assert 0.0 <= numbers["table"]["friendly"]["guidance"]["refusals"] <= 1.0
-    assert set(numbers["sweep"]["concise"]) == ({"0.0", "2.0", "4.0", "8.0", "16.0"} if sweep else {"0.0", "8.0"})
+    plot = tmp_path / "out" / "results_alpha_sweep.png"
+    if not sweep:  # no sweep answered, so none plotted or named in the report
+        assert numbers["sweep"] == {} and not plot.exists() and "α sweep" not in report
+        return
+    assert set(numbers["sweep"]["concise"]) == {"0.0", "2.0", "4.0", "8.0", "16.0"}
     assert numbers["sweep"]["concise"]["8.0"] == numbers["table"]["concise"]["guidance"]  # measured once
     assert numbers["sweep"]["concise"]["0.0"] == numbers["unguided"]
-    assert (tmp_path / "out" / "results_alpha_sweep.png").stat().st_size > 1000
+    assert plot.stat().st_size > 1000 and "![metrics against α](results_alpha_sweep.png)" in report
 
 
 def test_eval_measures_the_classes_asked_for_and_counts_answers_cut_off(tmp_path, base, shared_classifier):

@@ -364,11 +364,13 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     for job, row in measured.items():
         if job.setting != "unguided":
             table.setdefault("+".join(job.classes), {})[job.setting] = row
-    unguided = summarize(store.responses(jobs[0], sweep_prompts))
-    sweep: dict[str, dict[str, dict[str, float]]] = {name: {"0.0": unguided} for name in config.classes}
-    for job in jobs:
-        if job.setting == "guidance" and len(job.classes) == 1:
-            sweep[job.classes[0]][str(float(job.alpha))] = summarize(store.responses(job, sweep_prompts))
+    sweep: dict[str, dict[str, dict[str, float]]] = {}
+    if config.sweep:  # without one (``--no-sweep``) there is no plot and no sweep line in the report
+        unguided = summarize(store.responses(jobs[0], sweep_prompts))
+        sweep = {name: {"0.0": unguided} for name in config.classes}
+        for job in jobs:
+            if job.setting == "guidance" and len(job.classes) == 1:
+                sweep[job.classes[0]][str(float(job.alpha))] = summarize(store.responses(job, sweep_prompts))
     results = {
         "prompts": len(prompts),
         "sweep_prompts": len(sweep_prompts),
@@ -383,7 +385,8 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
         "table": table,
         "sweep": sweep,
     }
-    plot_sweep(sweep, config.output / "results_alpha_sweep.png")
+    if sweep:
+        plot_sweep(sweep, config.output / "results_alpha_sweep.png")
     (config.output / "results.json").write_text(json.dumps(results, indent=2))
     write_report(config.output / "results.md", report(results, config))
     return results
@@ -477,11 +480,11 @@ def report(results: dict, config: EvalConfig) -> str:
                 f"{moves_further(name, row['prompt'], row['prompt+guidance'])} | {fluency(base, row['guidance'])} | "
                 f"{fluency(base, row['prompt+guidance'])} |"
             )
-    lines += [
-        "",
-        f"α sweep (guidance only) on the first {results['sweep_prompts']} prompts:",
-        "",
-        "![metrics against α](results_alpha_sweep.png)",
-        "",
-    ]
-    return "\n".join(lines)
+    if results["sweep"]:
+        lines += [
+            "",
+            f"α sweep (guidance only) on the first {results['sweep_prompts']} prompts:",
+            "",
+            "![metrics against α](results_alpha_sweep.png)",
+        ]
+    return "\n".join([*lines, ""])
