@@ -96,11 +96,18 @@ def main() -> None:
         default=None,
         help="guided_plausibility: a number, or 'none' for no floor (default: the engine's)",
     )
+    parser.add_argument(
+        "--no-repeat-ngram",
+        default=None,
+        help="guided_no_repeat_ngram: the loop guard's n, or 'none' for no guard (default: the engine's)",
+    )
     parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
     args = parser.parse_args()
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
-    floor = {} if args.plausibility is None else {"guided_plausibility": _floor(args.plausibility)}
-    engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype, **floor)
+    decoding = {} if args.plausibility is None else {"guided_plausibility": _floor(args.plausibility)}
+    if args.no_repeat_ngram is not None:
+        decoding["guided_no_repeat_ngram"] = None if args.no_repeat_ngram == "none" else int(args.no_repeat_ngram)
+    engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype, **decoding)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
     cache = unguided_cache(engine, args.max_new_tokens)
 
