@@ -49,10 +49,14 @@ def favourite_sparing_guard(favourite_ngram: int | None) -> type[ClassifierGuide
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
-    parser.add_argument("--favourite-ngram", required=True, help="'none' (always spared) or the n of its own guard")
+    parser.add_argument(
+        "--favourite-ngram",
+        type=steering_probe.none_or(int),
+        required=True,
+        help="'none' (always spared) or the n of its own guard",
+    )
     args, rest = parser.parse_known_args()
-    favourite_ngram = None if args.favourite_ngram == "none" else int(args.favourite_ngram)
-    engine_module.ClassifierGuidedLogitsProcessor = favourite_sparing_guard(favourite_ngram)
+    engine_module.ClassifierGuidedLogitsProcessor = favourite_sparing_guard(args.favourite_ngram)
     sys.argv = [sys.argv[0], *rest]
     steering_probe.main()
 

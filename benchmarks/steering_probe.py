@@ -19,7 +19,9 @@ import argparse
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from cliper_integrations.core.engine import CLIPerEngine
 from cliper_integrations.core.prompting import instruction_text
@@ -42,6 +44,7 @@ from cliper_integrations.evaluation.steering import (
 INSTRUCTIONS = Path("../shared/data/instructions/alpaca_train.jsonl")
 QUESTION_WORDS = ("Explain", "Describe", "What", "Why", "How")
 CACHE = Path("runs/probe_cache")
+T = TypeVar("T")
 
 
 def probe_instructions(count: int, skip: int = 0, all_kinds: bool = False) -> list[tuple[int, str]]:
@@ -70,8 +73,9 @@ def unguided_cache(engine: CLIPerEngine, max_new_tokens: int) -> ResponseStore:
     return ResponseStore(CACHE / f"{name}.jsonl", signature)
 
 
-def _floor(value: str) -> float | None:
-    return None if value == "none" else float(value)
+def none_or(cast: Callable[[str], T]) -> Callable[[str], T | None]:
+    """An argparse ``type`` for a setting that is a value or ``none`` (turned off)."""
+    return lambda text: None if text == "none" else cast(text)
 
 
 def _alphas(text: str) -> list[float]:
@@ -104,9 +108,8 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
     args = parser.parse_args()
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
-    decoding = {} if args.plausibility is None else {"guided_plausibility": _floor(args.plausibility)}
-    if args.no_repeat_ngram is not None:
-        decoding["guided_no_repeat_ngram"] = None if args.no_repeat_ngram == "none" else int(args.no_repeat_ngram)
+    options = {"guided_plausibility": (args.plausibility, float), "guided_no_repeat_ngram": (args.no_repeat_ngram, int)}
+    decoding = {name: none_or(cast)(text) for name, (text, cast) in options.items() if text is not None}
     engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype, **decoding)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
     cache = unguided_cache(engine, args.max_new_tokens)
