@@ -345,6 +345,18 @@ def _head_part(spec: str) -> tuple[list[str], Path]:
     return [name.strip() for name in names.split(",") if name.strip()], Path(folder)
 
 
+def _per_class_alphas(option: str, spec: str | None, measured: tuple[str, ...]) -> dict[str, float] | None:
+    """``NAME=A,NAME=A`` of ``option``, each a measured class; None when the option is not given."""
+    from cliper_integrations.core.preferences import parse_weights
+
+    if spec is None:
+        return None
+    alphas = parse_weights(spec)
+    if unmeasured := sorted(set(alphas) - set(measured)):
+        raise InvalidRequestError(f"{option} names {', '.join(unmeasured)}, which --classes leaves out")
+    return alphas
+
+
 @app.command("eval")
 def evaluate(
     prompts: Annotated[Path, typer.Option(help="evaluation prompts (JSON list of {id, prompt})")] = Path(
@@ -353,6 +365,13 @@ def evaluate(
     output: Annotated[Path, typer.Option(help="folder for results.md, results.json and the plot")] = Path("docs"),
     limit: Annotated[int | None, typer.Option(help="only the first N prompts (a quick check)")] = None,
     alpha: float = 8.0,
+    guided_alpha: Annotated[
+        str | None,
+        typer.Option(
+            help="α for guidance alone per class, NAME=A,NAME=A (classes not named: --alpha); default: --alpha "
+            "scaled as memory's weights are without the prompt (the classifier's unprompted_weight_factors)"
+        ),
+    ] = None,
     prompted_alpha: Annotated[
         str | None,
         typer.Option(
@@ -390,19 +409,20 @@ def evaluate(
 
     Every response is stored (results_responses.jsonl) as it is made: rerunning the same command resumes,
     and a larger --limit only answers the new prompts."""
-    from cliper_integrations.core.preferences import canonical_class, parse_weights
+    from cliper_integrations.core.preferences import canonical_class
     from cliper_integrations.evaluation.steering import EvalConfig, run_eval
 
     try:
         measured = tuple(canonical_class(name) for name in classes.split(",")) if classes else EvalConfig.classes
-        prompted_alphas = parse_weights(prompted_alpha or "")
-        if unmeasured := sorted(set(prompted_alphas) - set(measured)):
-            raise InvalidRequestError(f"--prompted-alpha names {', '.join(unmeasured)}, which --classes leaves out")
+        options = ((False, "--guided-alpha", guided_alpha), (True, "--prompted-alpha", prompted_alpha))
+        given = {prompted: _per_class_alphas(option, spec, measured) for prompted, option, spec in options}
         engine = _engine(model, classifier, dtype)
         if engine.classifier is None:
             raise _fail(CLIPerError("cliper eval needs a classifier (train one with `cliper train`)"))
-        if prompted_alpha is None:
-            prompted_alphas = engine.eased_for_prompt(dict.fromkeys(measured, alpha))
+        guided_alphas, prompted_alphas = (
+            alphas if alphas is not None else engine.scaled_for_setting(dict.fromkeys(measured, alpha), prompted)
+            for prompted, alphas in given.items()
+        )
         results = run_eval(
             engine,
             EvalConfig(
@@ -410,6 +430,7 @@ def evaluate(
                 output,
                 limit,
                 alpha,
+                guided_alphas,
                 prompted_alphas,
                 sweep=EvalConfig.sweep if sweep else (),
                 sweep_limit=sweep_limit,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
@@ -97,11 +98,12 @@ def test_bad_weights_exit_with_a_clear_error(model_folder, classifier_folder, we
     assert result.exit_code == 2 and error in result.output
 
 
+@pytest.mark.parametrize("option", ["--prompted-alpha", "--guided-alpha"])
 @pytest.mark.parametrize(
     ("alphas", "error"),
     [("loud=1", "UnknownClassError"), ("concise=-2", "InvalidWeightError"), ("expert=4", "InvalidRequestError")],
 )
-def test_eval_refuses_bad_prompted_alphas_before_answering_anything(tmp_path, model_folder, alphas, error):
+def test_eval_refuses_bad_per_class_alphas_before_answering_anything(tmp_path, model_folder, option, alphas, error):
     out = tmp_path / "out"
     result = run(
         "eval",
@@ -109,7 +111,7 @@ def test_eval_refuses_bad_prompted_alphas_before_answering_anything(tmp_path, mo
         model_folder,
         "--output",
         str(out),
-        "--prompted-alpha",
+        option,
         alphas,
         "--limit",
         "1",
@@ -120,23 +122,37 @@ def test_eval_refuses_bad_prompted_alphas_before_answering_anything(tmp_path, mo
     assert not out.exists()
 
 
-def test_eval_guides_prompted_rows_at_memorys_eased_alpha_unless_told(tmp_path, model_folder, classifier_folder):
-    eased = shutil.copytree(classifier_folder, tmp_path / "eased-classifier")
-    config = json.loads((eased / "classifier.json").read_text())
-    (eased / "classifier.json").write_text(json.dumps({**config, "prompted_weight_factors": {"concise": 0.25}}))
+def test_eval_guides_at_memorys_scaled_alphas_unless_told(tmp_path, model_folder, classifier_folder):
+    """By default each setting's α is memory's weight scaled by the classifier's factors for it; a class
+    whose guidance alone runs at another α than ``--alpha`` still has that row answered on every prompt,
+    while the sweep's other α values are answered on ``--sweep-limit`` prompts only."""
+    scaled = shutil.copytree(classifier_folder, tmp_path / "scaled-classifier")
+    config = json.loads((scaled / "classifier.json").read_text())
+    factors = {"prompted_weight_factors": {"concise": 0.25}, "unprompted_weight_factors": {"friendly": 2.0}}
+    (scaled / "classifier.json").write_text(json.dumps({**config, **factors}))
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([{"id": 0, "prompt": "Hi"}]))
-    common = ("eval", "--model", model_folder, "--classifier", eased, "--prompts", prompts, "--limit", 1)
+    prompts.write_text(json.dumps([{"id": 0, "prompt": "Hi"}, {"id": 1, "prompt": "Why is the sky blue?"}]))
+    common = ("eval", "--model", model_folder, "--classifier", scaled, "--prompts", prompts, "--limit", 2)
     common += ("--no-sweep", "--classes", "concise,friendly", "--max-new-tokens", 4)
 
-    def prompted_alpha(*extra):
+    def alphas(*extra):
         out = tmp_path / f"out{len(extra)}"
         result = run(*common, "--output", out, *extra)
         assert result.exit_code == 0, result.output
-        return json.loads((out / "results.json").read_text())["prompted_alpha"]
+        results = json.loads((out / "results.json").read_text())
+        return results["guided_alpha"], results["prompted_alpha"]
 
-    assert prompted_alpha() == {"concise": 2.0, "friendly": 8.0}  # 8 × 0.25; no factor for friendly
-    assert prompted_alpha("--prompted-alpha", "concise=8") == {"concise": 8.0, "friendly": 8.0}
+    assert alphas() == ({"concise": 8.0, "friendly": 16.0}, {"concise": 2.0, "friendly": 8.0})  # 8 × the factors
+    told = ("--prompted-alpha", "concise=8", "--guided-alpha", "friendly=4")
+    assert alphas(*told) == ({"concise": 8.0, "friendly": 4.0}, {"concise": 8.0, "friendly": 8.0})
+
+    out = tmp_path / "swept"
+    swept = ("--sweep", "--sweep-limit", "1", "--output", out)
+    assert run(*common, *swept).exit_code == 0
+    stored = (out / "results_responses.jsonl").read_text().splitlines()[1:]
+    answered = Counter(json.loads(line)["job"] for line in stored)
+    assert answered["friendly|guidance|16"] == 2 and answered["concise|guidance|8"] == 2  # the table's rows
+    assert answered["friendly|guidance|8"] == 1 and answered["concise|guidance|16"] == 1  # the sweep's
 
 
 def test_train_prior_on_default_needs_a_packaged_classifier(tmp_path, model_folder):

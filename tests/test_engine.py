@@ -92,6 +92,34 @@ def test_a_class_floor_binds_only_the_rows_that_weigh_that_class(base, shared_cl
     assert floored.guidance_digest(["expert", "concise"]) != shared_classifier.guidance_digest(["expert", "concise"])
 
 
+def test_a_class_that_spares_the_favourite_lets_only_its_rows_repeat_as_the_base_model_does(base, shared_classifier):
+    """``favourite_sparing_classes``: at a floor of 1 (only the base model's greedy token or the end may
+    be written), a row guided towards a sparing class writes the unguided answer however often it
+    repeats itself, while a row that also weighs a class that does not spare is turned off the base
+    model's path at its first repeat by the loop guard (the stricter guard wins)."""
+    from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
+
+    settings = {"plausibility_floors": {"concise": 1.0}, "favourite_sparing_classes": ["concise"]}
+    config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
+    sparing = PreferenceClassifier(config, base.model, shared_classifier.head)
+    engine = CLIPerEngine(base, classifier=sparing, top_k=8, guided_no_repeat_ngram=2, guided_plausibility=None)
+    unguided = CLIPerEngine(base, classifier=None).generate_batch(
+        [GenerationRequest(p, max_new_tokens=24) for p in PROMPTS]
+    )
+    asks = [{"concise": 0.05}, {"concise": 0.05, "friendly": 0.05}]  # too weak to pick the end over the favourite
+    requests = [GenerationRequest(p, weights=w, max_new_tokens=24) for p in PROMPTS for w in asks]
+    results = engine.generate_batch(requests)
+    through_repeats = 0
+    for index, plain in enumerate(unguided):
+        spared, guarded = results[index * len(asks) : (index + 1) * len(asks)]
+        assert plain.text.startswith(spared.text)
+        if not plain.text.startswith(guarded.text):  # the guard turned the mixed row off a repeat
+            through_repeats += spared.text == plain.text
+    assert through_repeats  # where the guard fired, the sparing row wrote the base model's repeat
+    assert sparing.guidance_digest(["concise"]) != shared_classifier.guidance_digest(["concise"])
+    assert sparing.guidance_digest(["friendly"]) == shared_classifier.guidance_digest(["friendly"])
+
+
 def test_a_row_whose_base_model_opens_with_a_refusal_is_left_unguided(base, classifier):
     """Whether to decline is the base model's call: a guided row whose unguided greedy draft "declines"
     is answered as unguided; the other rows of the batch stay guided, and answer as they would without
@@ -336,15 +364,17 @@ def test_weights_come_from_memory_for_a_known_user(tmp_path, base, shared_classi
     assert stranger.text == engine.generate(PROMPTS[0], max_new_tokens=8).text
 
 
-def test_memory_weights_are_eased_by_the_classifiers_factors_when_the_request_is_also_prompted(
-    tmp_path, base, shared_classifier
-):
+def test_memory_weights_are_scaled_by_the_classifiers_factors_for_the_setting(tmp_path, base, shared_classifier):
     from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
     from cliper_integrations.core.memory import PreferenceMemory
     from cliper_integrations.core.prompting import as_messages, with_preference_request
 
     config = ClassifierConfig.model_validate(
-        {**shared_classifier.config.model_dump(), "prompted_weight_factors": {"concise": 0.25, "expert": 0.5}}
+        {
+            **shared_classifier.config.model_dump(),
+            "prompted_weight_factors": {"concise": 0.25, "expert": 0.5},
+            "unprompted_weight_factors": {"friendly": 2.0},
+        }
     )
     eased_classifier = PreferenceClassifier(config, base.model, shared_classifier.head)
     memory = PreferenceMemory(f"sqlite:///{tmp_path / 'm.sqlite3'}")
@@ -352,14 +382,17 @@ def test_memory_weights_are_eased_by_the_classifiers_factors_when_the_request_is
     engine = CLIPerEngine(base, classifier=eased_classifier, memory=memory, top_k=8)
 
     prompted = engine.generate(PROMPTS[0], user_id="ann", max_new_tokens=8, preference_prompt=True)
-    assert prompted.weights == {"concise": 2.0, "friendly": 4.0} and "eased" in prompted.weights_source
+    assert prompted.weights == {"concise": 2.0, "friendly": 4.0}
+    assert prompted.weights_source == "memory, scaled by the classifier's prompted_weight_factors"
     # The prompt asks for what the user stored (concise first, at strength 1); only guidance eases.
     asked = with_preference_request(as_messages(PROMPTS[0]), {"concise": 8.0, "friendly": 4.0})
     same = engine.generate(asked, weights={"concise": 2.0, "friendly": 4.0}, max_new_tokens=8)
     assert prompted.text == same.text and prompted.prompt_tokens == same.prompt_tokens
 
     unprompted = engine.generate(PROMPTS[0], user_id="ann", max_new_tokens=4)
-    assert unprompted.weights == {"concise": 8.0, "friendly": 4.0} and unprompted.weights_source == "memory"
+    # Without the prompt, the other factors: friendly's guidance alone is pushed twice as hard.
+    assert unprompted.weights == {"concise": 8.0, "friendly": 8.0}
+    assert unprompted.weights_source == "memory, scaled by the classifier's unprompted_weight_factors"
     explicit = engine.generate(PROMPTS[0], weights={"concise": 8}, max_new_tokens=4, preference_prompt=True)
     assert explicit.weights == {"concise": 8.0} and explicit.weights_source == "explicit"
     memory.set("bob", {"friendly": 1.0})  # no factor for friendly: nothing to ease
@@ -377,6 +410,9 @@ def test_memory_weights_are_eased_by_the_classifiers_factors_when_the_request_is
         ("plausibility_floors", {"concise": 0.0}),
         ("plausibility_floors", {"concise": 1.5}),
         ("plausibility_floors", {"concise": float("nan")}),
+        ("unprompted_weight_factors", {"nonsense": 2.0}),
+        ("unprompted_weight_factors", {"concise": -1.0}),
+        ("favourite_sparing_classes", ["nonsense"]),
     ],
 )
 def test_per_class_settings_must_name_own_classes_with_sane_values(shared_classifier, setting, values):

@@ -314,7 +314,55 @@ def test_reuse_takes_the_answers_a_class_floor_leaves_alike_and_the_report_names
     assert _stored(tmp_path / "out") == _stored(scratch / "out")  # as if this classifier answered everything
     assert results["plausibility"] == {"engine": 0.1, "classes": {"friendly": 0.9}}
     report = (tmp_path / "out" / "results.md").read_text()
-    assert "guided rows under a plausibility floor 0.1 (friendly 0.9: the classifier's own)." in report
+    assert "guided rows under a plausibility floor 0.1 (friendly 0.9: the classifier's own), a loop guard" in report
+
+
+def test_reuse_takes_what_a_class_sparing_the_favourite_leaves_alike_combinations_included(
+    tmp_path, monkeypatch, base, shared_classifier
+):
+    """A classifier whose loop guard spares the favourite for friendly guides concise, and concise with
+    friendly (the stricter guard wins), exactly as before: only friendly's own guided rows are answered
+    again, the sweep included, and guidance alone runs at friendly's scaled α on every prompt."""
+    from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.evaluation import steering
+
+    settings = {"favourite_sparing_classes": ["friendly"]}
+    config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
+    sparing = PreferenceClassifier(config, base.model, shared_classifier.head)
+    prompts = ["Explain rain.", "Hi"]
+    options = {"classes": ("concise", "friendly"), "combinations": [("concise", "friendly")], "sweep": (0.0, 8.0)}
+    first = tmp_path / "first"
+    first.mkdir()
+    steering.run_eval(CLIPerEngine(base, classifier=shared_classifier), _eval_config(first, prompts, **options))
+    answered: list[tuple[tuple[str, ...], str, float]] = []
+    generate = steering.generate
+
+    def counted(engine, texts, job, config):
+        answered.append((job.classes, job.setting, job.alpha))
+        return generate(engine, texts, job, config)
+
+    monkeypatch.setattr(steering, "generate", counted)
+    config = _eval_config(tmp_path, prompts, reuse_from=first / "out", guided_alpha={"friendly": 16.0}, **options)
+    results = steering.run_eval(CLIPerEngine(base, classifier=sparing), config)
+    assert set(answered) == {
+        (("friendly",), "guidance", 16.0),
+        (("friendly",), "prompt+guidance", 8.0),
+        (("friendly",), "guidance", 8.0),  # the sweep's α = 8: friendly's guidance alone is now 16
+    }
+    assert results["loop_guard"] == {"no_repeat_ngram": 4, "sparing_favourite": ["friendly"]}
+    assert results["guided_alpha"] == {"concise": 8.0, "friendly": 16.0}
+    assert set(results["sweep"]["friendly"]) == {"0.0", "8.0", "16.0"}
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "(guidance alone: friendly α = 16)" in report
+    assert "a loop guard against repeated 4-grams (friendly: the base model's favourite token spared" in report
+
+
+def test_a_job_is_read_back_from_its_key():
+    from cliper_integrations.evaluation.steering import Job
+
+    for job in (Job((), "unguided", 0.0), Job(("concise",), "guidance", 16.0), Job(("a", "b"), "prompt", (4.0, 2.0))):
+        assert Job.from_key(job.key) == job
 
 
 def _stored(output) -> dict[tuple[int, str], dict]:
@@ -385,7 +433,7 @@ def test_prompting_plus_guidance_guides_at_its_own_alpha_per_class_and_the_repor
     report = (tmp_path / "out" / "results.md").read_text()
     assert (
         "α = 8.0 per requested class (prompting plus guidance: concise α = 2), "
-        "guided rows under a plausibility floor 0.1." in report
+        "guided rows under a plausibility floor 0.1, a loop guard against repeated 4-grams." in report
     )
 
 

@@ -243,3 +243,30 @@ def test_plausibility_is_measured_from_the_best_token_the_loop_guard_allows(base
     expected[c], expected[end] = False, True
     assert expected.sum() > 2  # not just the end-of-turn token: the answer is not forced to end
     assert torch.equal(torch.isfinite(out), expected)
+
+
+def test_spared_rows_let_the_base_models_favourite_repeat_and_nothing_else(base, classifier):
+    """``spare_favourite``: on the rows it names, the base model's own most likely token passes the loop
+    guard even where it repeats an n-gram; every other repeating token stays banned, and other rows are
+    guarded as before."""
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Explain rain"])
+    a, b, c, d = 11, 12, 13, 15
+    generated = torch.tensor([[a, b, c, 14, a, b, d, 16, a, b]] * 2)  # after "a b": c and d would repeat
+    ids = torch.cat([input_ids, generated], dim=1)
+    scores = next_scores(base, ids, torch.cat([mask, torch.ones_like(generated)], dim=1))
+    scores[:, c] = scores.max() + 10  # the base model's favourite repeats "a b c"
+    guide = weights([0, 0, 3, 0, 0, 0], [0, 0, 3, 0, 0, 0])
+
+    def guarded(spare_favourite):
+        processor = ClassifierGuidedLogitsProcessor(
+            classifier, guide, mask, top_k=None, no_repeat_ngram=3, incremental=False, spare_favourite=spare_favourite
+        )
+        return processor(ids, scores)
+
+    out = guarded(torch.tensor([False, True]))
+    assert out[0, c] == float("-inf") and out[0, d] == float("-inf")  # not spared: both banned
+    assert torch.isfinite(out[1, c]) and out[1, d] == float("-inf")  # spared: the favourite only
+    assert out[1].argmax() == c  # with a margin of 10 nats, α = 3 keeps the favourite
+    torch.testing.assert_close(out[0], guarded(None)[0])
+    with pytest.raises(ValueError, match="spare_favourite"):
+        ClassifierGuidedLogitsProcessor(classifier, guide, mask, spare_favourite=torch.tensor([True]))

@@ -333,7 +333,12 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
     train_classifier(base, first)
     cached = sorted(first.feature_cache.iterdir())
     probed = json.loads((first.output / "classifier.json").read_text())
-    probed_settings = {"prompted_weight_factors": {"concise": 0.25}, "plausibility_floors": {"concise": 0.3}}
+    probed_settings = {
+        "prompted_weight_factors": {"concise": 0.25},
+        "unprompted_weight_factors": {"concise": 2.0},
+        "plausibility_floors": {"concise": 0.3},
+        "favourite_sparing_classes": ["concise"],
+    }
     (first.output / "classifier.json").write_text(json.dumps({**probed, **probed_settings}))
     second = TrainConfig(
         **{
@@ -348,9 +353,8 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
     old, new = PreferenceClassifier.load(first.output, base), PreferenceClassifier.load(second.output, base)
     assert new.config.class_prior == "learned" and new.config.guidance_prior == "uniform"
     assert new.config.prior_layer == prior_layer and metrics["validation"]["response_accuracy"] >= 0.9
-    # guidance, and so its easing and its floor, carries over
-    assert new.config.prompted_weight_factors == {"concise": 0.25}
-    assert new.config.plausibility_floors == {"concise": 0.3}
+    # guidance, and so its scaling, its floor and its loop guard, carries over
+    assert {key: getattr(new.config, key) for key in probed_settings} == probed_settings
     assert new.guidance_digest(["concise"]) == old.guidance_digest(["concise"])
     assert sorted(first.feature_cache.iterdir()) == cached  # the same responses, the same files ...
     stored = load_file(cached[0])
@@ -548,8 +552,9 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     probed = json.loads((main.output / "classifier.json").read_text())
     factors = {"concise": 0.25, "informative": 0.5}
     floors = {"concise": 0.3, "informative": 0.3}
+    sparing = {"favourite_sparing_classes": ["concise", "informative"]}
     (main.output / "classifier.json").write_text(
-        json.dumps({**probed, "prompted_weight_factors": factors, "plausibility_floors": floors})
+        json.dumps({**probed, "prompted_weight_factors": factors, "plausibility_floors": floors, **sparing})
     )
     hybrid_run = _tiny_config(
         data,
@@ -571,6 +576,7 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     assert hybrid.guidance_digest(["informative"]) != hybrid.guidance_digest(["concise"])
     assert hybrid.config.prompted_weight_factors == {"concise": 0.25}
     assert hybrid.config.plausibility_floors == {"concise": 0.3}  # the donor's informative was not probed
+    assert hybrid.config.favourite_sparing_classes == ["concise"]
     assert metrics["validation"]["response_accuracy"] >= 0.9
 
 

@@ -121,6 +121,15 @@ class ClassifierConfig(BaseModel):
     of ``CLIPerEngine``; a row's floor is the largest of the engine's and its weighted classes' floors):
     a class whose push costs more fluency than the others' keeps to what the base model finds more
     plausible. Measured per classifier on training-side prompts; a class not named takes the engine's."""
+    unprompted_weight_factors: dict[str, float] = Field(default_factory=dict)
+    """Per class, what a weight from memory is multiplied by when the request is not in the prompt
+    (guidance alone): a class whose guidance needs a stronger push than memory's scale gives to reach what
+    its users ask for. Measured per classifier on training-side prompts; a class not named keeps its weight."""
+    favourite_sparing_classes: list[str] = Field(default_factory=list)
+    """Classes whose guidance lets the base model's own favourite token through the loop guard
+    (``spare_favourite`` of ``ClassifierGuidedLogitsProcessor``): the guard then stops only the loops
+    guidance leads into, at less fluency cost. A row spares it only when every class it weighs is named
+    (the stricter guard wins). Measured per classifier on training-side prompts."""
     format_version: int = 1
 
     @model_validator(mode="after")
@@ -161,13 +170,17 @@ class ClassifierConfig(BaseModel):
 
     @model_validator(mode="after")
     def _per_class_settings_of_own_classes(self) -> ClassifierConfig:
-        for field_name, values, valid, bounds in (
-            ("prompted_weight_factors", self.prompted_weight_factors, lambda v: v >= 0, ">= 0"),
-            ("plausibility_floors", self.plausibility_floors, lambda v: 0 < v <= 1, "in (0, 1]"),
-        ):
+        per_class = {
+            "prompted_weight_factors": (self.prompted_weight_factors, lambda v: v >= 0, ">= 0"),
+            "plausibility_floors": (self.plausibility_floors, lambda v: 0 < v <= 1, "in (0, 1]"),
+            "unprompted_weight_factors": (self.unprompted_weight_factors, lambda v: v >= 0, ">= 0"),
+        }
+        named = {field_name: list(values) for field_name, (values, _, _) in per_class.items()}
+        for field_name, names in {**named, "favourite_sparing_classes": self.favourite_sparing_classes}.items():
+            if unknown := [name for name in names if name not in self.classes]:
+                raise ValueError(f"{field_name} names {unknown[0]!r}, which is not one of the classes")
+        for field_name, (values, valid, bounds) in per_class.items():
             for name, value in values.items():
-                if name not in self.classes:
-                    raise ValueError(f"{field_name} names {name!r}, which is not one of the classes")
                 if not (math.isfinite(value) and valid(value)):
                     raise ValueError(f"{field_name}[{name!r}] must be finite and {bounds}, got {value!r}")
         return self
@@ -178,6 +191,11 @@ class ClassifierConfig(BaseModel):
         floors = [self.plausibility_floors[name] for name in classes if name in self.plausibility_floors]
         floors += [engine_floor] if engine_floor is not None else []
         return max(floors, default=None)
+
+    def spares_favourite(self, classes: Sequence[str]) -> bool:
+        """Whether guidance towards ``classes`` spares the base model's favourite from the loop guard:
+        only when every one of them does (``favourite_sparing_classes``)."""
+        return bool(classes) and set(classes) <= set(self.favourite_sparing_classes)
 
 
 def _prior_mlp(hidden_size: int, head_size: int, num_classes: int) -> nn.Module:
@@ -745,7 +763,8 @@ class PreferenceClassifier(nn.Module):
         decoding leaves out is not among them). Two classifiers with one digest steer alike. With
         ``classes``, of what guidance towards those classes reads: under ``main-joint`` the main head's
         classes are guided exactly as by the main head alone, whose digest they then share. Per-class
-        plausibility floors count for the classes they name (all of them without ``classes``)."""
+        plausibility floors count for the classes they name (all of them without ``classes``), and the
+        loop guard's sparing of the favourite for the classes it decides (``spares_favourite``)."""
         if classes is not None and (main := self._main_head_alone(classes)) is not None:
             return main.guidance_digest(classes)
         settings = {
@@ -757,6 +776,9 @@ class PreferenceClassifier(nn.Module):
         own = self.config.plausibility_floors
         if floors := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
             settings["plausibility_floors"] = floors  # absent when none: digests from before floors hold
+        sparing = self.config.favourite_sparing_classes
+        if sparing if classes is None else self.config.spares_favourite(classes):  # absent when none, as floors
+            settings["favourite_sparing_classes"] = sorted(sparing if classes is None else classes)
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for name, tensor in sorted(self.head.state_dict().items()):
             if self.guides_with_prior or not name.startswith("prior."):

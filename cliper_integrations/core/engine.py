@@ -495,11 +495,13 @@ class CLIPerEngine:
             return {}, "none: no stored preferences for this user"
         return {}, "none"
 
-    def eased_for_prompt(self, weights: Mapping[str, float]) -> dict[str, float]:
-        """``weights`` times the classifier's ``prompted_weight_factors`` (classes not named keep theirs):
-        what does, with the request also in the prompt, about what ``weights`` do without it. The engine
-        eases weights from memory so; explicit weights are what the caller asked for and stay as given."""
-        factors = self.classifier.config.prompted_weight_factors if self.classifier is not None else {}
+    def scaled_for_setting(self, weights: Mapping[str, float], prompted: bool) -> dict[str, float]:
+        """``weights`` times the classifier's factors for the setting (classes not named keep theirs):
+        ``prompted_weight_factors`` with the request also in the prompt, which already moves the answer part
+        of the way, else ``unprompted_weight_factors``. The engine scales weights from memory so; explicit
+        weights are what the caller asked for and stay as given."""
+        config = self.classifier.config if self.classifier is not None else None
+        factors = (config.prompted_weight_factors if prompted else config.unprompted_weight_factors) if config else {}
         return {name: value * factors.get(name, 1.0) for name, value in weights.items()}
 
     def measure_style(self, response: str, prompt: str | Sequence[Message] | None = None) -> dict[str, float]:
@@ -542,8 +544,10 @@ class CLIPerEngine:
             messages = as_messages(request.prompt)
             if request.preference_prompt:
                 messages = with_preference_request(messages, weights)
-                if source == "memory" and (eased := self.eased_for_prompt(weights)) != weights:
-                    weights, source = eased, "memory, eased for the preference prompt by prompted_weight_factors"
+            prompted = request.preference_prompt
+            if source == "memory" and (scaled := self.scaled_for_setting(weights, prompted)) != weights:
+                factors = "prompted_weight_factors" if prompted else "unprompted_weight_factors"
+                weights, source = scaled, f"memory, scaled by the classifier's {factors}"
             if not request.guidance:
                 weights, source = {}, "none: guidance off for this call"
             if any(weights.values()) and self.classifier is None:
@@ -612,6 +616,7 @@ class CLIPerEngine:
                     suspend=_SpanGate(self.tokenizer, width, rows) if any(r.request.spans() for r in rows) else None,
                     no_repeat_ngram=self.guided_no_repeat_ngram,
                     plausibility=self._group_floor(rows),
+                    spare_favourite=self._spares_favourite(rows),
                 )
             )
         sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
@@ -719,6 +724,16 @@ class CLIPerEngine:
         if len(floors) > 1:
             raise AssertionError(f"rows with different plausibility floors {sorted(floors)} in one batch")
         return floors.pop() if floors else self.guided_plausibility
+
+    def _spares_favourite(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
+        """[batch] rows whose loop guard lets the base model's favourite through: the guided rows whose
+        weighed classes all do (``ClassifierConfig.favourite_sparing_classes``); None when no row does."""
+        assert self.classifier is not None
+        spares = [
+            row.guided and self.classifier.config.spares_favourite([n for n, v in row.result.weights.items() if v])
+            for row in rows
+        ]
+        return torch.tensor(spares) if any(spares) else None
 
     def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
         if self.classifier is None or not any(row.guided for row in rows):

@@ -34,6 +34,10 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       generated text is masked. Guidance pushes every step the same way, and a strong push can lock
       greedy decoding into a loop (the same few words over and over); the base model's own decoding
       is left alone (unguided rows and α = 0 stay bit for bit unguided) and the prompt does not count.
+    * ``spare_favourite``: [batch] rows on which the base model's own most likely token is never banned
+      by the loop guard. The guard then stops only the loops guidance leads into, and leaves the repeats
+      the unguided model would write itself; banning those too costs fluency (perplexity) that some
+      classes' guidance cannot spare. Every other repeating token stays banned.
     * ``plausibility`` (β in (0, 1]): on guided rows, a token whose base probability is below β times
       that of the most likely token the loop guard allows is left out, whatever the classifier says
       (the adaptive plausibility constraint of contrastive decoding, Li et al. 2023);
@@ -60,6 +64,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         suspend: Callable[[torch.LongTensor], torch.Tensor] | None = None,
         no_repeat_ngram: int | None = None,
         plausibility: float | None = None,
+        spare_favourite: torch.Tensor | None = None,
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
             raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
@@ -79,6 +84,9 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         if plausibility is not None and not 0 < plausibility <= 1:
             raise ValueError(f"plausibility must be in (0, 1], got {plausibility}")
         self.plausibility = plausibility
+        if spare_favourite is not None and spare_favourite.shape != (weights.shape[0],):
+            raise ValueError(f"spare_favourite must be [{weights.shape[0]}], got {tuple(spare_favourite.shape)}")
+        self.spare_favourite = spare_favourite
 
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_attention_mask.shape[1]
@@ -118,6 +126,11 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         rows, starts = repeats.nonzero(as_tuple=True)
         return banned.index_put((rows, grams[rows, starts, -1]), banned.new_tensor(True))
 
+    def _unban_favourite(self, banned: torch.Tensor, log_lm: torch.Tensor) -> torch.Tensor:
+        """``banned`` with the base model's favourite let through on the ``spare_favourite`` rows."""
+        rows = self.spare_favourite.to(banned.device).nonzero(as_tuple=True)[0]
+        return banned.index_put((rows, log_lm[rows].argmax(dim=-1)), banned.new_tensor(False))
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         active = self.guided_rows.to(scores.device)
@@ -140,6 +153,8 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             guided = torch.full_like(log_lm, float("-inf"))
             guided.scatter_(1, candidates, candidate_log_lm + bonus)
         banned = self._repeats(input_ids, active, log_lm.shape[-1])
+        if self.spare_favourite is not None:
+            banned = self._unban_favourite(banned, log_lm)
         if self.plausibility is not None:
             banned = banned | self._implausible(log_lm, banned)
         guided = guided.masked_fill(guided.isnan() | banned, float("-inf"))

@@ -38,8 +38,9 @@ class GenerationSettings(BaseModel):
     stop: list[str] | None = None
     seed: int | None = None
     preference_prompt: bool = False
-    """Also write the preferences into the prompt in plain words (weights from memory are then eased by
-    the classifier's ``prompted_weight_factors``; explicit weights are used as given)."""
+    """Also write the preferences into the prompt in plain words (weights from memory are then scaled by
+    the classifier's ``prompted_weight_factors``, without it by its ``unprompted_weight_factors``;
+    explicit weights are used as given)."""
     guidance: bool = True
     """Steer decoding with the classifier (False: preference prompting alone, if enabled)."""
     top_k: int | None = 32

@@ -50,6 +50,9 @@ class EvalConfig:
     output: Path = Path("docs")
     limit: int | None = None
     alpha: float = 8.0
+    guided_alpha: dict[str, float] = field(default_factory=dict)
+    """Per class, α for guidance alone (classes not named: ``alpha``): what memory's weight becomes for a
+    class whose classifier scales it (``unprompted_weight_factors``). The α sweep keeps its own values."""
     prompted_alpha: dict[str, float] = field(default_factory=dict)
     """Per class, α for prompting plus guidance, also in the combinations (classes not named: ``alpha``).
     With the request also in the prompt, the prompt already moves the answer part of the way, so less
@@ -73,7 +76,7 @@ class EvalConfig:
 
     def job(self, classes: tuple[str, ...], setting: str) -> Job:
         """The job answering ``classes`` in ``setting`` at this run's α (with guidance off, the α only keys it)."""
-        per_class = self.prompted_alpha if setting == "prompt+guidance" else {}
+        per_class = {"guidance": self.guided_alpha, "prompt+guidance": self.prompted_alpha}.get(setting, {})
         alphas = tuple(per_class.get(name, self.alpha) for name in classes)
         return Job(classes, setting, alphas[0] if len(set(alphas)) == 1 else alphas)
 
@@ -97,10 +100,18 @@ class Job:
         alphas = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
         return f"{'+'.join(self.classes) or '-'}|{self.setting}|{','.join(f'{a:g}' for a in alphas)}"
 
+    @classmethod
+    def from_key(cls, key: str) -> Job:
+        """The job a stored answer's ``key`` names."""
+        classes, setting, alphas = key.split("|")
+        values = tuple(float(alpha) for alpha in alphas.split(","))
+        names = () if classes == "-" else tuple(classes.split("+"))
+        return cls(names, setting, values if len(values) > 1 else values[0])
+
 
 def plan(config: EvalConfig) -> list[Job]:
     """Unguided, the three other settings per class, the combinations among those classes, then the rest
-    of the α sweep (α = 0 is the unguided job and α = ``config.alpha`` the "guidance" one: each is run
+    of the α sweep (α = 0 is the unguided job and the class's guidance α the "guidance" one: each is run
     once)."""
     jobs = [Job((), "unguided", 0.0)]
     jobs += [config.job((name,), setting) for name in config.classes for setting in SETTINGS if setting != "unguided"]
@@ -113,7 +124,7 @@ def plan(config: EvalConfig) -> list[Job]:
         Job((name,), "guidance", alpha)
         for name in config.classes
         for alpha in config.sweep
-        if alpha not in (0, config.alpha)
+        if alpha not in (0, config.job((name,), "guidance").alpha)
     ]
     return jobs
 
@@ -339,7 +350,7 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     prompts = load_prompts(config.prompts_file, config.limit)
     sweep_prompts = prompts[: config.sweep_limit]
     jobs = plan(config)
-    sweep_only = {job for job in jobs if job.setting == "guidance" and job.alpha != config.alpha}
+    sweep_only = {job for job in jobs if job.setting == "guidance" and job != config.job(job.classes, "guidance")}
     answered = {job: sweep_prompts if job in sweep_only else prompts for job in jobs}
     store = ResponseStore(config.output / RESPONSES_FILE, run_signature(engine, config), config.restart)
     guidance = {job: guidance_of(engine, job) for job in jobs}
@@ -376,10 +387,15 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
         "sweep_prompts": len(sweep_prompts),
         "file": str(config.prompts_file),
         "alpha": config.alpha,
+        "guided_alpha": {name: config.job((name,), "guidance").alpha for name in config.classes},
         "prompted_alpha": {name: config.job((name,), "prompt+guidance").alpha for name in config.classes},
         "plausibility": {
             "engine": engine.guided_plausibility,
             "classes": {n: f for n, f in engine.classifier.config.plausibility_floors.items() if n in config.classes},
+        },
+        "loop_guard": {
+            "no_repeat_ngram": engine.guided_no_repeat_ngram,
+            "sparing_favourite": [n for n in engine.classifier.config.favourite_sparing_classes if n in config.classes],
         },
         "unguided": measured[jobs[0]],
         "table": table,
@@ -423,12 +439,25 @@ def write_report(path: Path, text: str) -> None:
     path.write_text(text + "\n" + notes)
 
 
-def _prompted_alphas(results: dict) -> str:
-    """Where prompting plus guidance runs at other α values, which."""
-    other = {name: alpha for name, alpha in results["prompted_alpha"].items() if alpha != results["alpha"]}
-    if not other:
-        return ""
-    return " (prompting plus guidance: " + ", ".join(f"{name} α = {alpha:g}" for name, alpha in other.items()) + ")"
+def _other_alphas(results: dict) -> str:
+    """Where guidance alone or prompting plus guidance runs at other α values, which."""
+    parts = []
+    for key, setting in (("guided_alpha", "guidance alone"), ("prompted_alpha", "prompting plus guidance")):
+        other = {name: alpha for name, alpha in results[key].items() if alpha != results["alpha"]}
+        if other:
+            parts.append(f"{setting}: " + ", ".join(f"{name} α = {alpha:g}" for name, alpha in other.items()))
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _loop_guard(results: dict) -> str:
+    """The loop guard guided rows decode under, and the classes whose rows spare the base model's favourite."""
+    guard = results["loop_guard"]
+    if guard["no_repeat_ngram"] is None:
+        return "no loop guard"
+    text = f"a loop guard against repeated {guard['no_repeat_ngram']}-grams"
+    if sparing := guard["sparing_favourite"]:
+        text += f" ({', '.join(sparing)}: the base model's favourite token spared, the classifier's own)"
+    return text
 
 
 def _floors(results: dict) -> str:
@@ -446,7 +475,7 @@ def report(results: dict, config: EvalConfig) -> str:
         "",
         f"Generated by `cliper eval` on `{results['file']}` ({results['prompts']} prompts), greedy decoding, "
         f"at most {config.max_new_tokens} new tokens, α = {results['alpha']} per requested class"
-        f"{_prompted_alphas(results)}, {_floors(results)}. "
+        f"{_other_alphas(results)}, {_floors(results)}, {_loop_guard(results)}. "
         "FK grade and perplexity are medians over the prompts, the other metrics means; cut off: answers "
         "that ran out of new tokens (– where the stored answers predate that record).",
         "",

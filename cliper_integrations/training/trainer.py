@@ -677,9 +677,9 @@ def _prior_on(
     The head may carry a reading-only prior already (such as the shipped default): it is left behind
     and a new one is fitted, so a prior can be refitted on grown data without the head's own run. With
     ``parts_from``, the classes named there are scored by those classifiers' heads (``compose``), and
-    ``classifier``'s posterior may differ from the head's. Its ``prompted_weight_factors`` and
-    ``plausibility_floors`` carry over for the classes whose guidance stays exactly the head's: they were
-    probed for that guidance."""
+    ``classifier``'s posterior may differ from the head's. Its per-class settings (weight factors,
+    plausibility floors, classes sparing the favourite) carry over for the classes whose guidance stays
+    exactly the head's: they were probed for that guidance."""
     original = trained = PreferenceClassifier.load(folder, base)
     if parts_from:
         donors = [(list(names), PreferenceClassifier.load(path, base)) for names, path in parts_from]
@@ -699,12 +699,15 @@ def _prior_on(
     likelihood = {name: tensor for name, tensor in trained.head.state_dict().items() if not name.startswith("prior.")}
     classifier.head.load_state_dict(likelihood, strict=False)  # all but the prior
     # The per-class settings probed for the head's guidance hold where that guidance stays exactly the
-    # head's: the floors are part of guidance, so they are copied before the comparison.
+    # head's: the floors and the guard's sparing are part of guidance, so they are copied before the comparison.
     classifier.config.plausibility_floors = dict(original.config.plausibility_floors)
+    classifier.config.favourite_sparing_classes = list(original.config.favourite_sparing_classes)
     kept = {n for n in classifier.classes if classifier.guidance_digest([n]) == original.guidance_digest([n])}
-    for settings in ("prompted_weight_factors", "plausibility_floors"):
+    for settings in ("prompted_weight_factors", "unprompted_weight_factors", "plausibility_floors"):
         values = getattr(original.config, settings)
         setattr(classifier.config, settings, {name: value for name, value in values.items() if name in kept})
+    sparing = classifier.config.favourite_sparing_classes
+    classifier.config.favourite_sparing_classes = [name for name in sparing if name in kept]
     for name, parameter in classifier.head.named_parameters():
         parameter.requires_grad_(name.startswith("prior."))
     return list(classifier.head.prior.parameters())
