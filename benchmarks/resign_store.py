@@ -39,13 +39,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="the run's --batch-size")
     parser.add_argument("--prompts-dir", type=Path, default=Path("../shared/data/eval"))
     parser.add_argument("--model", default=EMBEDDED_SPEC)
+    parser.add_argument("--classifier", default="default", help="the classifier the store was answered with")
     args = parser.parse_args()
 
     path = args.folder / RESPONSES_FILE
     stored, records, broken = read_store(path)
     if broken:
         raise SystemExit(f"{path}: its last line is broken; let `cliper eval` mend it first")
-    engine = CLIPerEngine(args.model, dtype=stored["dtype"])
+    engine = CLIPerEngine(args.model, args.classifier, dtype=stored["dtype"])
     config = EvalConfig(
         args.prompts_dir / str(stored["prompts_file"]),
         args.folder,
@@ -75,7 +76,8 @@ def main() -> None:
     if not same:
         raise SystemExit(f"{path} left as it was: the current code answers differently")
     header, rest = path.read_text().split("\n", 1)
-    signed = {**json.loads(header), "run": {**stored, "decoding_rule": current["decoding_rule"]}}
+    written = json.loads(header)
+    signed = {**written, "run": {**written["run"], "decoding_rule": current["decoding_rule"]}}
     path.write_text(json.dumps(signed) + "\n" + rest)
     print(f"{path}: decoding_rule {stored['decoding_rule']} -> {current['decoding_rule']}")
 
