@@ -776,9 +776,12 @@ class PreferenceClassifier(nn.Module):
         own = self.config.plausibility_floors
         if floors := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
             settings["plausibility_floors"] = floors  # absent when none: digests from before floors hold
-        sparing = self.config.favourite_sparing_classes
-        if sparing if classes is None else self.config.spares_favourite(classes):  # absent when none, as floors
-            settings["favourite_sparing_classes"] = sorted(sparing if classes is None else classes)
+        if classes is None:
+            sparing = list(self.config.favourite_sparing_classes)
+        else:
+            sparing = list(classes) if self.config.spares_favourite(classes) else []
+        if sparing:  # absent when none, as floors
+            settings["favourite_sparing_classes"] = sorted(sparing)
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for name, tensor in sorted(self.head.state_dict().items()):
             if self.guides_with_prior or not name.startswith("prior."):

@@ -137,6 +137,11 @@ class _PreparedRow:
         """Whether any class weighs on this row (a row with only zero weights decodes unguided)."""
         return any(self.result.weights.values())
 
+    @property
+    def weighted_classes(self) -> list[str]:
+        """The classes that weigh on this row (non-zero weight)."""
+        return [name for name, value in self.result.weights.items() if value]
+
 
 class _RowStopCriteria(StoppingCriteria):
     """Per-row ``max_new_tokens`` and stop strings of any token length; remembers where each row stopped."""
@@ -715,8 +720,7 @@ class CLIPerEngine:
         grouped by it; unguided rows take the engine's, which leaves them as they are."""
         if self.classifier is None or not row.guided:
             return self.guided_plausibility
-        weighted = [name for name, value in row.result.weights.items() if value]
-        return self.classifier.config.plausibility_floor(weighted, self.guided_plausibility)
+        return self.classifier.config.plausibility_floor(row.weighted_classes, self.guided_plausibility)
 
     def _group_floor(self, rows: list[_PreparedRow]) -> float | None:
         """The one floor of a batch's guided rows (``generate_batch`` groups rows by it)."""
@@ -729,10 +733,7 @@ class CLIPerEngine:
         """[batch] rows whose loop guard lets the base model's favourite through: the guided rows whose
         weighed classes all do (``ClassifierConfig.favourite_sparing_classes``); None when no row does."""
         assert self.classifier is not None
-        spares = [
-            row.guided and self.classifier.config.spares_favourite([n for n, v in row.result.weights.items() if v])
-            for row in rows
-        ]
+        spares = [self.classifier.config.spares_favourite(row.weighted_classes) for row in rows]
         return torch.tensor(spares) if any(spares) else None
 
     def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
