@@ -398,6 +398,12 @@ def test_memory_weights_are_scaled_by_the_classifiers_factors_for_the_setting(tm
     memory.set("bob", {"friendly": 1.0})  # no factor for friendly: nothing to ease
     bob = engine.generate(PROMPTS[0], user_id="bob", max_new_tokens=4, preference_prompt=True)
     assert bob.weights == {"friendly": 8.0} and bob.weights_source == "memory"
+    # A raised scale stores friendly at 16; its factor 2 may not take it past the strongest α measured ...
+    memory.set("cal", {"friendly": 1.0, "scale": 16})
+    assert engine.generate(PROMPTS[0], user_id="cal", max_new_tokens=2).weights == {"friendly": 16.0}
+    # ... nor cut a weight the profile's raised cap already allows above it.
+    memory.set("dee", {"friendly": 1.0, "scale": 20, "cap": 20})
+    assert engine.generate(PROMPTS[0], user_id="dee", max_new_tokens=2).weights == {"friendly": 20.0}
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ from cliper_integrations.core.preferences import (
     AXES,
     BACKGROUND_CLASSES,
     DEFAULT_CLASSES,
+    MEASURED_WEIGHT_CAP,
     is_refusal,
     validate_weights,
 )
@@ -503,11 +504,16 @@ class CLIPerEngine:
     def scaled_for_setting(self, weights: Mapping[str, float], prompted: bool) -> dict[str, float]:
         """``weights`` times the classifier's factors for the setting (classes not named keep theirs):
         ``prompted_weight_factors`` with the request also in the prompt, which already moves the answer part
-        of the way, else ``unprompted_weight_factors``. The engine scales weights from memory so; explicit
-        weights are what the caller asked for and stay as given."""
+        of the way, else ``unprompted_weight_factors``. A factor above 1 raises a weight up to
+        ``MEASURED_WEIGHT_CAP`` at most, the strongest α whose fluency was measured, so a profile with a
+        raised ``scale`` cannot reach an α nobody measured (a weight already above it is kept). The engine
+        scales weights from memory so; explicit weights are what the caller asked for and stay as given."""
         config = self.classifier.config if self.classifier is not None else None
         factors = (config.prompted_weight_factors if prompted else config.unprompted_weight_factors) if config else {}
-        return {name: value * factors.get(name, 1.0) for name, value in weights.items()}
+        return {
+            name: min(value * factors.get(name, 1.0), max(value, MEASURED_WEIGHT_CAP))
+            for name, value in weights.items()
+        }
 
     def measure_style(self, response: str, prompt: str | Sequence[Message] | None = None) -> dict[str, float]:
         """How strongly a response shows each class, by the classifier: per axis, the two poles'

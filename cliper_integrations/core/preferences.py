@@ -17,6 +17,9 @@ AXES: dict[str, tuple[str, str]] = {
     "tone": ("friendly", "unfriendly"),
 }
 DEFAULT_CLASSES: tuple[str, ...] = tuple(pole for poles in AXES.values() for pole in poles)
+# The strongest guidance weight α whose fluency has been measured (docs/results.md): memory's default cap,
+# and the most a classifier's weight factor may raise a stored α to.
+MEASURED_WEIGHT_CAP = 16.0
 # Classes a classifier may tell apart but no user may ask for. "refusal" (answers that decline the task):
 # trained beside the real classes, it takes the posterior of every requested class away from a refusal's
 # tokens, so guidance steers away from refusing instead of into it ("I" is warm, "I'm sorry" follows).

@@ -26,7 +26,13 @@ from collections.abc import Iterable, Mapping
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cliper_integrations.core.errors import CLIPerError
-from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, canonical_class, opposite
+from cliper_integrations.core.preferences import (
+    AXES,
+    DEFAULT_CLASSES,
+    MEASURED_WEIGHT_CAP,
+    canonical_class,
+    opposite,
+)
 
 FEEDBACK_RATE = 0.2
 FEEDBACK_DECAY = 0.02
@@ -61,7 +67,7 @@ class PreferenceProfile(BaseModel):
 
     strengths: dict[str, float] = Field(default_factory=dict)
     scale: float = Field(default=8.0, gt=0, le=20)
-    cap: float = Field(default=16.0, gt=0, le=20)
+    cap: float = Field(default=MEASURED_WEIGHT_CAP, gt=0, le=20)
 
     @field_validator("strengths")
     @classmethod
