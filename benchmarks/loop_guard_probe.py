@@ -3,8 +3,10 @@
 The engine's guard bans, on guided rows, every token that would repeat an n-gram of the generated text,
 the base model's favourite included, so a guided row can never repeat itself where the unguided model
 would. Here the favourite is spared (``--favourite-ngram none``) or banned only when it would repeat a
-longer n-gram (``--favourite-ngram 8``); every other token is banned as the engine bans it. A probe of
-a decoding rule, not the rule: nothing here changes what the engine or ``cliper eval`` do.
+longer n-gram (``--favourite-ngram 8``); every other token is banned as the engine bans it. The rule
+applies to every guided row, in place of the classifier's ``favourite_sparing_classes`` (since session
+39 the engine's option; ``none`` is that option). A probe of a decoding rule, not the rule: nothing
+here changes what the engine or ``cliper eval`` do.
 
     python benchmarks/loop_guard_probe.py --favourite-ngram none default --all-kinds --prompts 24 \
         --max-new-tokens 160 --classes friendly,expert --alphas 8,16
@@ -27,6 +29,10 @@ def favourite_sparing_guard(favourite_ngram: int | None) -> type[ClassifierGuide
     ``favourite_ngram`` tokens (None: always exempt)."""
 
     class FavouriteSparingGuard(ClassifierGuidedLogitsProcessor):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.spare_favourite = None  # this script's rule, not the classifier's setting, on every row
+
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
             self._favourite = scores.argmax(dim=-1)
             return super().__call__(input_ids, scores)
