@@ -93,13 +93,13 @@ def test_a_class_floor_binds_only_the_rows_that_weigh_that_class(base, shared_cl
 
 
 def test_a_class_that_spares_the_favourite_lets_only_its_rows_repeat_as_the_base_model_does(base, shared_classifier):
-    """``favourite_sparing_classes``: at a floor of 1 (only the base model's greedy token or the end may
+    """``unprompted_favourite_ngrams`` null: at a floor of 1 (only the base model's greedy token or the end may
     be written), a row guided towards a sparing class writes the unguided answer however often it
     repeats itself, while a row that also weighs a class that does not spare is turned off the base
     model's path at its first repeat by the loop guard (the stricter guard wins)."""
     from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
 
-    settings = {"plausibility_floors": {"concise": 1.0}, "favourite_sparing_classes": ["concise"]}
+    settings = {"plausibility_floors": {"concise": 1.0}, "unprompted_favourite_ngrams": {"concise": None}}
     config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
     sparing = PreferenceClassifier(config, base.model, shared_classifier.head)
     engine = CLIPerEngine(base, classifier=sparing, top_k=8, guided_no_repeat_ngram=2, guided_plausibility=None)
@@ -118,6 +118,32 @@ def test_a_class_that_spares_the_favourite_lets_only_its_rows_repeat_as_the_base
     assert through_repeats  # where the guard fired, the sparing row wrote the base model's repeat
     assert sparing.guidance_digest(["concise"]) != shared_classifier.guidance_digest(["concise"])
     assert sparing.guidance_digest(["friendly"]) == shared_classifier.guidance_digest(["friendly"])
+
+
+def test_the_favourites_rule_is_the_rows_setting_s(base, shared_classifier):
+    """``unprompted_favourite_ngrams`` hold for guidance alone and ``prompted_favourite_ngrams`` with the
+    request also in the prompt: a rule named for one setting leaves the other's rows as the guard has them."""
+    from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
+
+    def engine_with(**rules: dict[str, int | None]) -> CLIPerEngine:
+        settings = {**shared_classifier.config.model_dump(), "plausibility_floors": {"concise": 1.0}, **rules}
+        classifier = PreferenceClassifier(ClassifierConfig.model_validate(settings), base.model, shared_classifier.head)
+        return CLIPerEngine(base, classifier=classifier, top_k=8, guided_no_repeat_ngram=2, guided_plausibility=None)
+
+    def answers(engine: CLIPerEngine, prompted: bool) -> list[str]:
+        ask = {"weights": {"concise": 0.05}, "preference_prompt": prompted, "max_new_tokens": 24}
+        return [result.text for result in engine.generate_batch([GenerationRequest(p, **ask) for p in PROMPTS])]
+
+    plain = engine_with()
+    alone = engine_with(unprompted_favourite_ngrams={"concise": None})
+    prompted = engine_with(prompted_favourite_ngrams={"concise": None})
+    assert answers(alone, True) == answers(plain, True) and answers(prompted, False) == answers(plain, False)
+    assert answers(alone, False) != answers(plain, False)  # where the rule holds, it changes the answers
+    assert answers(prompted, True) != answers(plain, True)
+    digest = plain.classifier.guidance_digest
+    assert alone.classifier.guidance_digest(["concise"], prompted=True) == digest(["concise"], prompted=True)
+    assert alone.classifier.guidance_digest(["concise"], prompted=False) != digest(["concise"], prompted=False)
+    assert alone.classifier.guidance_digest(["concise"]) != digest(["concise"])  # both settings: it differs
 
 
 def test_a_row_whose_base_model_opens_with_a_refusal_is_left_unguided(base, classifier):
@@ -418,7 +444,8 @@ def test_memory_weights_are_scaled_by_the_classifiers_factors_for_the_setting(tm
         ("plausibility_floors", {"concise": float("nan")}),
         ("unprompted_weight_factors", {"nonsense": 2.0}),
         ("unprompted_weight_factors", {"concise": -1.0}),
-        ("favourite_sparing_classes", ["nonsense"]),
+        ("unprompted_favourite_ngrams", {"nonsense": None}),
+        ("prompted_favourite_ngrams", {"concise": 1}),
     ],
 )
 def test_per_class_settings_must_name_own_classes_with_sane_values(shared_classifier, setting, values):

@@ -245,28 +245,34 @@ def test_plausibility_is_measured_from_the_best_token_the_loop_guard_allows(base
     assert torch.equal(torch.isfinite(out), expected)
 
 
-def test_spared_rows_let_the_base_models_favourite_repeat_and_nothing_else(base, classifier):
-    """``spare_favourite``: on the rows it names, the base model's own most likely token passes the loop
-    guard even where it repeats an n-gram; every other repeating token stays banned, and other rows are
-    guarded as before."""
-    input_ids, mask = prompt_batch(base, ["Explain rain", "Explain rain"])
+def test_each_row_holds_the_base_models_favourite_to_its_own_ngram_and_nothing_else(base, classifier):
+    """``favourite_ngrams``: on each row the base model's own most likely token is banned only when it
+    would repeat an n-gram of that row's n (None: never), while every other repeating token stays banned by
+    the guard's n; rows at the guard's n, or without the option, are guarded as before."""
     a, b, c, d = 11, 12, 13, 15
-    generated = torch.tensor([[a, b, c, 14, a, b, d, 16, a, b]] * 2)  # after "a b": c and d would repeat
-    ids = torch.cat([input_ids, generated], dim=1)
-    scores = next_scores(base, ids, torch.cat([mask, torch.ones_like(generated)], dim=1))
-    scores[:, c] = scores.max() + 10  # the base model's favourite repeats "a b c"
-    guide = weights([0, 0, 3, 0, 0, 0], [0, 0, 3, 0, 0, 0])
 
-    def guarded(spare_favourite):
-        processor = ClassifierGuidedLogitsProcessor(
-            classifier, guide, mask, top_k=None, no_repeat_ngram=3, incremental=False, spare_favourite=spare_favourite
-        )
-        return processor(ids, scores)
+    def guarded(generated: list[int], favourite_ngrams, rows: int):
+        input_ids, mask = prompt_batch(base, ["Explain rain"] * rows)
+        tail = torch.tensor([generated] * rows)
+        ids = torch.cat([input_ids, tail], dim=1)
+        scores = next_scores(base, ids, torch.cat([mask, torch.ones_like(tail)], dim=1))
+        scores[:, c] = scores.max() + 10  # the base model's favourite: c, which repeats "a b c"
+        guide = torch.tensor([[0.0, 0, 3, 0, 0, 0]] * rows)
+        return ClassifierGuidedLogitsProcessor(
+            classifier, guide, mask, top_k=None, no_repeat_ngram=3, incremental=False, favourite_ngrams=favourite_ngrams
+        )(ids, scores)
 
-    out = guarded(torch.tensor([False, True]))
-    assert out[0, c] == float("-inf") and out[0, d] == float("-inf")  # not spared: both banned
-    assert torch.isfinite(out[1, c]) and out[1, d] == float("-inf")  # spared: the favourite only
+    short_repeat = [a, b, c, 14, a, b, d, 16, a, b]  # after "a b", c and d repeat a 3-gram, no 4-gram
+    out = guarded(short_repeat, [3, None, 4], 3)
+    assert out[0, c] == float("-inf")  # the guard's own n: the favourite is banned like any token
+    assert torch.isfinite(out[1, c]) and torch.isfinite(out[2, c])  # spared; no 4-gram repeats
+    assert (out[:, d] == float("-inf")).all()  # every other repeating token stays banned
     assert out[1].argmax() == c  # with a margin of 10 nats, α = 3 keeps the favourite
-    torch.testing.assert_close(out[0], guarded(None)[0])
-    with pytest.raises(ValueError, match="spare_favourite"):
-        ClassifierGuidedLogitsProcessor(classifier, guide, mask, spare_favourite=torch.tensor([True]))
+    torch.testing.assert_close(out[0], guarded(short_repeat, None, 3)[0])
+    long_repeat = [16, a, b, c, 14, 16, a, b, d, 16, a, b]  # "16 a b c" would repeat a 4-gram, not a 5-gram
+    out = guarded(long_repeat, [4, 5], 2)
+    assert out[0, c] == float("-inf") and torch.isfinite(out[1, c])
+    _, mask = prompt_batch(base, ["Hi"])
+    for bad, match in (([None, None], "rows"), ([1], "at least 2")):
+        with pytest.raises(ValueError, match=match):
+            ClassifierGuidedLogitsProcessor(classifier, torch.zeros(1, 6), mask, favourite_ngrams=bad)

@@ -337,7 +337,8 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
         "prompted_weight_factors": {"concise": 0.25},
         "unprompted_weight_factors": {"concise": 2.0},
         "plausibility_floors": {"concise": 0.3},
-        "favourite_sparing_classes": ["concise"],
+        "unprompted_favourite_ngrams": {"concise": None},
+        "prompted_favourite_ngrams": {"concise": 8},
     }
     (first.output / "classifier.json").write_text(json.dumps({**probed, **probed_settings}))
     second = TrainConfig(
@@ -552,7 +553,7 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     probed = json.loads((main.output / "classifier.json").read_text())
     factors = {"concise": 0.25, "informative": 0.5}
     floors = {"concise": 0.3, "informative": 0.3}
-    sparing = {"favourite_sparing_classes": ["concise", "informative"]}
+    sparing = {"unprompted_favourite_ngrams": {"concise": None, "informative": None}}
     (main.output / "classifier.json").write_text(
         json.dumps({**probed, "prompted_weight_factors": factors, "plausibility_floors": floors, **sparing})
     )
@@ -576,7 +577,7 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     assert hybrid.guidance_digest(["informative"]) != hybrid.guidance_digest(["concise"])
     assert hybrid.config.prompted_weight_factors == {"concise": 0.25}
     assert hybrid.config.plausibility_floors == {"concise": 0.3}  # the donor's informative was not probed
-    assert hybrid.config.favourite_sparing_classes == ["concise"]
+    assert hybrid.config.unprompted_favourite_ngrams == {"concise": None}
     assert metrics["validation"]["response_accuracy"] >= 0.9
 
 

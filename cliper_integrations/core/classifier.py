@@ -125,11 +125,14 @@ class ClassifierConfig(BaseModel):
     """Per class, what a weight from memory is multiplied by when the request is not in the prompt
     (guidance alone): a class whose guidance needs a stronger push than memory's scale gives to reach what
     its users ask for. Measured per classifier on training-side prompts; a class not named keeps its weight."""
-    favourite_sparing_classes: list[str] = Field(default_factory=list)
-    """Classes whose guidance lets the base model's own favourite token through the loop guard
-    (``spare_favourite`` of ``ClassifierGuidedLogitsProcessor``): the guard then stops only the loops
-    guidance leads into, at less fluency cost. A row spares it only when every class it weighs is named
-    (the stricter guard wins). Measured per classifier on training-side prompts."""
+    unprompted_favourite_ngrams: dict[str, int | None] = Field(default_factory=dict)
+    """Per class, with guidance alone, the n the loop guard holds the base model's own favourite token to
+    on that class's rows (``favourite_ngrams`` of ``ClassifierGuidedLogitsProcessor``): null, never
+    banned, so the guard stops only the loops guidance leads into, at less fluency cost; n, banned only
+    when it would repeat an n-gram. A row takes its classes' rule only when every class it weighs is
+    named (the strictest of theirs), else the guard's own. Measured per classifier on training-side prompts."""
+    prompted_favourite_ngrams: dict[str, int | None] = Field(default_factory=dict)
+    """The same, with the request also in the prompt (``preference_prompt``)."""
     format_version: int = 1
 
     @model_validator(mode="after")
@@ -176,13 +179,18 @@ class ClassifierConfig(BaseModel):
             "unprompted_weight_factors": (self.unprompted_weight_factors, lambda v: v >= 0, ">= 0"),
         }
         named = {field_name: list(values) for field_name, (values, _, _) in per_class.items()}
-        for field_name, names in {**named, "favourite_sparing_classes": self.favourite_sparing_classes}.items():
+        guards = {"unprompted_favourite_ngrams": self.unprompted_favourite_ngrams}
+        guards["prompted_favourite_ngrams"] = self.prompted_favourite_ngrams
+        for field_name, names in {**named, **guards}.items():
             if unknown := [name for name in names if name not in self.classes]:
                 raise ValueError(f"{field_name} names {unknown[0]!r}, which is not one of the classes")
         for field_name, (values, valid, bounds) in per_class.items():
             for name, value in values.items():
                 if not (math.isfinite(value) and valid(value)):
                     raise ValueError(f"{field_name}[{name!r}] must be finite and {bounds}, got {value!r}")
+        for field_name, values in guards.items():
+            if short := {name: n for name, n in values.items() if n is not None and n < 2}:
+                raise ValueError(f"{field_name} must be null or at least 2, got {short}")
         return self
 
     def plausibility_floor(self, classes: Sequence[str], engine_floor: float | None) -> float | None:
@@ -192,10 +200,15 @@ class ClassifierConfig(BaseModel):
         floors += [engine_floor] if engine_floor is not None else []
         return max(floors, default=None)
 
-    def spares_favourite(self, classes: Sequence[str]) -> bool:
-        """Whether guidance towards ``classes`` spares the base model's favourite from the loop guard:
-        only when every one of them does (``favourite_sparing_classes``)."""
-        return bool(classes) and set(classes) <= set(self.favourite_sparing_classes)
+    def favourite_rule(self, classes: Sequence[str], prompted: bool) -> tuple[bool, int | None]:
+        """Whether guidance towards ``classes`` holds the base model's favourite to a rule of its own (only
+        when every one of them names one for the setting: ``unprompted_favourite_ngrams``,
+        ``prompted_favourite_ngrams``), and that rule: the strictest of theirs (None, never banned, is the
+        least strict)."""
+        own = self.prompted_favourite_ngrams if prompted else self.unprompted_favourite_ngrams
+        if not classes or not set(classes) <= set(own):
+            return False, None
+        return True, min((own[name] for name in classes if own[name] is not None), default=None)
 
 
 def _prior_mlp(hidden_size: int, head_size: int, num_classes: int) -> nn.Module:
@@ -757,16 +770,17 @@ class PreferenceClassifier(nn.Module):
         """Whether decoding reads the learned class prior (``guidance_prior``)."""
         return self.head.prior is not None and self.config.guidance_prior == "learned"
 
-    def guidance_digest(self, classes: Sequence[str] | None = None) -> str:
+    def guidance_digest(self, classes: Sequence[str] | None = None, prompted: bool | None = None) -> str:
         """SHA-256 of everything that decides how candidates are scored at decoding: classes, form,
         posterior, whether the prior takes part, and the weights guidance reads (a learned prior that
         decoding leaves out is not among them). Two classifiers with one digest steer alike. With
         ``classes``, of what guidance towards those classes reads: under ``main-joint`` the main head's
         classes are guided exactly as by the main head alone, whose digest they then share. Per-class
         plausibility floors count for the classes they name (all of them without ``classes``), and the
-        loop guard's sparing of the favourite for the classes it decides (``spares_favourite``)."""
+        loop guard's rule for the favourite where the classes decide it (``favourite_rule``), in the setting
+        ``prompted`` names (both without it)."""
         if classes is not None and (main := self._main_head_alone(classes)) is not None:
-            return main.guidance_digest(classes)
+            return main.guidance_digest(classes, prompted)
         settings = {
             "classes": self.classes,
             "form": self.config.form,
@@ -776,17 +790,29 @@ class PreferenceClassifier(nn.Module):
         own = self.config.plausibility_floors
         if floors := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
             settings["plausibility_floors"] = floors  # absent when none: digests from before floors hold
-        if classes is None:
-            sparing = list(self.config.favourite_sparing_classes)
-        else:
-            sparing = list(classes) if self.config.spares_favourite(classes) else []
-        if sparing:  # absent when none, as floors
-            settings["favourite_sparing_classes"] = sorted(sparing)
+        settings.update(self._favourite_settings(classes, prompted))
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for name, tensor in sorted(self.head.state_dict().items()):
             if self.guides_with_prior or not name.startswith("prior."):
                 digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()
+
+    def _favourite_settings(self, classes: Sequence[str] | None, prompted: bool | None) -> dict[str, object]:
+        """The loop guard's rule for the favourite as ``guidance_digest`` hashes it, absent where the guard's
+        own holds (as floors, so digests from before the rule hold). One class set in one setting spared
+        keeps session 39's key, ``favourite_sparing_classes``, so answers made under it stand."""
+        config = self.config
+        if classes is None:
+            both = {"unprompted": config.unprompted_favourite_ngrams, "prompted": config.prompted_favourite_ngrams}
+            return {"favourite_ngrams": both} if any(both.values()) else {}
+        rules = {p: config.favourite_rule(classes, p) for p in ((False, True) if prompted is None else (prompted,))}
+        held = {"prompted" if p else "unprompted": n for p, (holds, n) in rules.items() if holds}
+        if prompted is None:
+            return {"favourite_ngrams": held} if held else {}
+        if not held:
+            return {}
+        (n,) = held.values()
+        return {"favourite_sparing_classes": sorted(classes)} if n is None else {"favourite_ngram": n}
 
     def _main_head_alone(self, classes: Sequence[str]) -> PreferenceClassifier | None:
         """The main head as a classifier of its own, where it alone decides guidance towards ``classes``."""

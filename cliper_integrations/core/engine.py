@@ -627,7 +627,7 @@ class CLIPerEngine:
                     suspend=_SpanGate(self.tokenizer, width, rows) if any(r.request.spans() for r in rows) else None,
                     no_repeat_ngram=self.guided_no_repeat_ngram,
                     plausibility=self._group_floor(rows),
-                    spare_favourite=self._spares_favourite(rows),
+                    favourite_ngrams=self._favourite_ngrams(rows),
                 )
             )
         sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
@@ -735,12 +735,15 @@ class CLIPerEngine:
             raise AssertionError(f"rows with different plausibility floors {sorted(floors)} in one batch")
         return floors.pop() if floors else self.guided_plausibility
 
-    def _spares_favourite(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
-        """[batch] rows whose loop guard lets the base model's favourite through: the guided rows whose
-        weighed classes all do (``ClassifierConfig.favourite_sparing_classes``); None when no row does."""
+    def _favourite_ngrams(self, rows: list[_PreparedRow]) -> list[int | None] | None:
+        """Per row, the n the loop guard holds the base model's favourite to: the rule of the classes the row
+        weighs, in its setting, where they all name one (``ClassifierConfig.favourite_rule``), else the
+        guard's own; None when every row takes the guard's."""
         assert self.classifier is not None
-        spares = [self.classifier.config.spares_favourite(row.weighted_classes) for row in rows]
-        return torch.tensor(spares) if any(spares) else None
+        rules = [self.classifier.config.favourite_rule(r.weighted_classes, r.request.preference_prompt) for r in rows]
+        if not any(holds for holds, _ in rules):
+            return None
+        return [n if holds else self.guided_no_repeat_ngram for holds, n in rules]
 
     def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
         if self.classifier is None or not any(row.guided for row in rows):

@@ -34,10 +34,13 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       generated text is masked. Guidance pushes every step the same way, and a strong push can lock
       greedy decoding into a loop (the same few words over and over); the base model's own decoding
       is left alone (unguided rows and α = 0 stay bit for bit unguided) and the prompt does not count.
-    * ``spare_favourite``: [batch] rows on which the base model's own most likely token is never banned
-      by the loop guard. The guard then stops only the loops guidance leads into, and leaves the repeats
-      the unguided model would write itself; banning those too costs fluency (perplexity) that some
-      classes' guidance cannot spare. Every other repeating token stays banned.
+    * ``favourite_ngrams``: per row, the n the loop guard holds the base model's own most likely token
+      to: ``None``, never banned (the guard then stops only the loops guidance leads into, and leaves the
+      repeats the unguided model would write itself, whose banning costs fluency, perplexity, that some
+      classes' guidance cannot spare); n, banned only when it would repeat an n-gram (a longer n than the
+      guard's lets short repeats back but not loops, keeping more of the answer's variety, distinct-2).
+      Every other repeating token stays banned by the guard's own n. Without it, the favourite is held
+      to the guard's n like every other token.
     * ``plausibility`` (β in (0, 1]): on guided rows, a token whose base probability is below β times
       that of the most likely token the loop guard allows is left out, whatever the classifier says
       (the adaptive plausibility constraint of contrastive decoding, Li et al. 2023);
@@ -64,7 +67,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         suspend: Callable[[torch.LongTensor], torch.Tensor] | None = None,
         no_repeat_ngram: int | None = None,
         plausibility: float | None = None,
-        spare_favourite: torch.Tensor | None = None,
+        favourite_ngrams: Sequence[int | None] | None = None,
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
             raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
@@ -84,9 +87,12 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         if plausibility is not None and not 0 < plausibility <= 1:
             raise ValueError(f"plausibility must be in (0, 1], got {plausibility}")
         self.plausibility = plausibility
-        if spare_favourite is not None and spare_favourite.shape != (weights.shape[0],):
-            raise ValueError(f"spare_favourite must be [{weights.shape[0]}], got {tuple(spare_favourite.shape)}")
-        self.spare_favourite = spare_favourite
+        if favourite_ngrams is not None:
+            if len(favourite_ngrams) != weights.shape[0]:
+                raise ValueError(f"favourite_ngrams must hold {weights.shape[0]} rows, got {len(favourite_ngrams)}")
+            if any(n is not None and n < 2 for n in favourite_ngrams):
+                raise ValueError(f"favourite_ngrams must be None or at least 2, got {list(favourite_ngrams)}")
+        self.favourite_ngrams = favourite_ngrams
 
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_attention_mask.shape[1]
@@ -112,11 +118,10 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             implausible[:, self.always_include.to(log_lm.device)] = False
         return implausible
 
-    def _repeats(self, input_ids: torch.Tensor, active: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    def _repeats(self, input_ids: torch.Tensor, active: torch.Tensor, vocab_size: int, n: int | None) -> torch.Tensor:
         """[B, V] True, on active rows, for each token that would complete an n-gram already in the
-        generated text (all False without ``no_repeat_ngram``)."""
+        generated text (all False for n None)."""
         banned = torch.zeros((input_ids.shape[0], vocab_size), dtype=torch.bool, device=input_ids.device)
-        n = self.no_repeat_ngram
         generated = input_ids[:, self.prompt_attention_mask.shape[1] :]
         if n is None or generated.shape[1] < n:
             return banned
@@ -126,10 +131,18 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         rows, starts = repeats.nonzero(as_tuple=True)
         return banned.index_put((rows, grams[rows, starts, -1]), banned.new_tensor(True))
 
-    def _unban_favourite(self, banned: torch.Tensor, log_lm: torch.Tensor) -> torch.Tensor:
-        """``banned`` with the base model's favourite let through on the ``spare_favourite`` rows."""
-        rows = self.spare_favourite.to(banned.device).nonzero(as_tuple=True)[0]
-        return banned.index_put((rows, log_lm[rows].argmax(dim=-1)), banned.new_tensor(False))
+    def _hold_favourite(
+        self, banned: torch.Tensor, input_ids: torch.Tensor, active: torch.Tensor, log_lm: torch.Tensor
+    ) -> torch.Tensor:
+        """``banned`` with the base model's favourite banned, on each row, by that row's own
+        ``favourite_ngrams`` rule instead of the guard's."""
+        assert self.favourite_ngrams is not None and self.no_repeat_ngram is not None
+        favourite = log_lm.argmax(dim=-1)
+        for n in set(self.favourite_ngrams) - {self.no_repeat_ngram}:
+            rows = torch.tensor([b for b, own in enumerate(self.favourite_ngrams) if own == n], device=banned.device)
+            held = self._repeats(input_ids, active, log_lm.shape[-1], n)
+            banned[rows, favourite[rows]] = held[rows, favourite[rows]]
+        return banned
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -152,9 +165,9 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = torch.full_like(log_lm, float("-inf"))
             guided.scatter_(1, candidates, candidate_log_lm + bonus)
-        banned = self._repeats(input_ids, active, log_lm.shape[-1])
-        if self.spare_favourite is not None:
-            banned = self._unban_favourite(banned, log_lm)
+        banned = self._repeats(input_ids, active, log_lm.shape[-1], self.no_repeat_ngram)
+        if self.favourite_ngrams is not None and self.no_repeat_ngram is not None:
+            banned = self._hold_favourite(banned, input_ids, active, log_lm)
         if self.plausibility is not None:
             banned = banned | self._implausible(log_lm, banned)
         guided = guided.masked_fill(guided.isnan() | banned, float("-inf"))

@@ -246,7 +246,8 @@ class ResponseStore:
 
 def guidance_of(engine: CLIPerEngine, job: Job) -> str | None:
     """The ``guidance_digest`` of the job's classes its answers record; None for a job without guidance."""
-    return engine.classifier.guidance_digest(job.classes) if SETTINGS[job.setting]["guided"] else None
+    setting = SETTINGS[job.setting]
+    return engine.classifier.guidance_digest(job.classes, setting["prompted"]) if setting["guided"] else None
 
 
 def response_record(
@@ -395,7 +396,13 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
         },
         "loop_guard": {
             "no_repeat_ngram": engine.guided_no_repeat_ngram,
-            "sparing_favourite": [n for n in engine.classifier.config.favourite_sparing_classes if n in config.classes],
+            "favourite_ngrams": {
+                setting: {n: rule for n, rule in rules.items() if n in config.classes}
+                for setting, rules in (
+                    ("guidance", engine.classifier.config.unprompted_favourite_ngrams),
+                    ("prompt+guidance", engine.classifier.config.prompted_favourite_ngrams),
+                )
+            },
         },
         "unguided": measured[jobs[0]],
         "table": table,
@@ -450,14 +457,18 @@ def _other_alphas(results: dict) -> str:
 
 
 def _loop_guard(results: dict) -> str:
-    """The loop guard guided rows decode under, and the classes whose rows spare the base model's favourite."""
+    """The loop guard guided rows decode under, and the classes whose rows hold the base model's favourite
+    to a rule of their own, per setting."""
     guard = results["loop_guard"]
     if guard["no_repeat_ngram"] is None:
         return "no loop guard"
-    text = f"a loop guard against repeated {guard['no_repeat_ngram']}-grams"
-    if sparing := guard["sparing_favourite"]:
-        text += f" ({', '.join(sparing)}: the base model's favourite token spared, the classifier's own)"
-    return text
+    rules = [
+        f"{name} {setting}: " + ("spared" if n is None else f"banned only from repeating a {n}-gram")
+        for setting, named in guard["favourite_ngrams"].items()
+        for name, n in named.items()
+    ]
+    held = f" (the base model's favourite token, by the classifier's own rule: {'; '.join(rules)})" if rules else ""
+    return f"a loop guard against repeated {guard['no_repeat_ngram']}-grams{held}"
 
 
 def _floors(results: dict) -> str:

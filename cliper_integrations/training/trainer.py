@@ -701,13 +701,18 @@ def _prior_on(
     # The per-class settings probed for the head's guidance hold where that guidance stays exactly the
     # head's: the floors and the guard's sparing are part of guidance, so they are copied before the comparison.
     classifier.config.plausibility_floors = dict(original.config.plausibility_floors)
-    classifier.config.favourite_sparing_classes = list(original.config.favourite_sparing_classes)
+    for guard in ("unprompted_favourite_ngrams", "prompted_favourite_ngrams"):
+        setattr(classifier.config, guard, dict(getattr(original.config, guard)))
     kept = {n for n in classifier.classes if classifier.guidance_digest([n]) == original.guidance_digest([n])}
-    for settings in ("prompted_weight_factors", "unprompted_weight_factors", "plausibility_floors"):
+    for settings in (
+        "prompted_weight_factors",
+        "unprompted_weight_factors",
+        "plausibility_floors",
+        "unprompted_favourite_ngrams",
+        "prompted_favourite_ngrams",
+    ):
         values = getattr(original.config, settings)
         setattr(classifier.config, settings, {name: value for name, value in values.items() if name in kept})
-    sparing = classifier.config.favourite_sparing_classes
-    classifier.config.favourite_sparing_classes = [name for name in sparing if name in kept]
     for name, parameter in classifier.head.named_parameters():
         parameter.requires_grad_(name.startswith("prior."))
     return list(classifier.head.prior.parameters())
