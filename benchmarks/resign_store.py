@@ -7,7 +7,9 @@ by default included) would then strand every stored answer, hours of CPU each pa
 first batch of each ``--jobs`` job again with the current code, exactly as ``cliper eval`` first did (same
 prompts, batch and settings), and only where every answer equals the stored one writes the current
 hash into the store's header; no answer is changed. Anything else in the signature that differs is
-refused, and so is a guided job its classes are no longer guided as when it was answered.
+refused, and so is a guided job its classes are no longer guided as when it was answered. The whole
+classifier's digest may differ where every answer records its own job's (``--reuse-from`` reads those):
+the header keeps the old one, so the store is a source to take answers from, not a run to resume.
 
     python benchmarks/resign_store.py docs --jobs 'expert|guidance|8' 'elementary+friendly|prompt+guidance|1,2'
 """
@@ -57,7 +59,9 @@ def main() -> None:
     differs = {key for key in current.keys() | stored.keys() if current.get(key) != stored.get(key)}
     if not differs:
         raise SystemExit(f"{path} is already signed for this code")
-    if differs != {"decoding_rule"}:
+    if "classifier" in differs and any("guidance" not in r for r in records):
+        raise SystemExit(f"{path} holds answers that do not record their guidance; re-sign with --classifier as it was")
+    if differs - {"classifier"} != {"decoding_rule"}:
         raise SystemExit(f"{path} differs in more than the decoding rule's code: {sorted(differs)}")
     answers = {(r["prompt_id"], r["job"]): r for r in records}
     batch = load_prompts(config.prompts_file, args.batch_size)
