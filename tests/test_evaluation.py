@@ -327,7 +327,7 @@ def test_reuse_takes_what_a_class_sparing_the_favourite_leaves_alike_combination
     from cliper_integrations.core.engine import CLIPerEngine
     from cliper_integrations.evaluation import steering
 
-    settings = {"unprompted_favourite_ngrams": {"friendly": None}, "prompted_favourite_ngrams": {"friendly": None}}
+    settings = {"unprompted_favourite_ngrams": {"friendly": None}, "prompted_favourite_ngrams": {"friendly": 8}}
     config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
     sparing = PreferenceClassifier(config, base.model, shared_classifier.head)
     prompts = ["Explain rain.", "Hi"]
@@ -350,18 +350,15 @@ def test_reuse_takes_what_a_class_sparing_the_favourite_leaves_alike_combination
         (("friendly",), "prompt+guidance", 8.0),
         (("friendly",), "guidance", 8.0),  # the sweep's α = 8: friendly's guidance alone is now 16
     }
-    spared = {"friendly": None}
-    assert results["loop_guard"] == {
-        "no_repeat_ngram": 4,
-        "favourite_ngrams": {"guidance": spared, "prompt+guidance": spared},
-    }
+    rules = {"guidance": {"friendly": None}, "prompt+guidance": {"friendly": 8}}
+    assert results["loop_guard"] == {"no_repeat_ngram": 4, "favourite_ngrams": rules}
     assert results["guided_alpha"] == {"concise": 8.0, "friendly": 16.0}
     assert set(results["sweep"]["friendly"]) == {"0.0", "8.0", "16.0"}
     report = (tmp_path / "out" / "results.md").read_text()
     assert "(guidance alone: friendly α = 16)" in report
     assert (
         "a loop guard against repeated 4-grams (the base model's favourite token, by the classifier's own rule: "
-        "friendly guidance: spared; friendly prompt+guidance: spared)" in report
+        "friendly guidance: spared; friendly prompt+guidance: banned only from repeating 8-grams)" in report
     )
 
 

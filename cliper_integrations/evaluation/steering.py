@@ -463,7 +463,7 @@ def _loop_guard(results: dict) -> str:
     if guard["no_repeat_ngram"] is None:
         return "no loop guard"
     rules = [
-        f"{name} {setting}: " + ("spared" if n is None else f"banned only from repeating a {n}-gram")
+        f"{name} {setting}: " + ("spared" if n is None else f"banned only from repeating {n}-grams")
         for setting, named in guard["favourite_ngrams"].items()
         for name, n in named.items()
     ]
