@@ -179,8 +179,10 @@ class ClassifierConfig(BaseModel):
             "unprompted_weight_factors": (self.unprompted_weight_factors, lambda v: v >= 0, ">= 0"),
         }
         named = {field_name: list(values) for field_name, (values, _, _) in per_class.items()}
-        guards = {"unprompted_favourite_ngrams": self.unprompted_favourite_ngrams}
-        guards["prompted_favourite_ngrams"] = self.prompted_favourite_ngrams
+        guards = {
+            "unprompted_favourite_ngrams": self.unprompted_favourite_ngrams,
+            "prompted_favourite_ngrams": self.prompted_favourite_ngrams,
+        }
         for field_name, names in {**named, **guards}.items():
             if unknown := [name for name in names if name not in self.classes]:
                 raise ValueError(f"{field_name} names {unknown[0]!r}, which is not one of the classes")

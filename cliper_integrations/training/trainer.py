@@ -700,17 +700,11 @@ def _prior_on(
     classifier.head.load_state_dict(likelihood, strict=False)  # all but the prior
     # The per-class settings probed for the head's guidance hold where that guidance stays exactly the
     # head's: the floors and the guard's sparing are part of guidance, so they are copied before the comparison.
-    classifier.config.plausibility_floors = dict(original.config.plausibility_floors)
-    for guard in ("unprompted_favourite_ngrams", "prompted_favourite_ngrams"):
-        setattr(classifier.config, guard, dict(getattr(original.config, guard)))
+    guidance_settings = ("plausibility_floors", "unprompted_favourite_ngrams", "prompted_favourite_ngrams")
+    for settings in guidance_settings:
+        setattr(classifier.config, settings, dict(getattr(original.config, settings)))
     kept = {n for n in classifier.classes if classifier.guidance_digest([n]) == original.guidance_digest([n])}
-    for settings in (
-        "prompted_weight_factors",
-        "unprompted_weight_factors",
-        "plausibility_floors",
-        "unprompted_favourite_ngrams",
-        "prompted_favourite_ngrams",
-    ):
+    for settings in ("prompted_weight_factors", "unprompted_weight_factors", *guidance_settings):
         values = getattr(original.config, settings)
         setattr(classifier.config, settings, {name: value for name, value in values.items() if name in kept})
     for name, parameter in classifier.head.named_parameters():
