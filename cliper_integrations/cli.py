@@ -394,11 +394,12 @@ def evaluate(
         str | None, typer.Option(help="comma-separated classes to measure (and the combinations among them)")
     ] = None,
     reuse_from: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
             help="another run's output folder: take the answers this run would make alike instead of answering "
             "them again (unguided and prompting-only ones, and guided ones of classes this classifier guides "
-            "exactly as each answer records it was guided)"
+            "exactly as each answer records it was guided); repeat it to take from several, the first named "
+            "first"
         ),
     ] = None,
     model: ModelOption = EMBEDDED_SPEC,
@@ -438,7 +439,7 @@ def evaluate(
                 batch_size=batch_size,
                 classes=measured,
                 restart=restart,
-                reuse_from=reuse_from,
+                reuse_from=tuple(reuse_from or ()),
             ),
         )
     except (CLIPerError, OSError) as error:

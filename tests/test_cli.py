@@ -154,6 +154,11 @@ def test_eval_guides_at_memorys_scaled_alphas_unless_told(tmp_path, model_folder
     assert answered["friendly|guidance|16"] == 2 and answered["concise|guidance|8"] == 2  # the table's rows
     assert answered["friendly|guidance|8"] == 1 and answered["concise|guidance|16"] == 1  # the sweep's
 
+    # --reuse-from repeats: every folder named is read, so a missing second one is refused.
+    reused = ("--output", tmp_path / "reused", "--reuse-from", tmp_path / "out0", "--reuse-from", tmp_path / "nowhere")
+    result = run(*common, *reused)
+    assert result.exit_code == 2 and "EvalStoreError" in result.output and "nowhere" in result.output
+
 
 def test_train_prior_on_default_needs_a_packaged_classifier(tmp_path, model_folder):
     """``--prior-on default`` names the packaged classifier of the model; a model without one is told so

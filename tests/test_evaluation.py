@@ -216,7 +216,7 @@ def test_a_new_classifier_takes_another_runs_unguided_answers_and_makes_only_its
         return generate(engine, texts, job, config)
 
     monkeypatch.setattr(steering, "generate", counted)
-    config = _eval_config(tmp_path, prompts, reuse_from=first_run / "out")
+    config = _eval_config(tmp_path, prompts, reuse_from=(first_run / "out",))
     results = steering.run_eval(other, config)
     assert set(answered) == {"guidance", "prompt+guidance"}  # nothing made without guidance was answered again
     ours = _stored(tmp_path / "out")
@@ -228,11 +228,11 @@ def test_a_new_classifier_takes_another_runs_unguided_answers_and_makes_only_its
     assert results["unguided"] == steering.summarize([theirs[(pid, "-|unguided|0")] for pid in (10, 11)])
 
     before = (tmp_path / "out" / steering.RESPONSES_FILE).read_text()
-    longer = _eval_config(longer_run, prompts, max_new_tokens=5, reuse_from=first_run / "out")
+    longer = _eval_config(longer_run, prompts, max_new_tokens=5, reuse_from=(first_run / "out",))
     with pytest.raises(EvalStoreError, match="max_new_tokens"):  # answers of another token budget differ
         steering.run_eval(other, longer)
     with pytest.raises(EvalStoreError, match="no stored responses"):
-        steering.run_eval(other, _eval_config(tmp_path, prompts, reuse_from=tmp_path / "nowhere"))
+        steering.run_eval(other, _eval_config(tmp_path, prompts, reuse_from=(tmp_path / "nowhere",)))
     assert (tmp_path / "out" / steering.RESPONSES_FILE).read_text() == before  # refusing loses nothing
 
 
@@ -264,7 +264,7 @@ def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it
 
     monkeypatch.setattr(steering, "generate", counted)
     steering.run_eval(
-        CLIPerEngine(base, classifier=hybrid), _eval_config(tmp_path, prompts, reuse_from=first / "out", **options)
+        CLIPerEngine(base, classifier=hybrid), _eval_config(tmp_path, prompts, reuse_from=(first / "out",), **options)
     )
     assert set(answered) == {("friendly",)}  # concise's guided answers and every unguided one were taken
     ours, theirs, own = (_stored(folder / "out") for folder in (tmp_path, first, scratch))
@@ -276,9 +276,22 @@ def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it
     # Each answer records what guided it, so the answers this run took can be taken from its store again.
     answered.clear()
     steering.run_eval(
-        CLIPerEngine(base, classifier=hybrid), _eval_config(chained, prompts, reuse_from=tmp_path / "out", **options)
+        CLIPerEngine(base, classifier=hybrid), _eval_config(chained, prompts, reuse_from=(tmp_path / "out",), **options)
     )
     assert answered == [] and _stored(chained / "out") == own
+
+    # Two folders, each holding part of the answers: concise's from the main head's run, friendly's from
+    # a run that measured friendly only; together they leave nothing to answer.
+    partial, merged = tmp_path / "partial", tmp_path / "merged"
+    partial.mkdir(), merged.mkdir()
+    friendly_only = {**options, "classes": ("friendly",)}
+    steering.run_eval(CLIPerEngine(base, classifier=hybrid), _eval_config(partial, prompts, **friendly_only))
+    answered.clear()
+    steering.run_eval(
+        CLIPerEngine(base, classifier=hybrid),
+        _eval_config(merged, prompts, reuse_from=(first / "out", partial / "out"), **options),
+    )
+    assert answered == [] and _stored(merged / "out") == own
 
 
 def test_reuse_takes_the_answers_a_class_floor_leaves_alike_and_the_report_names_the_floor(
@@ -308,7 +321,7 @@ def test_reuse_takes_the_answers_a_class_floor_leaves_alike_and_the_report_names
 
     monkeypatch.setattr(steering, "generate", counted)
     results = steering.run_eval(
-        CLIPerEngine(base, classifier=floored), _eval_config(tmp_path, prompts, reuse_from=first / "out", **options)
+        CLIPerEngine(base, classifier=floored), _eval_config(tmp_path, prompts, reuse_from=(first / "out",), **options)
     )
     assert set(answered) == {(("friendly",), "guidance"), (("friendly",), "prompt+guidance")}
     assert _stored(tmp_path / "out") == _stored(scratch / "out")  # as if this classifier answered everything
@@ -343,7 +356,7 @@ def test_reuse_takes_what_a_class_sparing_the_favourite_leaves_alike_combination
         return generate(engine, texts, job, config)
 
     monkeypatch.setattr(steering, "generate", counted)
-    config = _eval_config(tmp_path, prompts, reuse_from=first / "out", guided_alpha={"friendly": 16.0}, **options)
+    config = _eval_config(tmp_path, prompts, reuse_from=(first / "out",), guided_alpha={"friendly": 16.0}, **options)
     results = steering.run_eval(CLIPerEngine(base, classifier=sparing), config)
     assert set(answered) == {
         (("friendly",), "guidance", 16.0),

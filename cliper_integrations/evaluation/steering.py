@@ -67,12 +67,13 @@ class EvalConfig:
     classes: tuple[str, ...] = tuple(TARGETS)
     combinations: list[tuple[str, ...]] = field(default_factory=lambda: list(COMBINATIONS))
     restart: bool = False
-    reuse_from: Path | None = None
-    """Another run's output folder whose answers this run would make alike it takes instead of answering
+    reuse_from: tuple[Path, ...] = ()
+    """Other runs' output folders whose answers this run would make alike it takes instead of answering
     them again: those made without guidance (unguided, prompting only), which depend on the model, prompts
     and token budget only, and, where guidance's settings are the same too, the guided answers of every
     job whose classes this run's classifier guides exactly as that run's did (``guidance_digest(classes)``:
-    a classifier that replaces one part keeps the other classes' answers)."""
+    a classifier that replaces one part keeps the other classes' answers). Where two folders hold the same
+    answer, the first named gives it."""
 
     def job(self, classes: tuple[str, ...], setting: str) -> Job:
         """The job answering ``classes`` in ``setting`` at this run's α (with guidance off, the α only keys it)."""
@@ -355,8 +356,8 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     answered = {job: sweep_prompts if job in sweep_only else prompts for job in jobs}
     store = ResponseStore(config.output / RESPONSES_FILE, run_signature(engine, config), config.restart)
     guidance = {job: guidance_of(engine, job) for job in jobs}
-    if config.reuse_from is not None:
-        store.adopt(config.reuse_from / RESPONSES_FILE, guidance)
+    for source in config.reuse_from:
+        store.adopt(source / RESPONSES_FILE, guidance)
     bar = tqdm(total=sum(len(store.missing(job, answered[job])) for job in jobs), desc="Evaluating", unit="response")
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start : start + config.batch_size]
