@@ -1,9 +1,10 @@
 """Re-sign a ``cliper eval`` store for a new version of the decoding rule's code, once that code is shown
 to make the store's answers again, byte for byte.
 
-A store's run signature holds ``decoding_rule``, a hash of ``logits_processor.py``'s source, so that
-answers of another rule are never mixed into one table. Any edit of that file (a new option that is off
-by default included) would then strand every stored answer, hours of CPU each page. This answers the
+A store's run signature holds ``decoding_rule``, a hash of ``logits_processor.py``'s code (docstrings,
+comments and layout left out since session 41), so that answers of another rule are never mixed into one
+table. Any edit of that code (a new option that is off by default included) would then strand every
+stored answer, hours of CPU each page. This answers the
 first batch of each ``--jobs`` job again with the current code, exactly as ``cliper eval`` first did (same
 prompts, batch and settings), and only where every answer equals the stored one writes the current
 hash into the store's header; no answer is changed. Anything else in the signature that differs is

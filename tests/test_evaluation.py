@@ -147,6 +147,7 @@ def _eval_config(tmp_path, prompts, **options):
 
 
 def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, monkeypatch, base, shared_classifier):
+    from cliper_integrations.core import logits_processor
     from cliper_integrations.core.engine import CLIPerEngine
     from cliper_integrations.core.errors import EvalStoreError
     from cliper_integrations.evaluation.steering import RESPONSES_FILE, plan, run_eval
@@ -183,10 +184,14 @@ def test_eval_resumes_from_stored_responses_and_refuses_another_runs(tmp_path, m
         other = CLIPerEngine(**{"model": base, **changed}, classifier=shared_classifier)
         with pytest.raises(EvalStoreError, match="--restart"):  # guided answers would differ: not mixed in
             run_eval(other, _eval_config(tmp_path, prompts, limit=3))
+    source = inspect.getsource(logits_processor)
+    reworded = "# a comment\n" + source.replace('"""', '"""Reworded. ', 1).replace("\n\n", "\n\n\n", 1)
     with monkeypatch.context() as patched:  # the decoding rule's code changed: its answers would differ too
-        patched.setattr(inspect, "getsource", lambda module: "another version of the rule")
+        patched.setattr(inspect, "getsource", lambda module: source + "\nRULE_VERSION = 2\n")
         with pytest.raises(EvalStoreError, match="--restart"):
             run_eval(engine, _eval_config(tmp_path, prompts, limit=3))
+        patched.setattr(inspect, "getsource", lambda module: reworded)  # only its words and layout: kept
+        assert run_eval(engine, _eval_config(tmp_path, prompts, limit=3)) == second
     assert store.read_text() == text  # refusing loses nothing
     run_eval(engine, _eval_config(tmp_path, prompts, limit=1, max_new_tokens=5, restart=True))
     assert len(store.read_text().splitlines()) == 1 + jobs

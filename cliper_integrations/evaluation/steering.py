@@ -9,6 +9,7 @@ so that a run resumes and a full evaluation set can be built up over several run
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import json
@@ -16,6 +17,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 from tqdm.auto import tqdm
 
@@ -136,6 +138,18 @@ def load_prompts(path: Path, limit: int | None) -> list[tuple[int, str]]:
     return [(record.get("id", index), record["prompt"]) for index, record in enumerate(records)][:limit]
 
 
+def code_digest(module: ModuleType) -> str:
+    """A hash of a module's code rather than its text: docstrings, comments and layout are left out, so
+    rewording them keeps every answer stored under the code (``decoding_rule``), while any change to what
+    it does strands them."""
+    tree = ast.parse(inspect.getsource(module))
+    for node in ast.walk(tree):
+        documented = isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        if documented and ast.get_docstring(node, clean=False) is not None:
+            node.body = node.body[1:]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+
+
 def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]:
     """What every stored response depends on besides its prompt and job: records made under another
     signature (a classifier that steers differently, candidate count, loop guard, plausibility floor,
@@ -145,7 +159,7 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
     return {
         **unguided_signature(engine, config.prompts_file, config.max_new_tokens),
         "classifier": engine.classifier.guidance_digest(),
-        "decoding_rule": hashlib.sha256(inspect.getsource(logits_processor).encode()).hexdigest()[:16],
+        "decoding_rule": code_digest(logits_processor),
         "top_k": engine.top_k,
         "guided_no_repeat_ngram": engine.guided_no_repeat_ngram,
         "guided_plausibility": engine.guided_plausibility,
