@@ -23,7 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from cliper_integrations.core.engine import CLIPerEngine
+from tqdm.auto import tqdm
+
+from cliper_integrations.core.engine import CLIPerEngine, GenerationResult
 from cliper_integrations.core.prompting import instruction_text
 from cliper_integrations.evaluation.steering import (
     SETTINGS,
@@ -73,6 +75,18 @@ def unguided_cache(engine: CLIPerEngine, max_new_tokens: int) -> ResponseStore:
     return ResponseStore(CACHE / f"{name}.jsonl", signature)
 
 
+def generate_in_batches(
+    engine: CLIPerEngine, prompts: list[str], job: Job, config: EvalConfig
+) -> list[GenerationResult]:
+    """``generate`` one engine batch at a time under a progress bar: the batches the engine itself makes
+    of one job's rows, so the answers are the same, and a 100-prompt row shows how far it has come."""
+    size = engine.max_batch_size
+    results: list[GenerationResult] = []
+    for start in tqdm(range(0, len(prompts), size), desc=job.key, unit="batch", leave=False):
+        results += generate(engine, prompts[start : start + size], job, config)
+    return results
+
+
 def none_or(cast: Callable[[str], T]) -> Callable[[str], T | None]:
     """An argparse ``type`` for a setting that is a value or ``none`` (turned off)."""
     return lambda text: None if text == "none" else cast(text)
@@ -117,7 +131,7 @@ def main() -> None:
     def answer(job: Job) -> dict[str, float]:
         cached = not SETTINGS[job.setting]["guided"]
         missing = cache.missing(job, prompts) if cached else prompts
-        results = generate(engine, [prompt for _, prompt in missing], job, config) if missing else []
+        results = generate_in_batches(engine, [prompt for _, prompt in missing], job, config)
         guidance = guidance_of(engine, job)
         records = [response_record(engine, job, guidance, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
         if cached:
