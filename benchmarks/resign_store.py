@@ -1,5 +1,5 @@
-"""Re-sign a ``cliper eval`` store for a new version of the decoding rule's code, once that code is shown
-to make the store's answers again, byte for byte.
+"""Re-sign a ``cliper eval`` store for a new version of the decoding rule's code or of the preference
+requests' record, once the current code is shown to make the store's answers again, byte for byte.
 
 A store's run signature holds ``decoding_rule``, a hash of ``logits_processor.py``'s code (docstrings,
 comments and layout left out since session 41), so that answers of another rule are never mixed into one
@@ -11,6 +11,11 @@ hash into the store's header; no answer is changed. Anything else in the signatu
 refused, and so is a guided job its classes are no longer guided as when it was answered. The whole
 classifier's digest may differ where every answer records its own job's (``--reuse-from`` reads those):
 the header keeps the old one, so the store is a source to take answers from, not a run to resume.
+
+Since session 43 each answer of a prompted job records the request written into its prompts (``Job.request``,
+a digest of the wording), and ``cliper eval`` takes no prompted answer that lacks it. Answers made before
+then get it the same way: where a prompted job's first batch comes out the same under today's wording,
+its request is written onto every answer of that job that lacks one (nothing else on the line changes).
 
     python benchmarks/resign_store.py docs --jobs 'expert|guidance|8' 'elementary+friendly|prompt+guidance|1,2'
 """
@@ -58,33 +63,53 @@ def main() -> None:
     )
     current = run_signature(engine, config)
     differs = {key for key in current.keys() | stored.keys() if current.get(key) != stored.get(key)}
-    if not differs:
-        raise SystemExit(f"{path} is already signed for this code")
     if "classifier" in differs and any("guidance" not in r for r in records):
         raise SystemExit(f"{path} holds answers that do not record their guidance; re-sign with --classifier as it was")
-    if differs - {"classifier"} != {"decoding_rule"}:
+    if differs - {"classifier", "decoding_rule"}:
         raise SystemExit(f"{path} differs in more than the decoding rule's code: {sorted(differs)}")
+    jobs = [Job.from_key(key) for key in args.jobs]
+    unstamped = {job.key: job.request for job in jobs if job.request and any(unrequested(r, job) for r in records)}
+    if "decoding_rule" not in differs and not unstamped:
+        raise SystemExit(f"{path} is already signed for this code")
     answers = {(r["prompt_id"], r["job"]): r for r in records}
     batch = load_prompts(config.prompts_file, args.batch_size)
     same = True
-    for key in args.jobs:
-        job = Job.from_key(key)
-        stored_batch = [answers.get((pid, key)) for pid, _ in batch]
+    for job in jobs:
+        stored_batch = [answers.get((pid, job.key)) for pid, _ in batch]
         if None in stored_batch:
-            raise SystemExit(f"{path} lacks answers of {key} to the first {args.batch_size} prompts")
+            raise SystemExit(f"{path} lacks answers of {job.key} to the first {args.batch_size} prompts")
         if {r["guidance"] for r in stored_batch} != {guidance_of(engine, job)}:
-            raise SystemExit(f"{key}: its classes are guided differently now; its answers cannot vouch for the code")
+            raise SystemExit(f"{job.key}: its classes are guided differently now; its answers cannot vouch for it")
         results = generate(engine, [prompt for _, prompt in batch], job, config)
         changed = [r["prompt_id"] for r, new in zip(stored_batch, results, strict=True) if new.text != r["response"]]
-        print(f"{key}: {len(batch) - len(changed)} of {len(batch)} answers the same; different: {changed}")
+        print(f"{job.key}: {len(batch) - len(changed)} of {len(batch)} answers the same; different: {changed}")
         same = same and not changed
     if not same:
         raise SystemExit(f"{path} left as it was: the current code answers differently")
-    header, rest = path.read_text().split("\n", 1)
-    written = json.loads(header)
-    signed = {**written, "run": {**written["run"], "decoding_rule": current["decoding_rule"]}}
-    path.write_text(json.dumps(signed) + "\n" + rest)
-    print(f"{path}: decoding_rule {stored['decoding_rule']} -> {current['decoding_rule']}")
+    header, *lines = path.read_text().splitlines()
+    if "decoding_rule" in differs:
+        written = json.loads(header)
+        header = json.dumps({**written, "run": {**written["run"], "decoding_rule": current["decoding_rule"]}})
+        print(f"{path}: decoding_rule {stored['decoding_rule']} -> {current['decoding_rule']}")
+    path.write_text("".join(f"{line}\n" for line in [header, *(stamped(line, unstamped) for line in lines)]))
+    for key, request in unstamped.items():
+        print(f"{key}: request {request} recorded on its answers")
+
+
+def unrequested(record: dict, job: Job) -> bool:
+    """An answer of ``job`` made before answers recorded the request written into their prompts."""
+    return record["job"] == job.key and "request" not in record
+
+
+def stamped(line: str, requests: dict[str, str]) -> str:
+    """A store's line with the request of its job recorded, after its guidance, where ``requests`` names the
+    job and the answer does not record one; any other line unchanged, byte for byte."""
+    record = json.loads(line)
+    if record["job"] not in requests or "request" in record:
+        return line
+    items = list(record.items())
+    at = list(record).index("guidance") + 1 if "guidance" in record else len(items)
+    return json.dumps(dict([*items[:at], ("request", requests[record["job"]]), *items[at:]]), ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -380,6 +380,64 @@ def test_reuse_takes_what_a_class_sparing_the_favourite_leaves_alike_combination
     )
 
 
+def test_answers_asked_for_in_other_words_are_answered_again_and_never_taken(
+    tmp_path, monkeypatch, base, shared_classifier
+):
+    """Rewording one class's request strands exactly the answers whose prompts carried it (that class's
+    prompted rows and the combinations asking for it), in the run's own store and in one it reuses; an
+    answer from before answers recorded their request counts as made in other words."""
+    from cliper_integrations.core import preferences
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.evaluation import steering
+
+    engine = CLIPerEngine(base, classifier=shared_classifier)
+    prompts = ["Explain rain.", "Hi"]
+    options = {"classes": ("concise", "friendly"), "combinations": [("concise", "friendly")], "sweep": ()}
+    first = tmp_path / "first"
+    first.mkdir()
+    steering.run_eval(engine, _eval_config(first, prompts, **options))
+    stored = _stored(first / "out")
+    prompted = {key for _, key in stored if steering.SETTINGS[key.split("|")[1]]["prompted"]}
+    assert prompted == {"concise|prompt|8", "concise|prompt+guidance|8", "friendly|prompt|8"} | {
+        "friendly|prompt+guidance|8",
+        "concise+friendly|prompt+guidance|8",
+    }
+    assert all((record["request"] is None) == (key not in prompted) for (_, key), record in stored.items())
+    assert stored[(10, "concise|prompt|8")]["request"] != stored[(10, "friendly|prompt|8")]["request"]
+
+    answered: list[str] = []
+    generate = steering.generate
+
+    def counted(engine, texts, job, config):
+        answered.append(job.key)
+        return generate(engine, texts, job, config)
+
+    monkeypatch.setattr(steering, "generate", counted)
+    reworded = {**preferences.PREFERENCE_REQUESTS, "friendly": "Be kind and cheerful."}
+    monkeypatch.setattr(preferences, "PREFERENCE_REQUESTS", reworded)
+    friendly_prompted = {"friendly|prompt|8", "friendly|prompt+guidance|8", "concise+friendly|prompt+guidance|8"}
+    for config in (  # another run taking the first's answers, then the first resuming in its own store
+        _eval_config(tmp_path, prompts, reuse_from=(first / "out",), **options),
+        _eval_config(first, prompts, **options),
+    ):
+        steering.run_eval(engine, config)
+        assert set(answered) == friendly_prompted and len(answered) == len(friendly_prompted)  # one batch each
+        answered.clear()
+    ours = _stored(tmp_path / "out")
+    assert ours[(10, "friendly|prompt|8")]["request"] != stored[(10, "friendly|prompt|8")]["request"]
+    assert {k: v for k, v in ours.items() if k[1] not in friendly_prompted} == {
+        k: v for k, v in stored.items() if k[1] not in friendly_prompted
+    }
+
+    legacy = tmp_path / "legacy"
+    (legacy / "out").mkdir(parents=True)
+    header, *lines = (tmp_path / "out" / steering.RESPONSES_FILE).read_text().splitlines()
+    unrecorded = [{k: v for k, v in json.loads(line).items() if k != "request"} for line in lines]
+    (legacy / "out" / steering.RESPONSES_FILE).write_text("\n".join([header, *map(json.dumps, unrecorded)]) + "\n")
+    steering.run_eval(engine, _eval_config(legacy, prompts, **options))
+    assert set(answered) == prompted and len(answered) == len(prompted)  # what was made without a request stands
+
+
 def test_a_job_is_read_back_from_its_key():
     from cliper_integrations.evaluation.steering import Job
 

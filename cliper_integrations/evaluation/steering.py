@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from cliper_integrations.core import logits_processor
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.core.errors import EvalStoreError
-from cliper_integrations.core.preferences import is_refusal
+from cliper_integrations.core.preferences import is_refusal, preference_request
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, perplexity, vader_compound, word_count
 
 SETTINGS = {
@@ -97,6 +97,14 @@ class Job:
     def weights(self) -> dict[str, float]:
         alphas = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,) * len(self.classes)
         return dict(zip(self.classes, alphas, strict=True))
+
+    @property
+    def request(self) -> str | None:
+        """A digest of the plain-words request the job writes into its prompts (None where it writes none):
+        an answer asked for in other words must not stand for this job's, though nothing else differs."""
+        if not SETTINGS[self.setting]["prompted"]:
+            return None
+        return hashlib.sha256(preference_request(self.weights).encode()).hexdigest()[:16]
 
     @property
     def key(self) -> str:
@@ -221,7 +229,14 @@ class ResponseStore:
         self.records = {(record["prompt_id"], record["job"]): record for record in records}
 
     def missing(self, job: Job, prompts: list[tuple[int, str]]) -> list[tuple[int, str]]:
-        return [(pid, prompt) for pid, prompt in prompts if (pid, job.key) not in self.records]
+        """The prompts the store holds no answer of ``job`` to, counting one asked for in other words as none."""
+        return [(pid, prompt) for pid, prompt in prompts if not self._holds(self.records.get((pid, job.key)), job)]
+
+    @staticmethod
+    def _holds(record: dict | None, job: Job) -> bool:
+        """Whether ``record`` answers ``job`` as this code asks it (a prompted answer made before answers
+        recorded their request holds none)."""
+        return record is not None and record.get("request") == job.request
 
     def add(self, records: list[dict]) -> None:
         with self.path.open("a") as handle:
@@ -234,7 +249,7 @@ class ResponseStore:
         need the same ``UNGUIDED_SIGNATURE`` (refused otherwise); a guided job's need the rest of the
         signature the same and the job's ``guidance_digest`` equal to the one the answer records it was made
         with (a store from before answers recorded it: that run's whole classifier's), so answers a store
-        took from a third run can be taken from it again."""
+        took from a third run can be taken from it again. A prompted answer needs the job's request too."""
         if not source.is_file():
             raise EvalStoreError(f"{source}: no stored responses to take the answers from")
         theirs, records, _ = read_store(source)
@@ -244,14 +259,15 @@ class ResponseStore:
                 f"({', '.join(f'{theirs.get(key)} vs {self.signature.get(key)}' for key in differs)})"
             )
         same_guidance = all(theirs.get(key) == value for key, value in self.signature.items() if key != "classifier")
-        wanted = {job.key: digest for job, digest in guidance.items() if same_guidance or digest is None}
-        adopted = [
-            r
-            for r in records
-            if r["job"] in wanted
-            and (r["prompt_id"], r["job"]) not in self.records
-            and (wanted[r["job"]] is None or r.get("guidance", theirs.get("classifier")) == wanted[r["job"]])
-        ]
+        wanted = {job.key: (job, digest) for job, digest in guidance.items() if same_guidance or digest is None}
+
+        def alike(record: dict) -> bool:
+            job, digest = wanted[record["job"]]
+            lacking = not self._holds(self.records.get((record["prompt_id"], job.key)), job)
+            made_with = record.get("guidance", theirs.get("classifier"))
+            return lacking and self._holds(record, job) and digest in (None, made_with)
+
+        adopted = [r for r in records if r["job"] in wanted and alike(r)]
         self.add(adopted)
         return len(adopted)
 
@@ -275,6 +291,7 @@ def response_record(
         "prompt_id": prompt_id,
         "job": job.key,
         "guidance": guidance,
+        "request": job.request,
         "response": response,
         "finish_reason": result.finish_reason,
         "words": word_count(response),
