@@ -213,17 +213,13 @@ def test_a_new_classifier_takes_another_runs_unguided_answers_and_makes_only_its
     other = CLIPerEngine(base, classifier=tiny_classifier(base, "shared", seed=5))
     assert other.classifier.guidance_digest() != shared_classifier.guidance_digest()
 
-    answered: list[str] = []
-    generate = steering.generate
-
-    def counted(engine, texts, job, config):
-        answered.append(job.setting)
-        return generate(engine, texts, job, config)
-
-    monkeypatch.setattr(steering, "generate", counted)
+    answered = _answered_jobs(monkeypatch)
     config = _eval_config(tmp_path, prompts, reuse_from=(first_run / "out",))
     results = steering.run_eval(other, config)
-    assert set(answered) == {"guidance", "prompt+guidance"}  # nothing made without guidance was answered again
+    assert {job.setting for job in answered} == {
+        "guidance",
+        "prompt+guidance",
+    }  # nothing made without guidance was answered again
     ours = _stored(tmp_path / "out")
     unguided_jobs = {job.key for job in steering.plan(config) if not steering.SETTINGS[job.setting]["guided"]}
     assert {k: v for k, v in ours.items() if k[1] in unguided_jobs} == {
@@ -260,18 +256,13 @@ def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it
     steering.run_eval(CLIPerEngine(base, classifier=main), _eval_config(first, prompts, **options))
     steering.run_eval(CLIPerEngine(base, classifier=hybrid), _eval_config(scratch, prompts, **options))
 
-    answered: list[tuple[str, ...]] = []
-    generate = steering.generate
-
-    def counted(engine, texts, job, config):
-        answered.append(job.classes)
-        return generate(engine, texts, job, config)
-
-    monkeypatch.setattr(steering, "generate", counted)
+    answered = _answered_jobs(monkeypatch)
     steering.run_eval(
         CLIPerEngine(base, classifier=hybrid), _eval_config(tmp_path, prompts, reuse_from=(first / "out",), **options)
     )
-    assert set(answered) == {("friendly",)}  # concise's guided answers and every unguided one were taken
+    assert {job.classes for job in answered} == {
+        ("friendly",)
+    }  # concise's guided answers and every unguided one were taken
     ours, theirs, own = (_stored(folder / "out") for folder in (tmp_path, first, scratch))
     assert ours == own  # the same table as answering everything with this classifier
     assert {k: v for k, v in ours.items() if "concise|" in k[1]} == {
@@ -317,18 +308,14 @@ def test_reuse_takes_the_answers_a_class_floor_leaves_alike_and_the_report_names
     first.mkdir(), scratch.mkdir()
     steering.run_eval(CLIPerEngine(base, classifier=shared_classifier), _eval_config(first, prompts, **options))
     steering.run_eval(CLIPerEngine(base, classifier=floored), _eval_config(scratch, prompts, **options))
-    answered: list[tuple[tuple[str, ...], str]] = []
-    generate = steering.generate
-
-    def counted(engine, texts, job, config):
-        answered.append((job.classes, job.setting))
-        return generate(engine, texts, job, config)
-
-    monkeypatch.setattr(steering, "generate", counted)
+    answered = _answered_jobs(monkeypatch)
     results = steering.run_eval(
         CLIPerEngine(base, classifier=floored), _eval_config(tmp_path, prompts, reuse_from=(first / "out",), **options)
     )
-    assert set(answered) == {(("friendly",), "guidance"), (("friendly",), "prompt+guidance")}
+    assert {(job.classes, job.setting) for job in answered} == {
+        (("friendly",), "guidance"),
+        (("friendly",), "prompt+guidance"),
+    }
     assert _stored(tmp_path / "out") == _stored(scratch / "out")  # as if this classifier answered everything
     assert results["plausibility"] == {"engine": 0.1, "classes": {"friendly": 0.9}}
     report = (tmp_path / "out" / "results.md").read_text()
@@ -353,17 +340,10 @@ def test_reuse_takes_what_a_class_sparing_the_favourite_leaves_alike_combination
     first = tmp_path / "first"
     first.mkdir()
     steering.run_eval(CLIPerEngine(base, classifier=shared_classifier), _eval_config(first, prompts, **options))
-    answered: list[tuple[tuple[str, ...], str, float]] = []
-    generate = steering.generate
-
-    def counted(engine, texts, job, config):
-        answered.append((job.classes, job.setting, job.alpha))
-        return generate(engine, texts, job, config)
-
-    monkeypatch.setattr(steering, "generate", counted)
+    answered = _answered_jobs(monkeypatch)
     config = _eval_config(tmp_path, prompts, reuse_from=(first / "out",), guided_alpha={"friendly": 16.0}, **options)
     results = steering.run_eval(CLIPerEngine(base, classifier=sparing), config)
-    assert set(answered) == {
+    assert {(job.classes, job.setting, job.alpha) for job in answered} == {
         (("friendly",), "guidance", 16.0),
         (("friendly",), "prompt+guidance", 8.0),
         (("friendly",), "guidance", 8.0),  # the sweep's α = 8: friendly's guidance alone is now 16
@@ -405,14 +385,7 @@ def test_answers_asked_for_in_other_words_are_answered_again_and_never_taken(
     assert all((record["request"] is None) == (key not in prompted) for (_, key), record in stored.items())
     assert stored[(10, "concise|prompt|8")]["request"] != stored[(10, "friendly|prompt|8")]["request"]
 
-    answered: list[str] = []
-    generate = steering.generate
-
-    def counted(engine, texts, job, config):
-        answered.append(job.key)
-        return generate(engine, texts, job, config)
-
-    monkeypatch.setattr(steering, "generate", counted)
+    answered = _answered_jobs(monkeypatch)
     reworded = {**preferences.PREFERENCE_REQUESTS, "friendly": "Be kind and cheerful."}
     monkeypatch.setattr(preferences, "PREFERENCE_REQUESTS", reworded)
     friendly_prompted = {"friendly|prompt|8", "friendly|prompt+guidance|8", "concise+friendly|prompt+guidance|8"}
@@ -421,7 +394,9 @@ def test_answers_asked_for_in_other_words_are_answered_again_and_never_taken(
         _eval_config(first, prompts, **options),
     ):
         steering.run_eval(engine, config)
-        assert set(answered) == friendly_prompted and len(answered) == len(friendly_prompted)  # one batch each
+        assert {job.key for job in answered} == friendly_prompted and len(answered) == len(
+            friendly_prompted
+        )  # one batch each
         answered.clear()
     ours = _stored(tmp_path / "out")
     assert ours[(10, "friendly|prompt|8")]["request"] != stored[(10, "friendly|prompt|8")]["request"]
@@ -435,7 +410,9 @@ def test_answers_asked_for_in_other_words_are_answered_again_and_never_taken(
     unrecorded = [{k: v for k, v in json.loads(line).items() if k != "request"} for line in lines]
     (legacy / "out" / steering.RESPONSES_FILE).write_text("\n".join([header, *map(json.dumps, unrecorded)]) + "\n")
     steering.run_eval(engine, _eval_config(legacy, prompts, **options))
-    assert set(answered) == prompted and len(answered) == len(prompted)  # what was made without a request stands
+    assert {job.key for job in answered} == prompted and len(answered) == len(
+        prompted
+    )  # what was made without a request stands
 
 
 def test_a_job_is_read_back_from_its_key():
@@ -443,6 +420,21 @@ def test_a_job_is_read_back_from_its_key():
 
     for job in (Job((), "unguided", 0.0), Job(("concise",), "guidance", 16.0), Job(("a", "b"), "prompt", (4.0, 2.0))):
         assert Job.from_key(job.key) == job
+
+
+def _answered_jobs(monkeypatch) -> list:
+    """Have ``cliper eval`` record the job of every batch it answers (rather than takes from a store)."""
+    from cliper_integrations.evaluation import steering
+
+    answered = []
+    generate = steering.generate
+
+    def counted(engine, texts, job, config):
+        answered.append(job)
+        return generate(engine, texts, job, config)
+
+    monkeypatch.setattr(steering, "generate", counted)
+    return answered
 
 
 def _stored(output) -> dict[tuple[int, str], dict]:
