@@ -397,6 +397,32 @@ def test_a_main_joint_posterior_guides_the_main_heads_classes_exactly_as_that_he
     assert loaded.guidance_digest(["concise"]) == main.guidance_digest()
 
 
+@pytest.mark.parametrize("posterior", ["main-joint", "part"])
+def test_a_head_joins_a_composition_and_every_other_class_keeps_its_scores(base, posterior):
+    """``compose`` onto a classifier that has parts already: the new part's classes take the new donor's
+    scores and every other class (the earlier part's and the main head's) keeps exactly its scores, whether
+    the main head keeps scoring the parts' classes (``main-joint``, where its classes keep their digest) or not."""
+    from cliper_integrations.core.classifier import compose
+
+    classes = ["elementary", "expert", "concise", "friendly", "unfriendly", "refusal"]
+    main, tone, expertise = (
+        PreferenceClassifier.create(base, classes, form="bayes", head_size=16, seed=s) for s in (1, 2, 3)
+    )
+    before = compose(main, [(["friendly", "unfriendly"], tone)], posterior=posterior)
+    after = compose(before, [(["elementary", "expert"], expertise)])
+    assert after.config.head_parts == [["friendly", "unfriendly"], ["elementary", "expert"]]
+    assert after.config.posterior == posterior
+    hidden = torch.randn(2, after.config.hidden_size)
+    candidates = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    scores = after.head(hidden, after._project(candidates))
+    kept, joined = [2, 3, 4, 5], [0, 1]
+    torch.testing.assert_close(scores[..., kept], before.head(hidden, before._project(candidates))[..., kept])
+    torch.testing.assert_close(scores[..., joined], expertise.head(hidden, expertise._project(candidates))[..., joined])
+    main_alone = after.guidance_digest(["concise"]) == before.guidance_digest(["concise"])
+    assert main_alone == (posterior == "main-joint")
+    assert after.guidance_digest(["expert"]) != before.guidance_digest(["expert"])
+
+
 def test_head_parts_must_be_compatible_disjoint_groups_of_the_classes(base):
     from cliper_integrations.core.classifier import ClassifierConfig, compose
 
@@ -407,6 +433,11 @@ def test_head_parts_must_be_compatible_disjoint_groups_of_the_classes(base):
     with pytest.raises(ValueError, match="bayes form"):
         direct = PreferenceClassifier.create(base, classes, head_size=16)
         compose(direct, [(["friendly"], PreferenceClassifier.create(base, classes, head_size=16))])
+    composed = compose(main, [(["friendly"], PreferenceClassifier.create(base, classes, form="bayes", head_size=16))])
+    with pytest.raises(ValueError, match="donor may not have parts"):
+        compose(main, [(["informative"], composed)])
+    with pytest.raises(ValueError, match="head_parts"):  # a class already scored by a part of the main one
+        compose(composed, [(["friendly"], PreferenceClassifier.create(base, classes, form="bayes", head_size=16))])
     settings = main.config.model_dump()
     for parts in ([["friendly"], ["friendly"]], [["cheerful"]], [[]], [classes]):
         with pytest.raises(ValueError, match="head_parts"):

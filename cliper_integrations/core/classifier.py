@@ -378,22 +378,30 @@ def compose(
 ) -> PreferenceClassifier:
     """``main`` with the likelihoods of some classes taken from other trained heads: each (classes, donor)
     pair becomes a part that scores those classes exactly as ``donor`` does, and every other class is
-    scored exactly as ``main`` scores it, read under ``posterior`` (default: ``main``'s). The prior (if
-    any) is ``main``'s: fit it again on the composed likelihoods (``cliper train --prior-on … --part …``)
-    before reading texts with it."""
+    scored exactly as ``main`` scores it, read under ``posterior`` (default: ``main``'s). A ``main`` that
+    has parts already keeps them, so a head for one more axis can join a shipped composition. The prior
+    (if any) is ``main``'s: fit it again on the composed likelihoods (``cliper train --prior-on … --part
+    …``) before reading texts with it."""
     for _, donor in donors:
         settings = ("kind", "form", "classes", "head_size", "shift_rank", "tokenizer_fingerprint")
         if mismatch := [name for name in settings if getattr(donor.config, name) != getattr(main.config, name)]:
             raise ValueError(f"A head part must match the main classifier's {', '.join(mismatch)}")
-    if main.config.head_parts or any(donor.config.head_parts for _, donor in donors):
-        raise ValueError("Compose single-head classifiers (neither the main one nor a part may have parts)")
+    if any(donor.config.head_parts for _, donor in donors):
+        raise ValueError("A head part must be a single-head classifier (a donor may not have parts)")
     if main.config.form != "bayes":
         raise ValueError("Head parts need the bayes form, whose class likelihoods are each normalised on their own")
-    update = {"head_parts": [list(names) for names, _ in donors], "posterior": posterior or main.config.posterior}
+    head_parts = [*main.config.head_parts, *(list(names) for names, _ in donors)]
+    update = {"head_parts": head_parts, "posterior": posterior or main.config.posterior}
     config = ClassifierConfig.model_validate(main.config.model_copy(update=update).model_dump())  # check the parts
     rows, shadows = _part_layout(config)
-    heads = [main.head, *(donor.head for _, donor in donors)]
-    parts = [head.restricted_to(part) for head, part in zip(heads, rows, strict=True)]
+    scored, _ = _part_layout(main.config)  # the rows each of main's heads scores now
+    heads = main.head.parts if isinstance(main.head, ComposedHead) else [main.head]
+    scored += [list(range(len(config.classes)))] * len(donors)
+    heads = [*heads, *(donor.head for _, donor in donors)]
+    parts = [
+        head.restricted_to([had.index(row) for row in part])
+        for head, had, part in zip(heads, scored, rows, strict=True)
+    ]
     head = ComposedHead(parts, rows, copy.deepcopy(main.head.prior), shadows)
     return PreferenceClassifier(config, main.backbone, head).eval()
 
