@@ -785,7 +785,8 @@ class PreferenceClassifier(nn.Module):
         posterior, whether the prior takes part, and the weights guidance reads (a learned prior that
         decoding leaves out is not among them). Two classifiers with one digest steer alike. With
         ``classes``, of what guidance towards those classes reads: under ``main-joint`` the main head's
-        classes are guided exactly as by the main head alone, whose digest they then share. Per-class
+        classes are guided exactly as by the main head alone, whose digest they then share, and a part's
+        classes by the head parts their posteriors read (``_parts_read``). Per-class
         plausibility floors count for the classes they name (all of them without ``classes``), and the
         loop guard's rule for the favourite where the classes decide it (``favourite_rule``), in the setting
         ``prompted`` names (both without it)."""
@@ -802,10 +803,32 @@ class PreferenceClassifier(nn.Module):
             settings["plausibility_floors"] = floors  # absent when none: digests from before floors hold
         settings.update(self._favourite_settings(classes, prompted))
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        read = self._parts_read(classes)
         for name, tensor in sorted(self.head.state_dict().items()):
-            if self.guides_with_prior or not name.startswith("prior."):
+            if name.startswith("prior.") and not self.guides_with_prior:
+                continue
+            if read is None or any(name.startswith(f"parts.{part}.") for part in read):
                 digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()
+
+    def _parts_read(self, classes: Sequence[str] | None) -> set[int] | None:
+        """The head parts whose scores guidance towards ``classes`` reads (their posteriors' columns), or
+        None for the whole head. A part's classes under ``part`` or ``main-joint`` read their own part and
+        the background's, so a head that joins for another axis leaves their digest as it was."""
+        if classes is None or self.guides_with_prior or self._normalizer is None or not self.config.head_parts:
+            return None
+        rows, shadows = _part_layout(self.config)
+        owner = {row: part for part, scored in enumerate(rows) for row in scored}  # the last part scoring it
+        columns = [*range(len(self.classes)), *shadows]
+        read = set()
+        for name in classes:
+            included = (self._normalizer[self.classes.index(name)] == 0).tolist()
+            read |= {
+                owner[row] if at < len(self.classes) else 0
+                for at, (row, on) in enumerate(zip(columns, included, strict=True))
+                if on
+            }
+        return read
 
     def _favourite_settings(self, classes: Sequence[str] | None, prompted: bool | None) -> dict[str, object]:
         """The loop guard's rule for the favourite as ``guidance_digest`` hashes it, absent where the guard's
