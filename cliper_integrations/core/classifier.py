@@ -394,10 +394,10 @@ def compose(
     update = {"head_parts": head_parts, "posterior": posterior or main.config.posterior}
     config = ClassifierConfig.model_validate(main.config.model_copy(update=update).model_dump())  # check the parts
     rows, shadows = _part_layout(config)
-    scored, _ = _part_layout(main.config)  # the rows each of main's heads scores now
-    heads = main.head.parts if isinstance(main.head, ComposedHead) else [main.head]
+    own_heads = list(main.head.parts) if isinstance(main.head, ComposedHead) else [main.head]
+    heads = [*own_heads, *(donor.head for _, donor in donors)]
+    scored, _ = _part_layout(main.config)  # the rows each of main's heads scores now; a donor scores all
     scored += [list(range(len(config.classes)))] * len(donors)
-    heads = [*heads, *(donor.head for _, donor in donors)]
     parts = [
         head.restricted_to([had.index(row) for row in part])
         for head, had, part in zip(heads, scored, rows, strict=True)
