@@ -216,10 +216,8 @@ def test_a_new_classifier_takes_another_runs_unguided_answers_and_makes_only_its
     answered = _answered_jobs(monkeypatch)
     config = _eval_config(tmp_path, prompts, reuse_from=(first_run / "out",))
     results = steering.run_eval(other, config)
-    assert {job.setting for job in answered} == {
-        "guidance",
-        "prompt+guidance",
-    }  # nothing made without guidance was answered again
+    # nothing made without guidance was answered again
+    assert {job.setting for job in answered} == {"guidance", "prompt+guidance"}
     ours = _stored(tmp_path / "out")
     unguided_jobs = {job.key for job in steering.plan(config) if not steering.SETTINGS[job.setting]["guided"]}
     assert {k: v for k, v in ours.items() if k[1] in unguided_jobs} == {
@@ -260,9 +258,8 @@ def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it
     steering.run_eval(
         CLIPerEngine(base, classifier=hybrid), _eval_config(tmp_path, prompts, reuse_from=(first / "out",), **options)
     )
-    assert {job.classes for job in answered} == {
-        ("friendly",)
-    }  # concise's guided answers and every unguided one were taken
+    # concise's guided answers and every unguided one were taken
+    assert {job.classes for job in answered} == {("friendly",)}
     ours, theirs, own = (_stored(folder / "out") for folder in (tmp_path, first, scratch))
     assert ours == own  # the same table as answering everything with this classifier
     assert {k: v for k, v in ours.items() if "concise|" in k[1]} == {
@@ -410,9 +407,8 @@ def test_answers_asked_for_in_other_words_are_answered_again_and_never_taken(
     unrecorded = [{k: v for k, v in json.loads(line).items() if k != "request"} for line in lines]
     (legacy / "out" / steering.RESPONSES_FILE).write_text("\n".join([header, *map(json.dumps, unrecorded)]) + "\n")
     steering.run_eval(engine, _eval_config(legacy, prompts, **options))
-    assert {job.key for job in answered} == prompted and len(answered) == len(
-        prompted
-    )  # what was made without a request stands
+    # what was made without a request stands
+    assert {job.key for job in answered} == prompted and len(answered) == len(prompted)
 
 
 def test_a_job_is_read_back_from_its_key():
