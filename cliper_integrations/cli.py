@@ -252,6 +252,13 @@ def train(
             "head instead (repeat for several), e.g. friendly,unfriendly=runs/tone"
         ),
     ] = None,
+    main_guided: Annotated[
+        str,
+        typer.Option(
+            help="with --prior-on and --posterior main-joint: comma-separated parts' classes that keep the main "
+            "head's posterior, e.g. elementary with --part elementary,expert=runs/expertise (a head for expert alone)"
+        ),
+    ] = "",
     prior_from: Annotated[
         Path | None,
         typer.Option(
@@ -305,6 +312,7 @@ def train(
             response_weight=response_weight,
             prior_on=prior_on,
             head_parts_from=[_head_part(spec) for spec in part or []],
+            main_guided_classes=tuple(name.strip() for name in main_guided.split(",") if name.strip()),
             prior_from=prior_from,
             guidance_prior=guidance_prior,
             prior_layer=prior_layer,

@@ -429,6 +429,40 @@ def test_a_head_joins_a_composition_and_every_other_class_keeps_its_scores(base,
     assert after.guidance_digest(["concise"]) != after.guidance_digest(["friendly"])
 
 
+def test_a_main_guided_class_keeps_the_main_heads_guidance_while_its_part_guides_the_other_pole(base, tmp_path):
+    """``main_guided``: a part joins for both poles of an axis, but one pole keeps the main head's
+    posterior (its log-probs and digest), while the other pole is told apart from the part's score of
+    the first, exactly as when both poles follow the part."""
+    from cliper_integrations.core.classifier import compose
+
+    classes = ["elementary", "expert", "concise", "friendly", "refusal"]
+    main, expertise = (PreferenceClassifier.create(base, classes, form="bayes", head_size=16, seed=s) for s in (1, 2))
+    both = compose(main, [(["elementary", "expert"], expertise)], posterior="main-joint")
+    mixed = compose(main, [(["elementary", "expert"], expertise)], posterior="main-joint", main_guided=["elementary"])
+    assert mixed.config.main_guided_classes == ["elementary"]
+    hidden = torch.randn(2, mixed.config.hidden_size)
+    candidates = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    log_lm = torch.log_softmax(torch.randn(2, 4), -1)
+    ours, alone, parted = (c.log_probs(hidden, candidates, log_lm) for c in (mixed, main, both))
+    by_main, by_part = [0, 2, 3, 4], [1]
+    torch.testing.assert_close(ours[..., by_main], alone[..., by_main])
+    torch.testing.assert_close(ours[..., by_part], parted[..., by_part])
+    assert not torch.allclose(ours[..., 0], parted[..., 0])
+    assert mixed.guidance_digest(["elementary"]) == main.guidance_digest()
+    assert mixed.guidance_digest(["elementary", "concise"]) == main.guidance_digest()
+    assert mixed.guidance_digest(["expert"]) == both.guidance_digest(["expert"]) != main.guidance_digest()
+    # a response's summed class log-probs (the classes' columns alone) keep each class's own score
+    sums = torch.randn(3, len(classes))
+    assert (mixed.normalize(sums) <= 0).all()
+    loaded = _scores_alike_by_vocabulary_and_after_saving(mixed, base, hidden, candidates, tmp_path / "mixed")
+    assert loaded.config.main_guided_classes == ["elementary"]
+    assert loaded.guidance_digest(["elementary"]) == main.guidance_digest()
+    with pytest.raises(ValueError, match="main_guided_classes"):  # a class of the main head already
+        compose(main, [(["elementary", "expert"], expertise)], posterior="main-joint", main_guided=["concise"])
+    with pytest.raises(ValueError, match="main_guided_classes"):  # no main head's posterior to keep
+        compose(main, [(["elementary", "expert"], expertise)], posterior="part", main_guided=["elementary"])
+
+
 def test_head_parts_must_be_compatible_disjoint_groups_of_the_classes(base):
     from cliper_integrations.core.classifier import ClassifierConfig, compose
 

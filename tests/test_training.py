@@ -579,6 +579,23 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     assert hybrid.config.plausibility_floors == {"concise": 0.3}  # the donor's informative was not probed
     assert hybrid.config.unprompted_favourite_ngrams == {"concise": None}
     assert metrics["validation"]["response_accuracy"] >= 0.9
+    # a part for both poles of which concise keeps the main head's guidance, and so its probed settings
+    pole_run = TrainConfig(
+        **{
+            **hybrid_run.__dict__,
+            "output": tmp_path / "pole",
+            "head_parts_from": [(("concise", "informative"), donor.output)],
+            "main_guided_classes": ("concise",),
+        }
+    )
+    train_classifier(base, pole_run)
+    pole = PreferenceClassifier.load(pole_run.output, base)
+    assert pole.config.head_parts == [["concise", "informative"]] and pole.config.main_guided_classes == ["concise"]
+    assert pole.guidance_digest(["concise"]) == hybrid.guidance_digest(["concise"])
+    assert pole.guidance_digest(["informative"]) != hybrid.guidance_digest(["informative"])
+    assert pole.config.prompted_weight_factors == {"concise": 0.25}
+    with pytest.raises(ValueError, match="main-joint"):
+        TrainConfig(**{**pole_run.__dict__, "posterior": "part"})
 
 
 def _train_main_and_donor(tmp_path: Path, base) -> tuple[Path, Path, TrainConfig, TrainConfig]:

@@ -111,6 +111,11 @@ class ClassifierConfig(BaseModel):
     head_parts: list[list[str]] = Field(default_factory=list)
     """Classes whose likelihoods come from heads of their own (each part one MLP; the classes no part
     names share the first, main head). Empty: one head scores every class. See ``ComposedHead``."""
+    main_guided_classes: list[str] = Field(default_factory=list)
+    """``main-joint`` only: parts' classes whose posterior stays the main head's (its score of the class,
+    against every row of the main head), while their part's scores still serve the part's other classes:
+    a head can join for one pole of an axis, telling it from the other pole, and leave that pole guiding
+    exactly as before."""
     prompted_weight_factors: dict[str, float] = Field(default_factory=dict)
     """Per class, what a weight from memory is multiplied by when the request is also written into the
     prompt (``preference_prompt``): the prompt already moves the answer part of the way, and full
@@ -148,6 +153,13 @@ class ClassifierConfig(BaseModel):
             raise ValueError(f"head_parts must be disjoint, non-empty groups of the classes, got {self.head_parts!r}")
         if self.head_parts and set(named) == set(self.classes):
             raise ValueError("head_parts must leave the main head some classes (those no part names)")
+        if self.main_guided_classes and (
+            self.posterior != "main-joint" or not set(self.main_guided_classes) <= set(named)
+        ):
+            raise ValueError(
+                f"main_guided_classes must be head parts' classes under posterior main-joint, got "
+                f"{self.main_guided_classes!r} ({self.posterior}, parts {self.head_parts!r})"
+            )
         background = {name for name in self.classes if name in BACKGROUND_CLASSES}
         if self.posterior in ("part", "main-joint") and (
             alone := [part for part in self.head_parts if len(set(part) | background) < 2]
@@ -375,11 +387,13 @@ def compose(
     main: PreferenceClassifier,
     donors: list[tuple[list[str], PreferenceClassifier]],
     posterior: str | None = None,
+    main_guided: Sequence[str] = (),
 ) -> PreferenceClassifier:
     """``main`` with the likelihoods of some classes taken from other trained heads: each (classes, donor)
     pair becomes a part that scores those classes exactly as ``donor`` does, and every other class is
-    scored exactly as ``main`` scores it, read under ``posterior`` (default: ``main``'s). A ``main`` that
-    has parts already keeps them, so a head for one more axis can join a shipped composition. The prior
+    scored exactly as ``main`` scores it, read under ``posterior`` (default: ``main``'s); ``main_guided``
+    parts' classes keep the main head's posterior (``main_guided_classes``, added to ``main``'s). A ``main``
+    that has parts already keeps them, so a head for one more axis can join a shipped composition. The prior
     (if any) is ``main``'s: fit it again on the composed likelihoods (``cliper train --prior-on … --part
     …``) before reading texts with it."""
     for _, donor in donors:
@@ -391,7 +405,11 @@ def compose(
     if main.config.form != "bayes":
         raise ValueError("Head parts need the bayes form, whose class likelihoods are each normalised on their own")
     head_parts = [*main.config.head_parts, *(list(names) for names, _ in donors)]
-    update = {"head_parts": head_parts, "posterior": posterior or main.config.posterior}
+    update = {
+        "head_parts": head_parts,
+        "posterior": posterior or main.config.posterior,
+        "main_guided_classes": list(dict.fromkeys([*main.config.main_guided_classes, *main_guided])),
+    }
     config = ClassifierConfig.model_validate(main.config.model_copy(update=update).model_dump())  # check the parts
     rows, shadows = _part_layout(config)
     own_heads = list(main.head.parts) if isinstance(main.head, ComposedHead) else [main.head]
@@ -414,7 +432,11 @@ def class_conditional(scores: torch.Tensor, candidate_log_lm: torch.Tensor) -> t
 
 
 def normalizer(
-    classes: list[str], posterior: str, part_classes: list[list[str]] | None = None, shadowed: list[str] | None = None
+    classes: list[str],
+    posterior: str,
+    part_classes: list[list[str]] | None = None,
+    shadowed: list[str] | None = None,
+    main_guided: Sequence[str] = (),
 ) -> torch.Tensor | None:
     """Which score columns each class's posterior is normalised over, as a [K, K + S] log-mask (0:
     included, -inf: not) over the classes' columns and then the ``shadowed`` classes' main-head columns
@@ -430,7 +452,8 @@ def normalizer(
     classes (``head_parts``): a head trained jointly over its classes is read as it was trained, and a
     part trained for one axis (tone, taught hard) stays out of the other heads' posteriors. ``main-joint``
     reads the parts' classes so too, and the main head's classes over every row of the main head: its
-    scores of its own classes and of the parts' (``shadowed``), exactly the main head's joint posterior."""
+    scores of its own classes and of the parts' (``shadowed``), exactly the main head's joint posterior;
+    so too the ``main_guided`` parts' classes (whose own score is then their shadow column)."""
     parted = posterior in ("part", "main-joint")
     if posterior == "joint" or (parted and len(part_classes or []) < 2):
         return None
@@ -442,7 +465,8 @@ def normalizer(
     main = set((part_classes or [[]])[0]) if shadowed else set()
     mask = torch.zeros(len(classes), len(classes) + len(shadowed))
     for row, name in enumerate(classes):
-        if name in main:  # the classes' columns of the main head's own classes, and its shadow columns
+        # the classes' columns of the main head's own classes, and its shadow columns
+        if name in main or name in main_guided:
             mask[row, : len(classes)] = torch.tensor([0.0 if other in main else float("-inf") for other in classes])
         elif name in groups:
             members = groups[name] | set(BACKGROUND_CLASSES)
@@ -493,15 +517,22 @@ class PreferenceClassifier(nn.Module):
         """What the posterior normalises each class over, and the class whose prior each score column
         takes (the classes', then the shadows': ``main-joint``), from the config."""
         config = self.config
-        self._normalizer = normalizer(config.classes, config.posterior, config.part_classes, config.shadowed_classes)
-        self._column_classes = torch.tensor(
-            [*range(len(config.classes)), *map(config.classes.index, config.shadowed_classes)]
+        shadowed = config.shadowed_classes
+        self._normalizer = normalizer(
+            config.classes, config.posterior, config.part_classes, shadowed, config.main_guided_classes
+        )
+        self._column_classes = torch.tensor([*range(len(config.classes)), *map(config.classes.index, shadowed)])
+        count = len(config.classes)
+        guided_by_main = set(config.main_guided_classes)
+        self._numerators = torch.tensor(
+            [count + shadowed.index(name) if name in guided_by_main else at for at, name in enumerate(config.classes)]
         )
 
-    def set_head_parts(self, head_parts: list[list[str]]) -> None:
+    def set_head_parts(self, head_parts: list[list[str]], main_guided: Sequence[str] = ()) -> None:
         """Score each group of classes by a head of its own (freshly initialised: load the trained parts'
-        weights next) and read the posterior over the parts accordingly."""
-        self.config = ClassifierConfig.model_validate({**self.config.model_dump(), "head_parts": head_parts})
+        weights next) and read the posterior over the parts accordingly (``main_guided_classes``)."""
+        update = {"head_parts": head_parts, "main_guided_classes": list(main_guided)}
+        self.config = ClassifierConfig.model_validate({**self.config.model_dump(), **update})
         self.head = PreferenceHead.for_config(self.config)
         self._read_columns()
 
@@ -741,12 +772,18 @@ class PreferenceClassifier(nn.Module):
 
     def normalize(self, class_scores: torch.Tensor) -> torch.Tensor:
         """Scores per column [..., C] (the classes', then any shadows') -> class log-probs [..., K], each
-        class normalised over its ``normalizer`` set; given the classes' columns alone, over those of them."""
+        class normalised over its ``normalizer`` set (a main-guided class's score is its shadow column);
+        given the classes' columns alone, over those of them and its own."""
         if self._normalizer is None:
             return torch.log_softmax(class_scores, dim=-1)
-        mask = self._normalizer[:, : class_scores.shape[-1]].to(class_scores.device)
-        scores = class_scores[..., : len(self.classes)]
-        return scores - torch.logsumexp(class_scores.unsqueeze(-2) + mask, dim=-1)
+        count = len(self.classes)
+        if class_scores.shape[-1] > count:
+            mask = self._normalizer
+            scores = class_scores.index_select(-1, self._numerators.to(class_scores.device))
+        else:
+            mask = self._normalizer[:, :count].clone().fill_diagonal_(0.0)
+            scores = class_scores
+        return scores - torch.logsumexp(class_scores.unsqueeze(-2) + mask.to(class_scores.device), dim=-1)
 
     def token_log_likelihoods(
         self,
@@ -849,11 +886,17 @@ class PreferenceClassifier(nn.Module):
 
     def _main_head_alone(self, classes: Sequence[str]) -> PreferenceClassifier | None:
         """The main head as a classifier of its own, where it alone decides guidance towards ``classes``."""
-        main_classes = self.config.part_classes[0]
-        if not self.config.shadowed_classes or self.guides_with_prior or not set(classes) <= set(main_classes):
+        main_classes = {*self.config.part_classes[0], *self.config.main_guided_classes}
+        if not self.config.shadowed_classes or self.guides_with_prior or not set(classes) <= main_classes:
             return None
         assert isinstance(self.head, ComposedHead)
-        alone = {"head_parts": [], "posterior": "joint", "class_prior": "uniform", "prior_layer": None}
+        alone = {
+            "head_parts": [],
+            "main_guided_classes": [],
+            "posterior": "joint",
+            "class_prior": "uniform",
+            "prior_layer": None,
+        }
         config = ClassifierConfig.model_validate(self.config.model_copy(update=alone).model_dump())
         return PreferenceClassifier(config, self.backbone, self.head.parts[0])
 

@@ -82,6 +82,9 @@ class TrainConfig:
     """With ``prior_on``: (classes, classifier folder) pairs whose classes are scored by that trained
     classifier's head instead (``core/classifier.py``, ``compose``), so that one axis can take a head
     trained for it while the others keep ``prior_on``'s; the prior is then fitted on the composed head."""
+    main_guided_classes: tuple[str, ...] = ()
+    """With ``prior_on`` and the ``main-joint`` posterior: parts' classes that keep the main head's
+    posterior (``core/classifier.py``), so a part joins for the other pole of their axis alone."""
     prior_from: Path | None = None
     """With ``prior_on``: start the prior from this classifier's learned prior ("default": the packaged
     one's) instead of afresh; with ``epochs`` 0 it is kept as it is. A prior depends on the prefix only,
@@ -125,7 +128,10 @@ class TrainConfig:
             raise ValueError(f"Pole limits must be finite, got {self.pole_limits}")
         if self.teacher_answers not in ("axis", "all"):
             raise ValueError(f"teacher_answers must be 'axis' or 'all', not {self.teacher_answers!r}")
-        if (self.head_parts_from or self.prior_from) and self.prior_on is None:
+        self.main_guided_classes = tuple(self.main_guided_classes)
+        if self.main_guided_classes and self.posterior != "main-joint":
+            raise ValueError("Classes guided by the main head need the main-joint posterior")
+        if (self.head_parts_from or self.prior_from or self.main_guided_classes) and self.prior_on is None:
             raise ValueError("Head parts and a borrowed prior go on a trained classifier's head: they need --prior-on")
         if self.teacher_classes and (self.form != "bayes" or self.prior_on is not None):
             raise ValueError("A teacher trains a bayes-form likelihood head (not a prior fitted on top)")
@@ -550,7 +556,9 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         shift_rank=config.shift_rank,
     )
     trainable = (
-        _prior_on(classifier, prior_on, base, config.head_parts_from) if prior_on else classifier.head.parameters()
+        _prior_on(classifier, prior_on, base, config.head_parts_from, config.main_guided_classes)
+        if prior_on
+        else classifier.head.parameters()
     )
     if config.prior_from is not None:
         _start_prior_from(classifier, _prior_on_folder(config.prior_from, base), base)
@@ -670,6 +678,7 @@ def _prior_on(
     folder: Path,
     base: LoadedModel,
     parts_from: Sequence[tuple[Sequence[str], Path]] = (),
+    main_guided: Sequence[str] = (),
 ) -> list[torch.nn.Parameter]:
     """Copy a trained bayes head that guides with a uniform prior into ``classifier`` and freeze it;
     return the prior's parameters, the only ones left to train.
@@ -677,13 +686,14 @@ def _prior_on(
     The head may carry a reading-only prior already (such as the shipped default): it is left behind
     and a new one is fitted, so a prior can be refitted on grown data without the head's own run. With
     ``parts_from``, the classes named there are scored by those classifiers' heads (``compose``), and
-    ``classifier``'s posterior may differ from the head's. Its per-class settings (weight factors,
+    ``classifier``'s posterior may differ from the head's; ``main_guided`` parts' classes keep the main
+    head's posterior. Its per-class settings (weight factors,
     plausibility floors, classes sparing the favourite) carry over for the classes whose guidance stays
     exactly the head's: they were probed for that guidance."""
     original = trained = PreferenceClassifier.load(folder, base)
-    if parts_from:
+    if parts_from or main_guided:
         donors = [(list(names), PreferenceClassifier.load(path, base)) for names, path in parts_from]
-        trained = compose(trained, donors, posterior=classifier.config.posterior)
+        trained = compose(trained, donors, posterior=classifier.config.posterior, main_guided=main_guided)
     wanted = {
         "form": "bayes",
         "posterior": classifier.config.posterior,
@@ -695,7 +705,7 @@ def _prior_on(
     if trained.guides_with_prior:
         raise ValueError(f"--prior-on needs a head that guides with a uniform prior; {folder}'s prior guides")
     if trained.config.head_parts:
-        classifier.set_head_parts(trained.config.head_parts)
+        classifier.set_head_parts(trained.config.head_parts, trained.config.main_guided_classes)
     likelihood = {name: tensor for name, tensor in trained.head.state_dict().items() if not name.startswith("prior.")}
     classifier.head.load_state_dict(likelihood, strict=False)  # all but the prior
     # The per-class settings probed for the head's guidance hold where that guidance stays exactly the
