@@ -430,9 +430,9 @@ def test_a_head_joins_a_composition_and_every_other_class_keeps_its_scores(base,
 
 
 def test_a_main_guided_class_keeps_the_main_heads_guidance_while_its_part_guides_the_other_pole(base, tmp_path):
-    """``main_guided``: a part joins for both poles of an axis, but one pole keeps the main head's
+    """``main_guided``: a part joins for both poles of an axis, but one pole guides by the main head's
     posterior (its log-probs and digest), while the other pole is told apart from the part's score of
-    the first, exactly as when both poles follow the part."""
+    the first, exactly as when both poles follow the part; reading takes both poles from the part."""
     from cliper_integrations.core.classifier import compose
 
     classes = ["elementary", "expert", "concise", "friendly", "refusal"]
@@ -451,9 +451,11 @@ def test_a_main_guided_class_keeps_the_main_heads_guidance_while_its_part_guides
     assert mixed.guidance_digest(["elementary"]) == main.guidance_digest()
     assert mixed.guidance_digest(["elementary", "concise"]) == main.guidance_digest()
     assert mixed.guidance_digest(["expert"]) == both.guidance_digest(["expert"]) != main.guidance_digest()
-    # a response's summed class log-probs (the classes' columns alone) keep each class's own score
-    sums = torch.randn(3, len(classes))
-    assert (mixed.normalize(sums) <= 0).all()
+    columns = torch.randn(3, len(classes) + len(mixed.config.shadowed_classes))
+    log_prior = torch.log_softmax(torch.randn(3, len(classes)), -1)
+    torch.testing.assert_close(mixed.posterior(columns, log_prior), both.posterior(columns, log_prior))
+    guiding = mixed.posterior(columns, log_prior, guiding=True)
+    assert not torch.allclose(guiding[:, 0], both.posterior(columns, log_prior, guiding=True)[:, 0])
     loaded = _scores_alike_by_vocabulary_and_after_saving(mixed, base, hidden, candidates, tmp_path / "mixed")
     assert loaded.config.main_guided_classes == ["elementary"]
     assert loaded.guidance_digest(["elementary"]) == main.guidance_digest()

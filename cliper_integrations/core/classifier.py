@@ -112,10 +112,10 @@ class ClassifierConfig(BaseModel):
     """Classes whose likelihoods come from heads of their own (each part one MLP; the classes no part
     names share the first, main head). Empty: one head scores every class. See ``ComposedHead``."""
     main_guided_classes: list[str] = Field(default_factory=list)
-    """``main-joint`` only: parts' classes whose posterior stays the main head's (its score of the class,
-    against every row of the main head), while their part's scores still serve the part's other classes:
-    a head can join for one pole of an axis, telling it from the other pole, and leave that pole guiding
-    exactly as before."""
+    """``main-joint`` only: parts' classes that guide by the main head's posterior (its score of the
+    class, against every row of the main head), while their part still scores them for the part's other
+    classes and for reading: a head can join for one pole of an axis, telling it from the other pole,
+    leave that pole guiding exactly as before, and read the axis with both poles' scores from one head."""
     prompted_weight_factors: dict[str, float] = Field(default_factory=dict)
     """Per class, what a weight from memory is multiplied by when the request is also written into the
     prompt (``preference_prompt``): the prompt already moves the answer part of the way, and full
@@ -517,15 +517,13 @@ class PreferenceClassifier(nn.Module):
         """What the posterior normalises each class over, and the class whose prior each score column
         takes (the classes', then the shadows': ``main-joint``), from the config."""
         config = self.config
-        shadowed = config.shadowed_classes
-        self._normalizer = normalizer(
-            config.classes, config.posterior, config.part_classes, shadowed, config.main_guided_classes
-        )
+        shadowed, by_main = config.shadowed_classes, config.main_guided_classes
+        self._normalizer = normalizer(config.classes, config.posterior, config.part_classes, shadowed)
+        self._guidance_normalizer = normalizer(config.classes, config.posterior, config.part_classes, shadowed, by_main)
         self._column_classes = torch.tensor([*range(len(config.classes)), *map(config.classes.index, shadowed)])
         count = len(config.classes)
-        guided_by_main = set(config.main_guided_classes)
-        self._numerators = torch.tensor(
-            [count + shadowed.index(name) if name in guided_by_main else at for at, name in enumerate(config.classes)]
+        self._guidance_columns = torch.tensor(
+            [count + shadowed.index(name) if name in by_main else at for at, name in enumerate(config.classes)]
         )
 
     def set_head_parts(self, head_parts: list[list[str]], main_guided: Sequence[str] = ()) -> None:
@@ -680,15 +678,15 @@ class PreferenceClassifier(nn.Module):
             projected = self._project(candidates)
         scores = self.head(prefix_hidden.float(), projected)
         if self.config.form == "direct":
-            return self.normalize(scores)
+            return self.normalize(scores, guiding=True)
         if candidate_log_lm is None:
             raise ValueError("A bayes-form classifier needs the base model's log-probs of the candidates")
         # candidates with log p_LM = -inf take no part in the sums and come out as NaN rows, which the
         # logits processor masks
         conditional = class_conditional(scores, candidate_log_lm)
         if not self.guides_with_prior:  # a uniform prior: Bayes' rule is the normalisation alone
-            return self.normalize(conditional)
-        return self.posterior(conditional, self.head.log_prior(prefix_hidden).unsqueeze(-2))
+            return self.normalize(conditional, guiding=True)
+        return self.posterior(conditional, self.head.log_prior(prefix_hidden).unsqueeze(-2), guiding=True)
 
     def base_candidates(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, top_k: int
@@ -762,28 +760,27 @@ class PreferenceClassifier(nn.Module):
             raise ValueError(f"This classifier's prior reads layer {self.config.prior_layer}: pass its states")
         return self.head.log_prior(prior_hidden)
 
-    def posterior(self, log_likelihoods: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    def posterior(self, log_likelihoods: torch.Tensor, log_prior: torch.Tensor, guiding: bool = False) -> torch.Tensor:
         """Bayes form: log p(c | prefix, x) [..., K] from log p(x | prefix, c) per score column [..., C] and
         the class prior log p(c | prefix) [..., K] (broadcast to it; a shadow column takes its class's),
-        by Bayes' rule."""
+        by Bayes' rule; ``guiding``: as decoding reads it (``normalize``)."""
         if log_likelihoods.shape[-1] > log_prior.shape[-1]:
             log_prior = log_prior.index_select(-1, self._column_classes.to(log_prior.device))
-        return self.normalize(log_likelihoods + log_prior)
+        return self.normalize(log_likelihoods + log_prior, guiding)
 
-    def normalize(self, class_scores: torch.Tensor) -> torch.Tensor:
+    def normalize(self, class_scores: torch.Tensor, guiding: bool = False) -> torch.Tensor:
         """Scores per column [..., C] (the classes', then any shadows') -> class log-probs [..., K], each
-        class normalised over its ``normalizer`` set (a main-guided class's score is its shadow column);
-        given the classes' columns alone, over those of them and its own."""
-        if self._normalizer is None:
+        class normalised over its ``normalizer`` set; given the classes' columns alone, over those of them.
+        ``guiding``: as decoding reads them, where a main-guided class takes the main head's posterior."""
+        mask = self._guidance_normalizer if guiding else self._normalizer
+        if mask is None:
             return torch.log_softmax(class_scores, dim=-1)
-        count = len(self.classes)
-        if class_scores.shape[-1] > count:
-            mask = self._normalizer
-            scores = class_scores.index_select(-1, self._numerators.to(class_scores.device))
+        if guiding and class_scores.shape[-1] > len(self.classes):
+            scores = class_scores.index_select(-1, self._guidance_columns.to(class_scores.device))
         else:
-            mask = self._normalizer[:, :count].clone().fill_diagonal_(0.0)
-            scores = class_scores
-        return scores - torch.logsumexp(class_scores.unsqueeze(-2) + mask.to(class_scores.device), dim=-1)
+            scores = class_scores[..., : len(self.classes)]
+        mask = mask[:, : class_scores.shape[-1]].to(class_scores.device)
+        return scores - torch.logsumexp(class_scores.unsqueeze(-2) + mask, dim=-1)
 
     def token_log_likelihoods(
         self,
@@ -852,14 +849,15 @@ class PreferenceClassifier(nn.Module):
         """The head parts whose scores guidance towards ``classes`` reads (their posteriors' columns), or
         None for the whole head. A part's classes under ``part`` or ``main-joint`` read their own part and
         the background's, so a head that joins for another axis leaves their digest as it was."""
-        if classes is None or self.guides_with_prior or self._normalizer is None or not self.config.head_parts:
+        mask = self._guidance_normalizer
+        if classes is None or self.guides_with_prior or mask is None or not self.config.head_parts:
             return None
         rows, shadows = _part_layout(self.config)
         owner = {row: part for part, scored in enumerate(rows) for row in scored}  # the last part scoring it
         columns = [*range(len(self.classes)), *shadows]
         read = set()
         for name in classes:
-            included = (self._normalizer[self.classes.index(name)] == 0).tolist()
+            included = (mask[self.classes.index(name)] == 0).tolist()
             read |= {
                 owner[row] if at < len(self.classes) else 0
                 for at, (row, on) in enumerate(zip(columns, included, strict=True))
