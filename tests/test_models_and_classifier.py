@@ -451,6 +451,9 @@ def test_a_main_guided_class_keeps_the_main_heads_guidance_while_its_part_guides
     assert mixed.guidance_digest(["elementary"]) == main.guidance_digest()
     assert mixed.guidance_digest(["elementary", "concise"]) == main.guidance_digest()
     assert mixed.guidance_digest(["expert"]) == both.guidance_digest(["expert"]) != main.guidance_digest()
+    # where both poles are guided, elementary's guidance differs from ``both``'s though the weights read do not
+    assert mixed.guidance_digest(["elementary", "expert"]) != both.guidance_digest(["elementary", "expert"])
+    assert mixed.guidance_digest() != both.guidance_digest()
     columns = torch.randn(3, len(classes) + len(mixed.config.shadowed_classes))
     log_prior = torch.log_softmax(torch.randn(3, len(classes)), -1)
     torch.testing.assert_close(mixed.posterior(columns, log_prior), both.posterior(columns, log_prior))

@@ -836,8 +836,10 @@ class PreferenceClassifier(nn.Module):
         if floors := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
             settings["plausibility_floors"] = floors  # absent when none: digests from before floors hold
         settings.update(self._favourite_settings(classes, prompted))
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         read = self._parts_read(classes)
+        if by_main := self._main_guided_told_apart(classes, read):
+            settings["main_guided_classes"] = by_main  # absent when none: digests from before it hold
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for name, tensor in sorted(self.head.state_dict().items()):
             if name.startswith("prior.") and not self.guides_with_prior:
                 continue
@@ -864,6 +866,18 @@ class PreferenceClassifier(nn.Module):
                 if on
             }
         return read
+
+    def _main_guided_told_apart(self, classes: Sequence[str] | None, read: set[int] | None) -> list[str]:
+        """The main-guided classes a digest names: those whose own part it also hashes (``read``), where the
+        weights alone would not tell a main-guided class from one its part guides. Elsewhere a main-guided
+        class guides exactly as a main class does, and shares its digest."""
+        parts = self.config.head_parts
+        return sorted(
+            name
+            for name in self.config.main_guided_classes
+            if (classes is None or name in classes)
+            and (read is None or 1 + next(at for at, part in enumerate(parts) if name in part) in read)
+        )
 
     def _favourite_settings(self, classes: Sequence[str] | None, prompted: bool | None) -> dict[str, object]:
         """The loop guard's rule for the favourite as ``guidance_digest`` hashes it, absent where the guard's
