@@ -621,7 +621,7 @@ def test_a_borrowed_prior_reads_a_new_head_part_as_it_read_the_old_head(tmp_path
     composed = _tiny_config(
         data,
         tmp_path / "composed",
-        feature_cache=cache,
+        feature_cache=tmp_path / "read_only",
         prior_on=main.output,
         head_parts_from=[(("informative",), donor.output)],
         prior_from=read.output,
@@ -629,6 +629,10 @@ def test_a_borrowed_prior_reads_a_new_head_part_as_it_read_the_old_head(tmp_path
         epochs=0,
     )
     metrics = train_classifier(base, composed)
+    # nothing trains at 0 epochs, so only the validation answers were encoded
+    assert metrics["train"] is None and metrics["data"]["train_tokens"] is None
+    encoded = len(list((tmp_path / "read_only").iterdir()))
+    assert 0 < encoded < metrics["data"]["train_responses"]
     reader, borrowed = (PreferenceClassifier.load(run.output, base) for run in (read, composed))
     for name, tensor in reader.head.prior.state_dict().items():
         torch.testing.assert_close(borrowed.head.prior.state_dict()[name], tensor, rtol=0, atol=0)

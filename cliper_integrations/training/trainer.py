@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -564,23 +564,70 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         _start_prior_from(classifier, _prior_on_folder(config.prior_from, base), base)
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     teacher = config.teacher_classes
-    features = encode_rows(classifier, base, train_rows + all_val_rows, config.feature_cache, candidates=candidates)
-    all_val_features = features[len(train_rows) :]
+    # at 0 epochs nothing trains (the head and prior are other runs'): only the validation answers are read
+    fitted_rows = train_rows if config.epochs else []
+    features = encode_rows(classifier, base, fitted_rows + all_val_rows, config.feature_cache, candidates=candidates)
+    all_val_features = features[len(fitted_rows) :]
     kept = {id(row) for row in val_rows}
     val_features = [f for f, row in zip(all_val_features, all_val_rows, strict=True) if id(row) in kept]
     if teacher:
-        taught_rows, taught_features = train_rows + val_rows, features[: len(train_rows)] + val_features
+        taught_rows, taught_features = fitted_rows + val_rows, features[: len(fitted_rows)] + val_features
         teach_rows(
             classifier, base, taught_rows, taught_features, config.feature_cache, teacher, config.teacher_answers
         )
-    train = assemble(features[: len(train_rows)], train_rows, classes, teacher, config.teacher_answers)
     val = assemble(val_features, val_rows, classes, teacher, config.teacher_answers)
+    train = None
+    if fitted_rows:
+        train = assemble(features[: len(fitted_rows)], fitted_rows, classes, teacher, config.teacher_answers)
+    history = _fit(classifier, trainable, train, val, classes, config) if train is not None else []
+    classifier.head.eval()
+    metrics = {
+        "train": evaluate(classifier, train, classes) if train is not None else None,
+        "validation": evaluate(classifier, val, classes),
+        "validation_by_model": _by_model(classifier, val_features, val_rows, classes),
+        "validation_unfiltered": evaluate(classifier, assemble(all_val_features, all_val_rows, classes), classes),
+        "validation_unfiltered_by_model": _by_model(classifier, all_val_features, all_val_rows, classes),
+        "data": {
+            "files": [str(path) for path in config.data],
+            "responses": len(rows),
+            "refusals_dropped": dropped.pop("refusals", 0),
+            "degenerate_dropped": dropped.pop("degenerate", 0),
+            **{f"{reason}_dropped": n for reason, n in sorted(dropped.items())},
+            "train_responses": len(train_rows),
+            "validation_responses": len(val_rows),
+            "train_instructions": len({r["id"] for r in train_rows}),
+            "validation_instructions": len({r["id"] for r in val_rows}),
+            "train_tokens": len(train.labels) if train is not None else None,
+            "per_class": _count_by_class(train_rows + val_rows),
+        },
+        "history": history,
+        "config": {  # as JSON holds it: paths as strings, tuples as lists
+            k: json.loads(json.dumps(v, default=str))
+            for k, v in asdict(config).items()
+            if k not in ("data", "output", "feature_cache")
+        },
+    }
+    classifier.save(config.output)
+    (Path(config.output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _fit(
+    classifier: PreferenceClassifier,
+    trainable: Iterable[torch.nn.Parameter],
+    train: EncodedSet,
+    val: EncodedSet,
+    classes: tuple[str, ...],
+    config: TrainConfig,
+) -> list[dict]:
+    """Train what ``trainable`` holds, early-stopping on the validation loss; leave the best epoch's head in
+    ``classifier`` and return each epoch's validation figures."""
+    head = classifier.head
     # Balance classes by token count, so long answers do not drown short ones.
     class_tokens = torch.bincount(train.labels, minlength=len(classes)).float().clamp(min=1)
     class_weight = class_tokens.sum() / (len(classes) * class_tokens)
     response_counts = torch.bincount(train.response_labels, minlength=len(classes)).float().clamp(min=1)
     response_class_weight = response_counts.sum() / (len(classes) * response_counts)
-    head = classifier.head
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     best, best_state, stale, history = float("inf"), None, 0, []
     generator = torch.Generator().manual_seed(config.seed)
@@ -599,7 +646,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
                 classifier, picked, train.labels[batch], class_weight, config.generative_weight
             )
             if train.teacher is not None:
-                summed, taught = teacher_divergence(classifier, picked, train.teacher[batch], teacher)
+                summed, taught = teacher_divergence(classifier, picked, train.teacher[batch], config.teacher_classes)
                 loss = loss + config.teacher_weight * summed / max(taught, 1)
             if config.response_weight:
                 responses, local = train.response[batch].unique_consecutive(return_inverse=True)
@@ -632,36 +679,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
                 break
     if best_state is not None:
         head.load_state_dict(best_state)
-    head.eval()
-    metrics = {
-        "train": evaluate(classifier, train, classes),
-        "validation": evaluate(classifier, val, classes),
-        "validation_by_model": _by_model(classifier, val_features, val_rows, classes),
-        "validation_unfiltered": evaluate(classifier, assemble(all_val_features, all_val_rows, classes), classes),
-        "validation_unfiltered_by_model": _by_model(classifier, all_val_features, all_val_rows, classes),
-        "data": {
-            "files": [str(path) for path in config.data],
-            "responses": len(rows),
-            "refusals_dropped": dropped.pop("refusals", 0),
-            "degenerate_dropped": dropped.pop("degenerate", 0),
-            **{f"{reason}_dropped": n for reason, n in sorted(dropped.items())},
-            "train_responses": len(train_rows),
-            "validation_responses": len(val_rows),
-            "train_instructions": len({r["id"] for r in train_rows}),
-            "validation_instructions": len({r["id"] for r in val_rows}),
-            "train_tokens": len(train.labels),
-            "per_class": _count_by_class(train_rows + val_rows),
-        },
-        "history": history,
-        "config": {  # as JSON holds it: paths as strings, tuples as lists
-            k: json.loads(json.dumps(v, default=str))
-            for k, v in asdict(config).items()
-            if k not in ("data", "output", "feature_cache")
-        },
-    }
-    classifier.save(config.output)
-    (Path(config.output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return history
 
 
 def _prior_on_folder(spec: Path, base: LoadedModel) -> Path:
