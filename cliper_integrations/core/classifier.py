@@ -45,7 +45,9 @@ the axes are independent, so two requested classes on different axes then do not
 parts, ``part`` normalises each class over its own part's classes, and ``main-joint`` keeps the main
 head's posterior exactly as that head was trained (jointly over all of its own rows, including its
 scores of the parts' classes) while each part's classes are normalised over their part: the main
-classes then guide exactly as the main head alone does.
+classes then guide exactly as the main head alone does. A part's class may guide so too
+(``main_guided_classes``) while its part still reads it and guides the part's other classes: a head
+joins for one pole of an axis and leaves the other pole's guidance as it was.
 
 Saved as ``classifier.safetensors`` (head only) plus ``classifier.json`` (config); never pickle.
 """
