@@ -633,6 +633,8 @@ def test_a_borrowed_prior_reads_a_new_head_part_as_it_read_the_old_head(tmp_path
     assert metrics["train"] is None and metrics["data"]["train_tokens"] is None
     encoded = len(list((tmp_path / "read_only").iterdir()))
     assert 0 < encoded < metrics["data"]["train_responses"]
+    with pytest.raises(ValueError, match="No answers left to train on"):  # every instruction in validation
+        train_classifier(base, TrainConfig(**{**composed.__dict__, "epochs": 1, "val_fraction": 1.0}))
     reader, borrowed = (PreferenceClassifier.load(run.output, base) for run in (read, composed))
     for name, tensor in reader.head.prior.state_dict().items():
         torch.testing.assert_close(borrowed.head.prior.state_dict()[name], tensor, rtol=0, atol=0)

@@ -541,6 +541,8 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         train_rows, uncontrasted = keep_contrasting(train_rows, config.pole_limits)
         val_rows, val_uncontrasted = keep_contrasting(all_val_rows)
         dropped.update({f"uncontrasted_{axis}": n for axis, n in (uncontrasted + val_uncontrasted).items()})
+    if config.epochs and not train_rows:
+        raise ValueError(f"No answers left to train on after the split and the filters ({dict(dropped)} dropped)")
     classifier = PreferenceClassifier.create(
         base,
         list(classes),
