@@ -7,7 +7,9 @@ made (session 45: XTm's digests are v16's for every set without expert, and XT's
 expert and without elementary). Every set of one to three classes a user may ask for is compared, in
 both settings; each row names the references that share the classifier's digest there.
 
-    python benchmarks/guidance_digests.py runs/v17m --like default --like runs/xt
+    python benchmarks/guidance_digests.py default --like /tmp/v16
+
+(``/tmp/v16``: the packaged v16's three files from commit 9808dd4, as in session 46.)
 """
 
 from __future__ import annotations
