@@ -92,6 +92,38 @@ def test_a_class_floor_binds_only_the_rows_that_weigh_that_class(base, shared_cl
     assert floored.guidance_digest(["expert", "concise"]) != shared_classifier.guidance_digest(["expert", "concise"])
 
 
+def test_a_setting_s_own_floor_binds_only_that_setting_s_rows(base, shared_classifier):
+    """``unprompted_plausibility_floors``: expert rows guided alone may only write the base model's greedy
+    tokens, while expert rows that also carry the request in the prompt, in the same call, decode as with
+    no floor; their digests tell the settings apart."""
+    from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
+
+    settings = {**shared_classifier.config.model_dump(), "unprompted_plausibility_floors": {"expert": 1.0}}
+    floored = PreferenceClassifier(ClassifierConfig.model_validate(settings), base.model, shared_classifier.head)
+    free = CLIPerEngine(base, classifier=shared_classifier, top_k=8, guided_plausibility=None)
+    engine = CLIPerEngine(base, classifier=floored, top_k=8, guided_plausibility=None)
+    requests = [
+        GenerationRequest(p, weights={"expert": 50}, preference_prompt=prompted, max_new_tokens=12)
+        for p in PROMPTS
+        for prompted in (False, True)
+    ]
+    mixed, unfloored = engine.generate_batch(requests), free.generate_batch(requests)
+    unguided = CLIPerEngine(base, classifier=None).generate_batch(
+        [GenerationRequest(p, max_new_tokens=12) for p in PROMPTS]
+    )
+    for index, (request, result, reference) in enumerate(zip(requests, mixed, unfloored, strict=True)):
+        if request.preference_prompt:
+            assert result.text == reference.text
+        else:
+            assert unguided[index // 2].text.startswith(result.text)
+    assert texts(mixed) != texts(unfloored)  # guided alone, the same push goes elsewhere without the floor
+    digest = shared_classifier.guidance_digest
+    assert floored.guidance_digest(["expert"], prompted=True) == digest(["expert"], prompted=True)
+    assert floored.guidance_digest(["expert"], prompted=False) != digest(["expert"], prompted=False)
+    assert floored.guidance_digest(["concise"], prompted=False) == digest(["concise"], prompted=False)
+    assert floored.config.setting_floors(False) == {"expert": 1.0} and floored.config.setting_floors(True) == {}
+
+
 def test_a_class_that_spares_the_favourite_lets_only_its_rows_repeat_as_the_base_model_does(base, shared_classifier):
     """``unprompted_favourite_ngrams`` null: at a floor of 1 (only the base model's greedy token or the end may
     be written), a row guided towards a sparing class writes the unguided answer however often it

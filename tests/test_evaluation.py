@@ -287,18 +287,29 @@ def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it
     assert answered == [] and _stored(merged / "out") == own
 
 
+@pytest.mark.parametrize(
+    ("floors", "friendly_floors", "named"),
+    [
+        ({"plausibility_floors": {"friendly": 0.9}}, {"guidance": 0.9, "prompt+guidance": 0.9}, "friendly 0.9"),
+        ({"unprompted_plausibility_floors": {"friendly": 0.9}}, {"guidance": 0.9}, "friendly 0.9 with guidance"),
+        (
+            {"plausibility_floors": {"friendly": 0.5}, "prompted_plausibility_floors": {"friendly": 0.9}},
+            {"guidance": 0.5, "prompt+guidance": 0.9},
+            "friendly 0.5 with guidance, friendly 0.9 with prompt+guidance",
+        ),
+    ],
+)
 def test_reuse_takes_the_answers_a_class_floor_leaves_alike_and_the_report_names_the_floor(
-    tmp_path, monkeypatch, base, shared_classifier
+    tmp_path, monkeypatch, base, shared_classifier, floors, friendly_floors, named
 ):
-    """A classifier that differs only by a stricter floor for friendly guides concise exactly as before:
-    its concise answers are taken, friendly's guided ones answered again under the floor."""
+    """A classifier that differs only by a stricter floor for friendly (in both settings, or in one) guides
+    concise exactly as before, and friendly in a setting the floor leaves alone: those answers are taken,
+    friendly's guided ones under the floor answered again."""
     from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
     from cliper_integrations.core.engine import CLIPerEngine
     from cliper_integrations.evaluation import steering
 
-    config = ClassifierConfig.model_validate(
-        {**shared_classifier.config.model_dump(), "plausibility_floors": {"friendly": 0.9}}
-    )
+    config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **floors})
     floored = PreferenceClassifier(config, base.model, shared_classifier.head)
     prompts, options = ["Explain rain.", "Hi"], {"classes": ("concise", "friendly"), "sweep": (0.0,)}
     first, scratch = tmp_path / "first", tmp_path / "scratch"
@@ -309,14 +320,14 @@ def test_reuse_takes_the_answers_a_class_floor_leaves_alike_and_the_report_names
     results = steering.run_eval(
         CLIPerEngine(base, classifier=floored), _eval_config(tmp_path, prompts, reuse_from=(first / "out",), **options)
     )
-    assert {(job.classes, job.setting) for job in answered} == {
-        (("friendly",), "guidance"),
-        (("friendly",), "prompt+guidance"),
-    }
+    assert {(job.classes, job.setting) for job in answered} == {(("friendly",), s) for s in friendly_floors}
     assert _stored(tmp_path / "out") == _stored(scratch / "out")  # as if this classifier answered everything
-    assert results["plausibility"] == {"engine": 0.1, "classes": {"friendly": 0.9}}
+    by_setting = {
+        s: {"friendly": friendly_floors[s]} if s in friendly_floors else {} for s in ("guidance", "prompt+guidance")
+    }
+    assert results["plausibility"] == {"engine": 0.1, "classes": by_setting}
     report = (tmp_path / "out" / "results.md").read_text()
-    assert "guided rows under a plausibility floor 0.1 (friendly 0.9: the classifier's own), a loop guard" in report
+    assert f"guided rows under a plausibility floor 0.1 ({named}: the classifier's own), a loop guard" in report
 
 
 def test_reuse_takes_what_a_class_sparing_the_favourite_leaves_alike_combinations_included(

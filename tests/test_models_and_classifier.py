@@ -526,3 +526,37 @@ def _scores_alike_by_vocabulary_and_after_saving(classifier, base, hidden, candi
         loaded.log_probs(hidden, candidates, some_log_lm), classifier.log_probs(hidden, candidates, some_log_lm)
     )
     return loaded
+
+
+@pytest.mark.parametrize(
+    ("field", "values", "match"),
+    [
+        ("unprompted_plausibility_floors", {"concise": 0.0}, r"unprompted_plausibility_floors\['concise'\]"),
+        ("prompted_plausibility_floors", {"concise": 1.5}, r"prompted_plausibility_floors\['concise'\]"),
+        ("unprompted_plausibility_floors", {"sarcastic": 0.2}, "'sarcastic', which is not one of the classes"),
+        ("plausibility_floors", {"concise": float("nan")}, r"plausibility_floors\['concise'\]"),
+        ("unprompted_weight_factors", {"concise": -1.0}, r"unprompted_weight_factors\['concise'\]"),
+    ],
+)
+def test_per_class_settings_out_of_range_or_naming_no_class_are_refused(shared_classifier, field, values, match):
+    """A saved config whose per-class settings could not steer (a floor outside (0, 1], a class the head
+    does not score) is refused when read, naming the setting, not at the first guided request."""
+    from cliper_integrations.core.classifier import ClassifierConfig
+
+    with pytest.raises(ValueError, match=match):
+        ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), field: values})
+
+
+def test_a_class_s_floor_in_a_setting_is_the_larger_of_its_shared_and_own(shared_classifier):
+    from cliper_integrations.core.classifier import ClassifierConfig
+
+    settings = {
+        "plausibility_floors": {"concise": 0.3, "friendly": 0.2},
+        "unprompted_plausibility_floors": {"concise": 0.1, "friendly": 0.5},
+    }
+    config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
+    assert config.setting_floors(False) == {"concise": 0.3, "friendly": 0.5}
+    assert config.setting_floors(True) == {"concise": 0.3, "friendly": 0.2}
+    assert config.plausibility_floor(["concise", "friendly"], 0.1, prompted=False) == 0.5
+    assert config.plausibility_floor(["concise"], 0.4, prompted=True) == 0.4
+    assert config.plausibility_floor(["expert"], None, prompted=False) is None

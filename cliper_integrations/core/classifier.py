@@ -140,6 +140,12 @@ class ClassifierConfig(BaseModel):
     named (the strictest of theirs), else the guard's own. Measured per classifier on training-side prompts."""
     prompted_favourite_ngrams: dict[str, int | None] = Field(default_factory=dict)
     """The same, with the request also in the prompt (``preference_prompt``)."""
+    unprompted_plausibility_floors: dict[str, float] = Field(default_factory=dict)
+    """Per class, a floor as ``plausibility_floors`` that holds with guidance alone only: the push that
+    must do the whole job alone may need a stricter floor than the one that only tops up the prompt.
+    Where both name a class, the larger holds."""
+    prompted_plausibility_floors: dict[str, float] = Field(default_factory=dict)
+    """The same, with the request also in the prompt (``preference_prompt``) only."""
     format_version: int = 1
 
     @model_validator(mode="after")
@@ -190,6 +196,8 @@ class ClassifierConfig(BaseModel):
         per_class = {
             "prompted_weight_factors": (self.prompted_weight_factors, lambda v: v >= 0, ">= 0"),
             "plausibility_floors": (self.plausibility_floors, lambda v: 0 < v <= 1, "in (0, 1]"),
+            "unprompted_plausibility_floors": (self.unprompted_plausibility_floors, lambda v: 0 < v <= 1, "in (0, 1]"),
+            "prompted_plausibility_floors": (self.prompted_plausibility_floors, lambda v: 0 < v <= 1, "in (0, 1]"),
             "unprompted_weight_factors": (self.unprompted_weight_factors, lambda v: v >= 0, ">= 0"),
         }
         named = {field_name: list(values) for field_name, (values, _, _) in per_class.items()}
@@ -209,10 +217,19 @@ class ClassifierConfig(BaseModel):
                 raise ValueError(f"{field_name} must be null or at least 2, got {short}")
         return self
 
-    def plausibility_floor(self, classes: Sequence[str], engine_floor: float | None) -> float | None:
-        """The floor guidance towards ``classes`` decodes under: the largest of ``engine_floor`` and those
-        classes' own (None: no floor at all)."""
-        floors = [self.plausibility_floors[name] for name in classes if name in self.plausibility_floors]
+    def setting_floors(self, prompted: bool) -> dict[str, float]:
+        """Per class, the floor of its own guidance towards it decodes under in one setting: the larger of
+        ``plausibility_floors`` and the setting's (``prompted_plausibility_floors`` or
+        ``unprompted_plausibility_floors``)."""
+        own = self.prompted_plausibility_floors if prompted else self.unprompted_plausibility_floors
+        both = (self.plausibility_floors, own)
+        return {name: max(f[name] for f in both if name in f) for name in self.classes if any(name in f for f in both)}
+
+    def plausibility_floor(self, classes: Sequence[str], engine_floor: float | None, prompted: bool) -> float | None:
+        """The floor guidance towards ``classes`` decodes under in one setting: the largest of
+        ``engine_floor`` and those classes' own (``setting_floors``; None: no floor at all)."""
+        own = self.setting_floors(prompted)
+        floors = [own[name] for name in classes if name in own]
         floors += [engine_floor] if engine_floor is not None else []
         return max(floors, default=None)
 
@@ -823,9 +840,9 @@ class PreferenceClassifier(nn.Module):
         ``classes``, of what guidance towards those classes reads: under ``main-joint`` the main head's
         classes are guided exactly as by the main head alone, whose digest they then share, and a part's
         classes by the head parts their posteriors read (``_parts_read``). Per-class
-        plausibility floors count for the classes they name (all of them without ``classes``), and the
-        loop guard's rule for the favourite where the classes decide it (``favourite_rule``), in the setting
-        ``prompted`` names (both without it)."""
+        plausibility floors count for the classes they name (all of them without ``classes``), as does the
+        loop guard's rule for the favourite where the classes decide it (``favourite_rule``): both in the
+        setting ``prompted`` names (both settings without it)."""
         if classes is not None and (main := self._main_head_alone(classes)) is not None:
             return main.guidance_digest(classes, prompted)
         settings = {
@@ -834,9 +851,11 @@ class PreferenceClassifier(nn.Module):
             "posterior": self.config.posterior,
             "prior": "learned" if self.guides_with_prior else "uniform",
         }
-        own = self.config.plausibility_floors
-        if floors := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
-            settings["plausibility_floors"] = floors  # absent when none: digests from before floors hold
+        per_setting = {False: "unprompted_plausibility_floors", True: "prompted_plausibility_floors"}
+        for floors_name in ("plausibility_floors", *(f for p, f in per_setting.items() if prompted in (None, p))):
+            own = getattr(self.config, floors_name)
+            if floors := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
+                settings[floors_name] = floors  # absent when none: digests from before floors hold
         settings.update(self._favourite_settings(classes, prompted))
         read = self._parts_read(classes)
         if by_main := self._main_guided_told_apart(classes, read):

@@ -358,8 +358,8 @@ class CLIPerEngine:
         guided_plausibility: on guided rows only, leave out tokens whose base probability is below this
             fraction of that of the most likely token the loop guard allows (end-of-turn tokens exempt),
             so that guidance reorders only what the base model finds plausible; None turns it off. The
-            classifier may name a stricter floor for some classes (``plausibility_floors``), which rows
-            weighing those classes decode under instead.
+            classifier may name a stricter floor for some classes, in both settings or in one
+            (``ClassifierConfig.setting_floors``), which rows weighing those classes decode under instead.
         refusal_lookahead: before guiding, draft each guided row's first tokens greedily without guidance
             (this many); a row whose draft ``declines`` is answered without guidance, so whether to refuse
             stays the base model's decision and guidance cannot talk it out of a refusal. Nor into one: a
@@ -722,11 +722,12 @@ class CLIPerEngine:
 
     def _plausibility_floor(self, row: _PreparedRow) -> float | None:
         """The floor a guided row decodes under: the engine's, or a stricter one of the classifier's for
-        the classes it weighs (``ClassifierConfig.plausibility_floors``). One per batch, so rows are
-        grouped by it; unguided rows take the engine's, which leaves them as they are."""
+        the classes it weighs, in its setting (``ClassifierConfig.plausibility_floor``). One per batch, so
+        rows are grouped by it; unguided rows take the engine's, which leaves them as they are."""
         if self.classifier is None or not row.guided:
             return self.guided_plausibility
-        return self.classifier.config.plausibility_floor(row.weighted_classes, self.guided_plausibility)
+        config = self.classifier.config
+        return config.plausibility_floor(row.weighted_classes, self.guided_plausibility, row.request.preference_prompt)
 
     def _group_floor(self, rows: list[_PreparedRow]) -> float | None:
         """The one floor of a batch's guided rows (``generate_batch`` groups rows by it)."""

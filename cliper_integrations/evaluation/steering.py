@@ -424,7 +424,12 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
         "prompted_alpha": {name: config.job((name,), "prompt+guidance").alpha for name in config.classes},
         "plausibility": {
             "engine": engine.guided_plausibility,
-            "classes": {n: f for n, f in engine.classifier.config.plausibility_floors.items() if n in config.classes},
+            "classes": {
+                setting: {
+                    n: f for n, f in engine.classifier.config.setting_floors(prompted).items() if n in config.classes
+                }
+                for setting, prompted in (("guidance", False), ("prompt+guidance", True))
+            },
         },
         "loop_guard": {
             "no_repeat_ngram": engine.guided_no_repeat_ngram,
@@ -504,11 +509,18 @@ def _loop_guard(results: dict) -> str:
 
 
 def _floors(results: dict) -> str:
-    """The plausibility floor guided rows decode under, and the classes the classifier holds to a stricter one."""
-    engine, classes = results["plausibility"]["engine"], results["plausibility"]["classes"]
+    """The plausibility floor guided rows decode under, and the classes the classifier holds to a stricter
+    one: named once where both settings share it, else per setting."""
+    engine, by_setting = results["plausibility"]["engine"], results["plausibility"]["classes"]
     text = f"guided rows under a plausibility floor {engine:g}" if engine is not None else "guided rows with no floor"
-    stricter = ", ".join(f"{name} {floor:g}" for name, floor in classes.items())
-    return f"{text} ({stricter}: the classifier's own)" if stricter else text
+    stricter = []
+    for name in dict.fromkeys(name for floors in by_setting.values() for name in floors):
+        floors = {setting: own[name] for setting, own in by_setting.items() if name in own}
+        if len(floors) == len(by_setting) and len(set(floors.values())) == 1:
+            stricter.append(f"{name} {floors['guidance']:g}")
+        else:
+            stricter += [f"{name} {floor:g} with {setting}" for setting, floor in floors.items()]
+    return f"{text} ({', '.join(stricter)}: the classifier's own)" if stricter else text
 
 
 def report(results: dict, config: EvalConfig) -> str:

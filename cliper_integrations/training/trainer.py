@@ -730,7 +730,13 @@ def _prior_on(
     classifier.head.load_state_dict(likelihood, strict=False)  # all but the prior
     # The per-class settings probed for the head's guidance hold where that guidance stays exactly the
     # head's: the floors and the guard's sparing are part of guidance, so they are copied before the comparison.
-    guidance_settings = ("plausibility_floors", "unprompted_favourite_ngrams", "prompted_favourite_ngrams")
+    guidance_settings = (
+        "plausibility_floors",
+        "unprompted_plausibility_floors",
+        "prompted_plausibility_floors",
+        "unprompted_favourite_ngrams",
+        "prompted_favourite_ngrams",
+    )
     for settings in guidance_settings:
         setattr(classifier.config, settings, dict(getattr(original.config, settings)))
     kept = {n for n in classifier.classes if classifier.guidance_digest([n]) == original.guidance_digest([n])}
