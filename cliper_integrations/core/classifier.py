@@ -127,7 +127,9 @@ class ClassifierConfig(BaseModel):
     """Per class, the least plausibility floor guidance towards it decodes under (``guided_plausibility``
     of ``CLIPerEngine``; a row's floor is the largest of the engine's and its weighted classes' floors):
     a class whose push costs more fluency than the others' keeps to what the base model finds more
-    plausible. Measured per classifier on training-side prompts; a class not named takes the engine's."""
+    plausible. Holds in both settings (a floor for one only: ``unprompted_plausibility_floors``,
+    ``prompted_plausibility_floors``). Measured per classifier on training-side prompts; a class not named
+    takes the engine's."""
     unprompted_weight_factors: dict[str, float] = Field(default_factory=dict)
     """Per class, what a weight from memory is multiplied by when the request is not in the prompt
     (guidance alone): a class whose guidance needs a stronger push than memory's scale gives to reach what
@@ -218,9 +220,9 @@ class ClassifierConfig(BaseModel):
         return self
 
     def setting_floors(self, prompted: bool) -> dict[str, float]:
-        """Per class, the floor of its own guidance towards it decodes under in one setting: the larger of
-        ``plausibility_floors`` and the setting's (``prompted_plausibility_floors`` or
-        ``unprompted_plausibility_floors``)."""
+        """Per class, the classifier's floor for guidance towards it in one setting: the larger of
+        ``plausibility_floors`` (both settings) and the setting's own (``prompted_plausibility_floors`` or
+        ``unprompted_plausibility_floors``); a class not named has none, so the engine's holds."""
         own = self.prompted_plausibility_floors if prompted else self.unprompted_plausibility_floors
         both = (self.plausibility_floors, own)
         return {name: max(f[name] for f in both if name in f) for name in self.classes if any(name in f for f in both)}
