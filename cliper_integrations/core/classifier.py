@@ -195,12 +195,13 @@ class ClassifierConfig(BaseModel):
 
     @model_validator(mode="after")
     def _per_class_settings_of_own_classes(self) -> ClassifierConfig:
+        factor, floor = (lambda v: v >= 0, ">= 0"), (lambda v: 0 < v <= 1, "in (0, 1]")
         per_class = {
-            "prompted_weight_factors": (self.prompted_weight_factors, lambda v: v >= 0, ">= 0"),
-            "plausibility_floors": (self.plausibility_floors, lambda v: 0 < v <= 1, "in (0, 1]"),
-            "unprompted_plausibility_floors": (self.unprompted_plausibility_floors, lambda v: 0 < v <= 1, "in (0, 1]"),
-            "prompted_plausibility_floors": (self.prompted_plausibility_floors, lambda v: 0 < v <= 1, "in (0, 1]"),
-            "unprompted_weight_factors": (self.unprompted_weight_factors, lambda v: v >= 0, ">= 0"),
+            "prompted_weight_factors": (self.prompted_weight_factors, *factor),
+            "plausibility_floors": (self.plausibility_floors, *floor),
+            "unprompted_plausibility_floors": (self.unprompted_plausibility_floors, *floor),
+            "prompted_plausibility_floors": (self.prompted_plausibility_floors, *floor),
+            "unprompted_weight_factors": (self.unprompted_weight_factors, *factor),
         }
         named = {field_name: list(values) for field_name, (values, _, _) in per_class.items()}
         guards = {
