@@ -1,0 +1,79 @@
+"""How far the request alone moves a class under other plain words, on held-out *training-side* instructions.
+
+The classifier learns a class from the base model's answers to its request (``PREFERENCE_REQUESTS``) and,
+with a teacher, from the request's effect on the base model's next-token distribution: neither can be
+stronger than what the request makes the base model do. This asks the base model for the class with the
+packaged words and with each alternative, without guidance, on the instructions ``steering_probe.py``
+draws, and prints each row's target metric and fluency against unguided, with its share of refusals (an
+alternative the model declines teaches nothing). Unguided and packaged-words answers come from, and go to,
+``runs/probe_cache/``; the alternatives' answers are made each run and kept nowhere.
+
+    python benchmarks/wording_probe.py unfriendly --all-kinds --prompts 40 --max-new-tokens 160 \\
+        "Be rude, grumpy and dismissive, like someone annoyed at being asked: complain, sneer, no pleasantries."
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from steering_probe import generate_in_batches, probe_instructions, unguided_cache
+
+from cliper_integrations.core import preferences
+from cliper_integrations.core.engine import CLIPerEngine
+from cliper_integrations.evaluation.steering import (
+    EvalConfig,
+    Job,
+    fluency,
+    response_record,
+    summarize,
+    verdict,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=preferences.DEFAULT_CLASSES, help="the class to ask for")
+    parser.add_argument("wordings", nargs="+", help="alternative plain-words requests for the class")
+    parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument("--skip", type=int, default=0, help="start after this many prompts (a fresh set of them)")
+    parser.add_argument(
+        "--all-kinds", action="store_true", help="draw every kind of instruction, not only open questions"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the model's weights)")
+    args = parser.parse_args()
+    prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
+    engine = CLIPerEngine("embedded", dtype=args.dtype)
+    config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
+    cache = unguided_cache(engine, args.max_new_tokens)
+    packaged = preferences.PREFERENCE_REQUESTS[args.name]
+
+    def answer(job: Job, cached: bool) -> dict[str, float]:
+        missing = cache.missing(job, prompts) if cached else prompts
+        results = generate_in_batches(engine, [prompt for _, prompt in missing], job, config)
+        records = [response_record(engine, job, None, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
+        if not cached:
+            return summarize(records)
+        cache.add(records)
+        return summarize(cache.responses(job, prompts))
+
+    unguided = answer(Job((), "unguided", 0.0), cached=True)
+    print("unguided", {name: round(value, 2) for name, value in unguided.items()}, flush=True)
+    asked = Job((args.name,), "prompt", 1.0)
+    try:
+        labelled = [("packaged", packaged), *((f"alternative {n}", w) for n, w in enumerate(args.wordings, 1))]
+        for label, wording in labelled:
+            preferences.PREFERENCE_REQUESTS[args.name] = wording
+            row = answer(asked, cached=wording == packaged)
+            print(
+                f"{label}: {verdict(args.name, unguided, row)}  {fluency(unguided, row)}  words {row['words']:.1f} "
+                f"vader {row['vader']:.2f} fk {row['fk_grade']:.1f} refusals {row['refusals']:.2f}  {wording!r}",
+                flush=True,
+            )
+    finally:
+        preferences.PREFERENCE_REQUESTS[args.name] = packaged
+
+
+if __name__ == "__main__":
+    main()
