@@ -273,6 +273,13 @@ def train(
         int | None,
         typer.Option(help="with --guidance-prior uniform: the backbone layer the learned prior reads (default: last)"),
     ] = None,
+    prior_pooling: Annotated[
+        str,
+        typer.Option(
+            help="with --prior-layer: what the prior reads at a position, last (its state) or mean (the answer's "
+            "mean state up to it)"
+        ),
+    ] = "last",
     teacher: Annotated[
         str,
         typer.Option(
@@ -316,6 +323,7 @@ def train(
             prior_from=prior_from,
             guidance_prior=guidance_prior,
             prior_layer=prior_layer,
+            prior_pooling=prior_pooling,
             teacher_classes=tuple(name for name in teacher.split(",") if name),
             teacher_weight=teacher_weight,
             teacher_answers=teacher_answers,

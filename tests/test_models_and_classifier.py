@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cliper_integrations.core import models
-from cliper_integrations.core.classifier import PreferenceClassifier
+from cliper_integrations.core.classifier import PreferenceClassifier, running_mean
 from cliper_integrations.core.errors import (
     ChecksumError,
     MissingDependencyError,
@@ -260,6 +260,56 @@ def test_a_reading_prior_on_a_middle_layer_reads_that_layer_and_never_guides(bas
     with pytest.raises(ValueError, match="past the backbone's last layer"):
         PreferenceClassifier.create(
             base, ["concise", "expert"], form="bayes", class_prior="learned", guidance_prior="uniform", prior_layer=3
+        )
+
+
+def test_running_mean_averages_the_kept_states_up_to_each_position():
+    states = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 4.0], [7.0, 6.0]]])
+    torch.testing.assert_close(running_mean(states), torch.tensor([[[1.0, 0.0], [2.0, 1.0], [3.0, 2.0], [4.0, 3.0]]]))
+    kept = torch.tensor([[0, 1, 1, 0]])  # a pad before, a position left out after: neither counts
+    torch.testing.assert_close(
+        running_mean(states, kept), torch.tensor([[[0.0, 0.0], [3.0, 2.0], [4.0, 3.0], [4.0, 3.0]]])
+    )
+
+
+def test_a_pooled_reading_prior_reads_the_answers_mean_state_from_its_start(base):
+    """``prior_pooling: mean``: at each answer position the prior reads the mean of the middle layer's
+    states from the one that predicts the answer's first token; the prompt's states before it, and pads,
+    do not count. Decoding still leaves the prior out, and a pooled prior needs a layer to pool."""
+    classifier = PreferenceClassifier.create(
+        base,
+        ["concise", "informative"],
+        form="bayes",
+        class_prior="learned",
+        guidance_prior="uniform",
+        prior_layer=1,
+        prior_pooling="mean",
+    )
+    ids, mask = torch.tensor([[0, 11, 12, 13, 14, 15]]), torch.tensor([[0, 1, 1, 1, 1, 1]])
+    read = classifier.sequence_log_probs(ids, mask, top_k=5, answer_start=3)
+    outputs = base.model.model(
+        input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True
+    )
+    hidden, middle = outputs.last_hidden_state[:, :-1].detach(), outputs.hidden_states[1][:, :-1].detach()
+    observed = ids[:, 1:], *classifier.base_candidates(hidden, ids[:, 1:], 5)
+    answer = middle[:, 2:]  # position 2 predicts the answer's first token, ids[:, 3]
+    pooled = answer.cumsum(1) / torch.arange(1, answer.shape[1] + 1).view(1, -1, 1)
+    expected = classifier.token_log_probs(hidden[:, 2:], *(o[:, 2:] for o in observed), prior_hidden=pooled)
+    torch.testing.assert_close(read[:, 2:], expected)
+    last = PreferenceClassifier.create(
+        base, ["concise", "informative"], form="bayes", class_prior="learned", guidance_prior="uniform", prior_layer=1
+    )
+    last.head.load_state_dict(classifier.head.state_dict())
+    assert not torch.allclose(read[:, 3:], last.sequence_log_probs(ids, mask, top_k=5, answer_start=3)[:, 3:])
+    assert classifier.guidance_digest() == last.guidance_digest()
+    with pytest.raises(ValueError, match="needs prior_layer"):
+        PreferenceClassifier.create(
+            base,
+            ["concise", "expert"],
+            form="bayes",
+            class_prior="learned",
+            guidance_prior="uniform",
+            prior_pooling="mean",
         )
 
 

@@ -388,6 +388,46 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
         train_classifier(base, TrainConfig(**{**second.__dict__, "head_size": 16}))
 
 
+def test_a_pooled_prior_reads_training_answers_as_measuring_reads_their_text(tmp_path, base):
+    """The trainer pools the prior's layer along each answer as ``sequence_log_probs`` does from the
+    answer's start, so a pooled prior is fitted on what it later reads; the cache keeps the states
+    themselves, so one cache serves pooled and unpooled priors."""
+    from safetensors.torch import load_file
+
+    from cliper_integrations.core.classifier import PreferenceClassifier, running_mean
+    from cliper_integrations.training.trainer import _token_sequence, encode_rows
+
+    classifier = PreferenceClassifier.create(
+        base,
+        ["concise", "informative"],
+        form="bayes",
+        class_prior="learned",
+        guidance_prior="uniform",
+        prior_layer=1,
+        prior_pooling="mean",
+        head_size=32,
+    )
+    with torch.no_grad():  # a prior sharp enough that reading the wrong states shows
+        classifier.head.prior[-1].weight.mul_(100.0)
+    rows = _style_rows(2)
+    features = encode_rows(classifier, base, rows, tmp_path / "cache", candidates=8)
+    stored = {tuple(load_file(path)["next_ids"].tolist()): load_file(path) for path in (tmp_path / "cache").iterdir()}
+    for row, feature in zip(rows, features, strict=True):
+        sequence, prompt_length = _token_sequence(base, row)
+        ids = torch.tensor([sequence])
+        read = classifier.sequence_log_probs(ids, torch.ones_like(ids), top_k=8, answer_start=prompt_length)
+        inputs = {
+            name: tensor.float() if name in ("hidden", "prior_hidden") else tensor for name, tensor in feature.items()
+        }
+        torch.testing.assert_close(
+            classifier.token_log_probs(**inputs), read[0, prompt_length - 1 :], atol=2e-2, rtol=0
+        )
+        middle = base.model.model(input_ids=ids, output_hidden_states=True).hidden_states[1][0, prompt_length - 1 : -1]
+        kept = stored[tuple(feature["next_ids"].tolist())]["hidden.1"]
+        torch.testing.assert_close(kept.float(), middle.detach(), atol=1e-2, rtol=0)
+        torch.testing.assert_close(feature["prior_hidden"].float(), running_mean(middle.detach()), atol=1e-2, rtol=0)
+
+
 def test_refusals_train_a_background_class_that_no_request_may_weight(tmp_path, base):
     from cliper_integrations.core.classifier import PreferenceClassifier
     from cliper_integrations.core.errors import UnknownClassError
@@ -649,6 +689,13 @@ def test_a_borrowed_prior_reads_a_new_head_part_as_it_read_the_old_head(tmp_path
     train_classifier(base, other_layer)
     with pytest.raises(ValueError, match="prior-from"):
         train_classifier(base, TrainConfig(**{**composed.__dict__, "prior_from": other_layer.output}))
+    # ... so is one that reads the same layer pooled otherwise
+    pooled = TrainConfig(**{**other_layer.__dict__, "output": tmp_path / "pooled", "prior_pooling": "mean"})
+    train_classifier(base, pooled)
+    on_layer = {**composed.__dict__, "output": tmp_path / "on_layer", "prior_layer": 1}
+    train_classifier(base, TrainConfig(**{**on_layer, "prior_from": other_layer.output}))
+    with pytest.raises(ValueError, match="prior-from"):
+        train_classifier(base, TrainConfig(**{**on_layer, "prior_from": pooled.output}))
     with pytest.raises(ValueError, match="prior-from"):
         train_classifier(base, TrainConfig(**{**composed.__dict__, "prior_from": main.output}))
     with pytest.raises(ValueError, match="prior-on"):

@@ -33,7 +33,8 @@ The scores are read in one of two forms:
   alone, as without a prior) while reading a text (``sequence_log_probs``) keeps it: the prior can then
   be fitted on top of a trained head (``cliper train --prior-on``) to read styles better without
   changing how guidance steers. Such a reading-only prior may read another layer of the backbone
-  (``prior_layer``): a middle layer holds more of what a text says and less of what comes next.
+  (``prior_layer``): a middle layer holds more of what a text says and less of what comes next, and
+  the mean of its states over the answer so far (``prior_pooling``) more than any one position's.
 
 With ``head_parts`` the likelihoods s_c come from several such heads, each scoring its own classes
 (``ComposedHead``; ``compose`` builds one from trained heads), so one axis can be given a head trained
@@ -110,6 +111,11 @@ class ClassifierConfig(BaseModel):
     prior_layer: int | None = Field(default=None, ge=0)
     """The backbone layer (an index into its ``hidden_states``) the learned prior reads; None: the final
     state, as the likelihood head. Reading only: decoding taps the final state alone."""
+    prior_pooling: Literal["last", "mean"] = "last"
+    """What of ``prior_layer``'s states the prior reads at a position: the position's own state, or
+    (``mean``) the mean of the answer's states up to it. A style shows across a whole answer, and one
+    position's state holds mostly what comes next; the running mean is still a function of the prefix
+    alone, so the prior stays p(c | prefix)."""
     head_parts: list[list[str]] = Field(default_factory=list)
     """Classes whose likelihoods come from heads of their own (each part one MLP; the classes no part
     names share the first, main head). Empty: one head scores every class. See ``ComposedHead``."""
@@ -154,6 +160,8 @@ class ClassifierConfig(BaseModel):
     def _prior_layer_reads_only(self) -> ClassifierConfig:
         if self.prior_layer is not None and (self.class_prior != "learned" or self.guidance_prior != "uniform"):
             raise ValueError("prior_layer needs a learned prior that decoding leaves out (guidance_prior: uniform)")
+        if self.prior_pooling != "last" and self.prior_layer is None:
+            raise ValueError("prior_pooling 'mean' pools a reading-only prior's layer: it needs prior_layer")
         return self
 
     @model_validator(mode="after")
@@ -503,6 +511,14 @@ _TAPPED_MODELS: set[int] = set()
 _TAP_LOCK = threading.Lock()
 
 
+def running_mean(states: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """At each position [..., T, H], the mean of the states up to it over the positions ``kept`` [..., T]
+    marks (every one without it); zeros before the first kept position."""
+    weights = torch.ones(states.shape[:-1], dtype=states.dtype) if kept is None else kept.to(states.dtype)
+    sums = (states * weights.unsqueeze(-1)).cumsum(-2)
+    return sums / weights.cumsum(-1).clamp(min=1).unsqueeze(-1)
+
+
 def _capture_lm_head_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
     if getattr(_TAP_LOCAL, "active", False):
         _TAP_LOCAL.hidden = args[0][:, -1, :]
@@ -571,6 +587,7 @@ class PreferenceClassifier(nn.Module):
         guidance_prior: Literal["learned", "uniform"] = "learned",
         prior_layer: int | None = None,
         shift_rank: int = 0,
+        prior_pooling: Literal["last", "mean"] = "last",
     ) -> PreferenceClassifier:
         """A freshly initialised classifier for ``base`` (train it before use)."""
         if kind == "separate" and backbone is None:
@@ -600,6 +617,7 @@ class PreferenceClassifier(nn.Module):
             posterior=posterior,
             guidance_prior=guidance_prior,
             prior_layer=prior_layer,
+            prior_pooling=prior_pooling,
         )
         return cls(config, source.model)
 
@@ -729,11 +747,13 @@ class PreferenceClassifier(nn.Module):
         return torch.log_softmax(output_embeddings(hidden.to(output_embeddings.weight.dtype)).float(), dim=-1)
 
     def sequence_log_probs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 32
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int = 32, answer_start: int = 0
     ) -> torch.Tensor:
         """For each position t, log p_cls(c | tokens ≤ t, token t+1): [B, T-1, K] (training and measuring).
 
-        The bayes form scores token t+1 among the base model's ``top_k`` candidates and itself."""
+        The bayes form scores token t+1 among the base model's ``top_k`` candidates and itself. A pooled
+        prior (``prior_pooling``) averages the states from the one that predicts the answer's first token,
+        ``input_ids[:, answer_start]``, as training does."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         layer = self.config.prior_layer
         with torch.no_grad():
@@ -747,7 +767,11 @@ class PreferenceClassifier(nn.Module):
         next_ids = input_ids[:, 1:]
         if self.config.form == "direct":
             return self.token_log_probs(hidden, next_ids)
-        prior_hidden = None if layer is None else outputs.hidden_states[layer].float()[:, :-1]
+        prior_hidden = None
+        if layer is not None:
+            read = attention_mask[:, :-1].clone()
+            read[:, : max(answer_start - 1, 0)] = 0
+            prior_hidden = self.prior_states(outputs.hidden_states[layer].float()[:, :-1], read)
         return self.token_log_probs(
             hidden, next_ids, *self.base_candidates(hidden, next_ids, top_k), prior_hidden=prior_hidden
         )
@@ -773,9 +797,14 @@ class PreferenceClassifier(nn.Module):
             self.reading_log_prior(hidden, prior_hidden),
         )
 
+    def prior_states(self, states: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """What the prior reads of ``prior_layer``'s states along an answer [..., T, H] (the positions
+        ``kept`` [..., T] marks, every one without it): the states themselves, or their running mean."""
+        return running_mean(states, kept) if self.config.prior_pooling == "mean" else states
+
     def reading_log_prior(self, hidden: torch.Tensor, prior_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """log p(c | prefix) for reading a text: from the final states ``hidden``, or from ``prior_hidden``
-        (the states of ``prior_layer``) when the prior reads another layer."""
+        (what ``prior_states`` gives of ``prior_layer``'s) when the prior reads another layer."""
         if self.config.prior_layer is None:
             return self.head.log_prior(hidden)
         if prior_hidden is None:

@@ -527,7 +527,8 @@ class CLIPerEngine:
             raise EmptyPromptError("The response to measure is empty")
         ids = torch.tensor([(prompt_ids or [self.pad_token_id]) + response_ids])
         with torch.inference_mode():
-            log_probs = self.classifier.sequence_log_probs(ids, torch.ones_like(ids))
+            answer_start = ids.shape[1] - len(response_ids)
+            log_probs = self.classifier.sequence_log_probs(ids, torch.ones_like(ids), answer_start=answer_start)
         mean = log_probs[0, -len(response_ids) :].mean(0)
         classes = self.classifier.classes
         style: dict[str, float] = {}

@@ -94,6 +94,8 @@ class TrainConfig:
     """With a learned prior: whether decoding uses it too (``core/classifier.py``)."""
     prior_layer: int | None = None
     """The backbone layer a reading-only learned prior reads (None: the final state)."""
+    prior_pooling: Literal["last", "mean"] = "last"
+    """What the prior reads of that layer at a position: its state, or the answer's mean state up to it."""
     candidates: int = 32
     """Bayes form: the base model's top-k tokens the observed one is scored among (as at decoding)."""
     contrast_filter: bool = True
@@ -343,7 +345,15 @@ def encode_rows(
             ranked = classifier.base_candidates(feature["hidden"], feature["next_ids"], candidates)
             feature.update(candidates=ranked[0].int(), candidate_log_lm=ranked[1].half(), next_log_lm=ranked[2].float())
             _store(cache, keys[index], feature, layer_name)
-    return [features[index] for index in range(len(rows))]
+    return [_as_the_prior_reads(classifier, features[index]) for index in range(len(rows))]
+
+
+def _as_the_prior_reads(classifier: PreferenceClassifier, feature: Features) -> Features:
+    """One response's features with its prior-layer states as the prior reads them (``prior_states``): the
+    cache keeps the states themselves, so one cache serves priors that pool and priors that do not."""
+    if "prior_hidden" not in feature or classifier.config.prior_pooling == "last":
+        return feature
+    return {**feature, "prior_hidden": classifier.prior_states(feature["prior_hidden"].float()).half()}
 
 
 def teach_rows(
@@ -556,6 +566,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         guidance_prior=config.guidance_prior,
         prior_layer=config.prior_layer,
         shift_rank=config.shift_rank,
+        prior_pooling=config.prior_pooling,
     )
     trainable = (
         _prior_on(classifier, prior_on, base, config.head_parts_from, config.main_guided_classes)
@@ -755,6 +766,7 @@ def _start_prior_from(classifier: PreferenceClassifier, folder: Path, base: Load
         "class_prior": "learned",
         "classes": classifier.classes,
         "prior_layer": classifier.config.prior_layer,
+        "prior_pooling": classifier.config.prior_pooling,
         "head_size": classifier.config.head_size,
     }
     _require_settings(donor, wanted, "--prior-from", folder)
