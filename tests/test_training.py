@@ -619,6 +619,12 @@ def test_a_main_joint_prior_keeps_the_main_classes_guidance_and_their_probed_alp
     assert hybrid.config.plausibility_floors == {"concise": 0.3}  # the donor's informative was not probed
     assert hybrid.config.unprompted_favourite_ngrams == {"concise": None}
     assert metrics["validation"]["response_accuracy"] >= 0.9
+    # a reading prior on a middle layer, pooled or not, leaves the main head's guidance alone
+    for pooling in ("last", "mean"):
+        layered = {"output": tmp_path / pooling, "prior_layer": 1, "prior_pooling": pooling}
+        train_classifier(base, TrainConfig(**{**hybrid_run.__dict__, **layered}))
+        read = PreferenceClassifier.load(tmp_path / pooling, base)
+        assert read.guidance_digest(["concise"]) == hybrid.guidance_digest(["concise"])
     # a part for both poles of which concise keeps the main head's guidance, and so its probed settings
     pole_run = TrainConfig(
         **{

@@ -961,6 +961,7 @@ class PreferenceClassifier(nn.Module):
             "posterior": "joint",
             "class_prior": "uniform",
             "prior_layer": None,
+            "prior_pooling": "last",
         }
         config = ClassifierConfig.model_validate(self.config.model_copy(update=alone).model_dump())
         return PreferenceClassifier(config, self.backbone, self.head.parts[0])
