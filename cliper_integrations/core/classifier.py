@@ -514,7 +514,7 @@ _TAP_LOCK = threading.Lock()
 def running_mean(states: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """At each position [..., T, H], the mean of the states up to it over the positions ``kept`` [..., T]
     marks (every one without it); zeros before the first kept position."""
-    weights = torch.ones(states.shape[:-1], dtype=states.dtype) if kept is None else kept.to(states.dtype)
+    weights = torch.ones_like(states[..., 0]) if kept is None else kept.to(states.dtype)
     sums = (states * weights.unsqueeze(-1)).cumsum(-2)
     return sums / weights.cumsum(-1).clamp(min=1).unsqueeze(-1)
 
