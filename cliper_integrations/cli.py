@@ -468,7 +468,12 @@ def data_generate(
     output: Annotated[Path, typer.Option(help="JSONL to append to")] = Path("data/train_generations.jsonl"),
     instructions: Path = Path("../shared/data/instructions/alpaca_train.jsonl"),
     num_instructions: int = 300,
-    classes: Annotated[str, typer.Option(help="comma-separated classes")] = ",".join(DEFAULT_CLASSES),
+    classes: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated classes; 'unrequested' answers with no request at all (read by a teacher only)"
+        ),
+    ] = ",".join(DEFAULT_CLASSES),
     max_new_tokens: int = 160,
     batch_size: int = 16,
     temperature: float = 0.7,
@@ -477,7 +482,7 @@ def data_generate(
     model: ModelOption = EMBEDDED_SPEC,
 ) -> None:
     """Ask the base model for every class in plain words (batched, seeded, resumable)."""
-    from cliper_integrations.core.preferences import TRAINABLE_CLASSES, canonical_class
+    from cliper_integrations.core.preferences import TRAINABLE_CLASSES, UNREQUESTED, canonical_class
     from cliper_integrations.training.data import DataGenerationConfig, generate_dataset
 
     if "eval" in instructions.parts:
@@ -487,7 +492,7 @@ def data_generate(
             instructions=instructions,
             output=output,
             num_instructions=num_instructions,
-            classes=tuple(canonical_class(name, TRAINABLE_CLASSES) for name in classes.split(",")),
+            classes=tuple(canonical_class(name, (*TRAINABLE_CLASSES, UNREQUESTED)) for name in classes.split(",")),
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             temperature=temperature,

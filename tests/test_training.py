@@ -97,6 +97,22 @@ def test_data_generation_is_batched_seeded_and_resumable(tmp_path, base):
     assert by_sample[1] != by_sample[2]  # each sample has its own seed
 
 
+def test_unrequested_answers_are_the_base_models_own_to_the_plain_instruction(tmp_path, base):
+    """``unrequested``: the instruction with no request appended (greedy here, so comparable)."""
+    from cliper_integrations.core.engine import GenerationRequest
+
+    instructions = tmp_path / "instructions.jsonl"
+    instructions.write_text(json.dumps({"id": "i0", "instruction": "Say something about rain", "input": ""}) + "\n")
+    engine = CLIPerEngine(base, classifier=None)
+    config = DataGenerationConfig(
+        instructions, tmp_path / "out.jsonl", 1, ("unrequested",), max_new_tokens=6, temperature=0.0
+    )
+    generate_dataset(engine, config)
+    (row,) = [json.loads(line) for line in config.output.read_text().splitlines()]
+    (plain,) = engine.generate_batch([GenerationRequest("Say something about rain", max_new_tokens=6, guidance=False)])
+    assert row["class"] == "unrequested" and row["response"] == plain.text
+
+
 def rows_as_lines(rows):
     return [json.dumps(r, ensure_ascii=False) for r in rows]
 
@@ -514,6 +530,43 @@ def test_a_teacher_reads_the_prompted_base_model_and_pulls_the_head_towards_it(t
     expected = torch.log_softmax(logits.float(), -1).gather(-1, feature["candidates"].long())
     assert feature["teacher.concise"].shape == (len(answer), 8)
     assert torch.allclose(feature["teacher.concise"].float(), expected, atol=2e-2)
+
+
+def test_answers_written_with_no_request_teach_through_the_teacher_alone(tmp_path, base):
+    """``unrequested`` rows (the base model's own answers) have no class: with a teacher they join training
+    (training side of the split only) and move the head through the teacher term alone (the losses leave
+    their positions out); without one they are left out, and the head is the labelled data's alone."""
+    from cliper_integrations.core.classifier import PreferenceClassifier
+
+    labelled = _style_rows(24)
+    own = [
+        {**row, "class": "unrequested", "response": f"{row['response']} and so on"}
+        for row in labelled
+        if row["class"] == "concise"
+    ]
+    plain, mixed = tmp_path / "plain.jsonl", tmp_path / "mixed.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in labelled))
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in labelled + own))
+    settings = {"epochs": 3, "patience": 3, "feature_cache": tmp_path / "features", "contrast_filter": False}
+    alone = train_classifier(base, _tiny_config(plain, tmp_path / "alone", **settings))
+    unread = train_classifier(base, _tiny_config(mixed, tmp_path / "unread", **settings))
+    assert unread["data"]["unrequested_unread_dropped"] == len(own)
+    assert unread["data"]["train_unrequested_responses"] == 0 and unread["validation"] == alone["validation"]
+    first, second = (PreferenceClassifier.load(tmp_path / run, base) for run in ("alone", "unread"))
+    for name, tensor in first.head.state_dict().items():
+        torch.testing.assert_close(second.head.state_dict()[name], tensor, rtol=0, atol=0)
+
+    teacher = {**settings, "teacher_classes": ("concise",)}
+    train_classifier(base, _tiny_config(plain, tmp_path / "without", **teacher))
+    taught = train_classifier(base, _tiny_config(mixed, tmp_path / "taught", **teacher))
+    validation_side = len(split_by_instruction(own, 0.15, 0)[1])
+    assert 0 < taught["data"]["train_unrequested_responses"] == len(own) - validation_side
+    assert taught["data"].get("unrequested_unread_dropped", 0) == validation_side
+    assert "unrequested" not in taught["data"]["per_class"]
+    assert all(math.isfinite(epoch["val_loss"]) for epoch in taught["history"])
+    heads = [PreferenceClassifier.load(tmp_path / run, base).head.state_dict() for run in ("without", "taught")]
+    assert all(torch.isfinite(tensor).all() for tensor in heads[1].values())
+    assert any(not torch.equal(heads[0][name], heads[1][name]) for name in heads[0])
 
 
 def test_teacher_classes_must_be_trained_classes_on_an_axis(tmp_path):

@@ -27,6 +27,9 @@ REFUSAL = "refusal"
 BACKGROUND_CLASSES: tuple[str, ...] = (REFUSAL,)
 # Every class the training data and a trained classifier may hold: the user classes and the background ones.
 TRAINABLE_CLASSES: tuple[str, ...] = DEFAULT_CLASSES + BACKGROUND_CLASSES
+# Answers written with no request at all: the base model's own, the prefixes guidance steers from. They
+# have no class, so training reads them with a teacher only (``cliper train --teacher``), never as a label.
+UNREQUESTED = "unrequested"
 # What reads as a refusal: the openings small instruction-tuned models decline with (English only).
 REFUSAL_OPENING = re.compile(
     r"^\W*(i'?m sorry|i am sorry|sorry, (?:but|i can)|i can(?:no|')t (?:assist|help|comply|provide|do)|"

@@ -19,7 +19,14 @@ from typing import TextIO
 from tqdm.auto import tqdm
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
-from cliper_integrations.core.preferences import AXES, DEFAULT_CLASSES, PREFERENCE_REQUESTS, axis_of, is_refusal
+from cliper_integrations.core.preferences import (
+    AXES,
+    DEFAULT_CLASSES,
+    PREFERENCE_REQUESTS,
+    UNREQUESTED,
+    axis_of,
+    is_refusal,
+)
 from cliper_integrations.core.prompting import instruction_text, with_preference_request
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, vader_compound, word_count
 
@@ -192,10 +199,12 @@ def _write_answers(
     out: TextIO,
     counts: Counter,
 ) -> None:
-    """Answer one batch of instructions for one class, unguided, and append the rows."""
+    """Answer one batch of instructions for one class (``UNREQUESTED``: with no request), unguided, and
+    append the rows."""
+    weights = {} if name == UNREQUESTED else {name: 1.0}
     requests = [
         GenerationRequest(
-            with_preference_request([{"role": "user", "content": instruction_text(r)}], {name: 1.0}),
+            with_preference_request([{"role": "user", "content": instruction_text(r)}], weights),
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             top_p=config.top_p,

@@ -36,6 +36,7 @@ from cliper_integrations.core.preferences import (
     BACKGROUND_CLASSES,
     REFUSAL,
     TRAINABLE_CLASSES,
+    UNREQUESTED,
     axis_of,
     is_refusal,
 )
@@ -178,13 +179,17 @@ Features = dict[str, torch.Tensor]
 prior on another layer, ``prior_hidden`` [T, H])."""
 BAYES_FEATURES = ("candidates", "candidate_log_lm", "next_log_lm")
 STATES = ("hidden", "prior_hidden")
+UNLABELLED = -100
+"""The label of the positions of an answer written with no request: the losses leave them out (PyTorch's
+``ignore_index``), and only the teacher reads them."""
 
 
 def judge_row(row: dict, classes: tuple[str, ...]) -> tuple[dict | None, str | None]:
     """What training makes of one generated row: the row to train (relabelled ``refusal`` where it
     declines and that class is trained) and None, or None and why it is dropped (refusals, degenerate,
-    echoes, refusal_requests_answered), or None and None for a class not among ``classes``. Judged from the
-    text, so rows written before a check existed are judged the same way."""
+    echoes, refusal_requests_answered), or None and None for a class not among ``classes`` (``UNREQUESTED``
+    rows are kept: a teacher reads them). Judged from the text, so rows written before a check existed are
+    judged the same way."""
     refused = bool(row.get("refusal")) or is_refusal(row["response"])
     if refused and REFUSAL in classes:
         return {**row, "class": REFUSAL}, None
@@ -196,7 +201,7 @@ def judge_row(row: dict, classes: tuple[str, ...]) -> tuple[dict | None, str | N
         return None, "degenerate"
     if echoes_request(row["response"], row["class"]):
         return None, "echoes"
-    return (row, None) if row["class"] in classes else (None, None)
+    return (row, None) if row["class"] in classes or row["class"] == UNREQUESTED else (None, None)
 
 
 def load_rows(paths: Sequence[Path], classes: tuple[str, ...]) -> tuple[list[dict], Counter]:
@@ -388,8 +393,11 @@ def teach_rows(
 
 
 def _taught_by_teacher(row: dict, teacher_classes: tuple[str, ...], teacher_answers: str) -> bool:
-    """Whether the teacher reads this answer: every answer, or those on the teacher classes' axes."""
-    return teacher_answers == "all" or axis_of(row["class"]) in {axis_of(name) for name in teacher_classes}
+    """Whether the teacher reads this answer: every answer, or those on the teacher classes' axes, and
+    always one written with no request (``UNREQUESTED``: the teacher is all it is read by)."""
+    if teacher_answers == "all" or row["class"] == UNREQUESTED:
+        return True
+    return axis_of(row["class"]) in {axis_of(name) for name in teacher_classes}
 
 
 def _layer_name(classifier: PreferenceClassifier) -> str | None:
@@ -421,9 +429,10 @@ def assemble(
     teacher_classes: tuple[str, ...] = (),
     teacher_answers: str = "axis",
 ) -> EncodedSet:
-    """Stack per-response features into one training set labelled with each response's class; the
-    teacher's targets only for the answers ``teacher_answers`` names (a shared cache may hold more)."""
-    labels = [classes.index(row["class"]) for row in rows]
+    """Stack per-response features into one training set labelled with each response's class (``UNLABELLED``
+    for one written with no request); the teacher's targets only for the answers ``teacher_answers`` names
+    (a shared cache may hold more)."""
+    labels = [UNLABELLED if row["class"] == UNREQUESTED else classes.index(row["class"]) for row in rows]
     lengths = torch.tensor([len(feature["next_ids"]) for feature in features])
     names = [name for name in (*STATES, "next_ids", *BAYES_FEATURES) if all(name in f for f in features)]
     teacher = (
@@ -543,6 +552,8 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
     torch.manual_seed(config.seed)
     prior_on = _prior_on_folder(config.prior_on, base) if config.prior_on else None
     rows, dropped = load_rows(config.data, config.classes)
+    unrequested = [row for row in rows if row["class"] == UNREQUESTED]
+    rows = [row for row in rows if row["class"] != UNREQUESTED]
     present = {row["class"] for row in rows}
     classes = tuple(name for name in config.classes if name not in BACKGROUND_CLASSES or name in present)
     train_rows, all_val_rows = split_by_instruction(rows, config.val_fraction, config.seed)
@@ -577,8 +588,12 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         _start_prior_from(classifier, _prior_on_folder(config.prior_from, base), base)
     candidates = config.candidates if classifier.config.form == "bayes" else 0
     teacher = config.teacher_classes
+    # answers written with no request teach only through the teacher, and only on the training side
+    taught_alone = split_by_instruction(unrequested, config.val_fraction, config.seed)[0] if teacher else []
+    if unread := len(unrequested) - len(taught_alone):
+        dropped["unrequested_unread"] = unread
     # at 0 epochs nothing trains (the head and prior are other runs'): only the validation answers are read
-    fitted_rows = train_rows if config.epochs else []
+    fitted_rows = train_rows + taught_alone if config.epochs else []
     features = encode_rows(classifier, base, fitted_rows + all_val_rows, config.feature_cache, candidates=candidates)
     all_val_features = features[len(fitted_rows) :]
     kept = {id(row) for row in val_rows}
@@ -594,8 +609,11 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
         train = assemble(features[: len(fitted_rows)], fitted_rows, classes, teacher, config.teacher_answers)
     history = _fit(classifier, trainable, train, val, classes, config) if train is not None else []
     classifier.head.eval()
+    labelled = train  # what the training figures read: the answers with a class
+    if train is not None and taught_alone:
+        labelled = assemble(features[: len(train_rows)], train_rows, classes, teacher, config.teacher_answers)
     metrics = {
-        "train": evaluate(classifier, train, classes) if train is not None else None,
+        "train": evaluate(classifier, labelled, classes) if labelled is not None else None,
         "validation": evaluate(classifier, val, classes),
         "validation_by_model": _by_model(classifier, val_features, val_rows, classes),
         "validation_unfiltered": evaluate(classifier, assemble(all_val_features, all_val_rows, classes), classes),
@@ -607,6 +625,7 @@ def train_classifier(base: LoadedModel, config: TrainConfig, backbone: LoadedMod
             "degenerate_dropped": dropped.pop("degenerate", 0),
             **{f"{reason}_dropped": n for reason, n in sorted(dropped.items())},
             "train_responses": len(train_rows),
+            "train_unrequested_responses": len(taught_alone) if config.epochs else 0,
             "validation_responses": len(val_rows),
             "train_instructions": len({r["id"] for r in train_rows}),
             "validation_instructions": len({r["id"] for r in val_rows}),
@@ -637,9 +656,10 @@ def _fit(
     ``classifier`` and return each epoch's validation figures."""
     head = classifier.head
     # Balance classes by token count, so long answers do not drown short ones.
-    class_tokens = torch.bincount(train.labels, minlength=len(classes)).float().clamp(min=1)
+    labels, response_labels = (kept[kept != UNLABELLED] for kept in (train.labels, train.response_labels))
+    class_tokens = torch.bincount(labels, minlength=len(classes)).float().clamp(min=1)
     class_weight = class_tokens.sum() / (len(classes) * class_tokens)
-    response_counts = torch.bincount(train.response_labels, minlength=len(classes)).float().clamp(min=1)
+    response_counts = torch.bincount(response_labels, minlength=len(classes)).float().clamp(min=1)
     response_class_weight = response_counts.sum() / (len(classes) * response_counts)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     best, best_state, stale, history = float("inf"), None, 0, []
