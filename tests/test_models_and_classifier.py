@@ -479,6 +479,34 @@ def test_a_head_joins_a_composition_and_every_other_class_keeps_its_scores(base,
     assert after.guidance_digest(["concise"]) != after.guidance_digest(["friendly"])
 
 
+def test_a_donor_for_exactly_a_parts_classes_replaces_that_part(base):
+    """A new tone head for a composition that has one: the part is swapped in place of the old one, its
+    classes take the new donor's scores, and every other class keeps its scores and its guidance."""
+    from cliper_integrations.core.classifier import compose
+
+    classes = ["elementary", "expert", "concise", "friendly", "unfriendly", "refusal"]
+    main, tone, expertise, new_tone = (
+        PreferenceClassifier.create(base, classes, form="bayes", head_size=16, seed=s) for s in (1, 2, 3, 4)
+    )
+    before = compose(main, [(["friendly", "unfriendly"], tone), (["elementary", "expert"], expertise)], "main-joint")
+    after = compose(before, [(["unfriendly", "friendly"], new_tone)])
+    assert after.config.head_parts == [["unfriendly", "friendly"], ["elementary", "expert"]]  # in its place
+    hidden = torch.randn(2, after.config.hidden_size)
+    candidates = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    scores = after.head(hidden, after._project(candidates))
+    tone_rows, other_rows = [3, 4], [0, 1, 2, 5]
+    torch.testing.assert_close(
+        scores[..., tone_rows], new_tone.head(hidden, new_tone._project(candidates))[..., tone_rows]
+    )
+    torch.testing.assert_close(
+        scores[..., other_rows], before.head(hidden, before._project(candidates))[..., other_rows]
+    )
+    for kept in (["expert"], ["concise"], ["elementary", "concise"]):
+        assert after.guidance_digest(kept) == before.guidance_digest(kept)
+    for changed in (["friendly"], ["unfriendly"], ["concise", "unfriendly"]):
+        assert after.guidance_digest(changed) != before.guidance_digest(changed)
+
+
 def test_a_main_guided_class_keeps_the_main_heads_guidance_while_its_part_guides_the_other_pole(base, tmp_path):
     """``main_guided``: a part joins for both poles of an axis, but one pole guides by the main head's
     posterior (its log-probs and digest), while the other pole is told apart from the part's score of
@@ -531,8 +559,9 @@ def test_head_parts_must_be_compatible_disjoint_groups_of_the_classes(base):
     composed = compose(main, [(["friendly"], PreferenceClassifier.create(base, classes, form="bayes", head_size=16))])
     with pytest.raises(ValueError, match="donor may not have parts"):
         compose(main, [(["informative"], composed)])
-    with pytest.raises(ValueError, match="head_parts"):  # a class already scored by a part of the main one
-        compose(composed, [(["friendly"], PreferenceClassifier.create(base, classes, form="bayes", head_size=16))])
+    with pytest.raises(ValueError, match="head_parts"):  # a class already scored by a part, with another one
+        donor = PreferenceClassifier.create(base, classes, form="bayes", head_size=16)
+        compose(composed, [(["friendly", "informative"], donor)])
     settings = main.config.model_dump()
     for parts in ([["friendly"], ["friendly"]], [["cheerful"]], [[]], [classes]):
         with pytest.raises(ValueError, match="head_parts"):

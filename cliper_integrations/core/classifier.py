@@ -423,9 +423,10 @@ def compose(
     pair becomes a part that scores those classes exactly as ``donor`` does, and every other class is
     scored exactly as ``main`` scores it, read under ``posterior`` (default: ``main``'s); ``main_guided``
     parts' classes keep the main head's posterior (``main_guided_classes``, added to ``main``'s). A ``main``
-    that has parts already keeps them, so a head for one more axis can join a shipped composition. The prior
-    (if any) is ``main``'s: fit it again on the composed likelihoods (``cliper train --prior-on … --part
-    …``) before reading texts with it."""
+    that has parts already keeps them, so a head for one more axis can join a shipped composition, except a
+    part whose classes a donor names exactly: the donor replaces it (a new tone head for a shipped
+    composition's). The prior (if any) is ``main``'s: fit it again on the composed likelihoods (``cliper
+    train --prior-on … --part …``) before reading texts with it."""
     for _, donor in donors:
         settings = ("kind", "form", "classes", "head_size", "shift_rank", "tokenizer_fingerprint")
         if mismatch := [name for name in settings if getattr(donor.config, name) != getattr(main.config, name)]:
@@ -434,7 +435,19 @@ def compose(
         raise ValueError("A head part must be a single-head classifier (a donor may not have parts)")
     if main.config.form != "bayes":
         raise ValueError("Head parts need the bayes form, whose class likelihoods are each normalised on their own")
-    head_parts = [*main.config.head_parts, *(list(names) for names, _ in donors)]
+    # a donor naming exactly a part's classes takes that part's place (so the other parts keep their
+    # places, and their guidance digests); any other donor joins as a new part
+    replacing = {
+        index: donor
+        for index, part in enumerate(main.config.head_parts)
+        for donor in donors
+        if set(donor[0]) == set(part)
+    }
+    joining = [donor for donor in donors if all(donor is not other for other in replacing.values())]
+    head_parts = [
+        list(replacing[index][0]) if index in replacing else part for index, part in enumerate(main.config.head_parts)
+    ]
+    head_parts += [list(names) for names, _ in joining]
     update = {
         "head_parts": head_parts,
         "posterior": posterior or main.config.posterior,
@@ -443,9 +456,12 @@ def compose(
     config = ClassifierConfig.model_validate(main.config.model_copy(update=update).model_dump())  # check the parts
     rows, shadows = _part_layout(config)
     own_heads = list(main.head.parts) if isinstance(main.head, ComposedHead) else [main.head]
-    heads = [*own_heads, *(donor.head for _, donor in donors)]
     scored, _ = _part_layout(main.config)  # the rows each of main's heads scores now; a donor scores all
-    scored += [list(range(len(config.classes)))] * len(donors)
+    every_row = list(range(len(config.classes)))
+    for index, (_, donor) in replacing.items():
+        own_heads[index + 1], scored[index + 1] = donor.head, every_row
+    heads = [*own_heads, *(donor.head for _, donor in joining)]
+    scored += [every_row] * len(joining)
     parts = [
         head.restricted_to([had.index(row) for row in part])
         for head, had, part in zip(heads, scored, rows, strict=True)
