@@ -87,6 +87,17 @@ def generate_in_batches(
     return results
 
 
+def add_instruction_options(parser: argparse.ArgumentParser, prompts: int, max_new_tokens: int) -> None:
+    """The options every probe on these instructions takes: which of them, how long an answer, which dtype."""
+    parser.add_argument("--prompts", type=int, default=prompts)
+    parser.add_argument("--skip", type=int, default=0, help="start after this many prompts (a fresh set of them)")
+    parser.add_argument(
+        "--all-kinds", action="store_true", help="draw every kind of instruction, not only open questions"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the model's weights)")
+
+
 def none_or(cast: Callable[[str], T]) -> Callable[[str], T | None]:
     """An argparse ``type`` for a setting that is a value or ``none`` (turned off)."""
     return lambda text: None if text == "none" else cast(text)
@@ -102,13 +113,7 @@ def main() -> None:
     parser.add_argument("--alphas", default="8", help="comma-separated α values")
     parser.add_argument("--classes", default=",".join(TARGETS), help="comma-separated classes; '+' joins a combination")
     parser.add_argument("--setting", choices=("guidance", "prompt+guidance"), default="guidance")
-    parser.add_argument("--prompts", type=int, default=6)
-    parser.add_argument("--skip", type=int, default=0, help="start after this many prompts (a fresh set of them)")
-    parser.add_argument(
-        "--all-kinds", action="store_true", help="draw every kind of instruction, not only open questions"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the model's weights)")
+    add_instruction_options(parser, prompts=6, max_new_tokens=64)
     parser.add_argument(
         "--plausibility",
         default=None,

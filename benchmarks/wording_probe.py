@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from steering_probe import generate_in_batches, probe_instructions, unguided_cache
+from steering_probe import add_instruction_options, generate_in_batches, probe_instructions, unguided_cache
 
 from cliper_integrations.core import preferences
 from cliper_integrations.core.engine import CLIPerEngine
@@ -35,13 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=preferences.DEFAULT_CLASSES, help="the class to ask for")
     parser.add_argument("wordings", nargs="+", help="alternative plain-words requests for the class")
-    parser.add_argument("--prompts", type=int, default=40)
-    parser.add_argument("--skip", type=int, default=0, help="start after this many prompts (a fresh set of them)")
-    parser.add_argument(
-        "--all-kinds", action="store_true", help="draw every kind of instruction, not only open questions"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the model's weights)")
+    add_instruction_options(parser, prompts=40, max_new_tokens=160)
     args = parser.parse_args()
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
     engine = CLIPerEngine("embedded", dtype=args.dtype)
