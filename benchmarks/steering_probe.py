@@ -125,6 +125,7 @@ def main() -> None:
         help="guided_no_repeat_ngram: the loop guard's n, or 'none' for no guard (default: the engine's)",
     )
     parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
+    parser.add_argument("--save", type=Path, help="append every answer with its metrics to this JSONL file")
     args = parser.parse_args()
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
     options = {"guided_plausibility": (args.plausibility, float), "guided_no_repeat_ngram": (args.no_repeat_ngram, int)}
@@ -144,6 +145,9 @@ def main() -> None:
             records = cache.responses(job, prompts)
         if args.show:
             print(f"  [{job.key}] {records[0]['response'][: args.show]!r}", flush=True)
+        if args.save:
+            with args.save.open("a") as saved:
+                saved.writelines(json.dumps(record) + "\n" for record in records)
         return summarize(records)
 
     unguided = answer(Job((), "unguided", 0.0))
