@@ -165,7 +165,8 @@ def main() -> None:
             print(
                 f"{label}: {verdicts}  {further}  {fluency(unguided, row)}  words {row['words']:.1f} "
                 f"fk {row['fk_grade']:.1f} vader {row['vader']:.2f} ppl {row['perplexity']:.2f} "
-                f"distinct-2 {row['distinct2']:.2f} refusals {row['refusals']:.2f}",
+                f"distinct-2 {row['distinct2']:.2f} refusals {row['refusals']:.2f} "
+                f"stopped short {row['stopped_short']:.2f}",
                 flush=True,
             )
 

@@ -101,9 +101,24 @@ def test_eval_measures_the_classes_asked_for_and_counts_answers_cut_off(tmp_path
     unguided = [r for r in records[1:] if r["job"] == "-|unguided|0"]
     cut = [r["finish_reason"] == "length" for r in unguided]
     assert numbers["unguided"]["cut_off"] == pytest.approx(sum(cut) / len(cut))
-    assert "| cut off |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| cut off | stopped short |" in (tmp_path / "out" / "results.md").read_text()
     older = [{key: value for key, value in r.items() if key != "finish_reason"} for r in unguided]
-    assert math.isnan(summarize(older)["cut_off"])
+    assert math.isnan(summarize(older)["cut_off"]) and math.isnan(summarize(older)["stopped_short"])
+
+
+def test_answers_the_model_ends_within_a_few_words_count_as_stopped_short():
+    from cliper_integrations.evaluation.steering import SHORT_ANSWER_WORDS, summarize
+
+    def record(response: str, finish_reason: str) -> dict:
+        words = len(response.split())
+        fields = {"fk_grade": 5.0, "vader": 0.0, "perplexity": 2.0, "refusal": False}
+        return {"response": response, "words": words, "finish_reason": finish_reason, **fields}
+
+    few = " ".join(["word"] * (SHORT_ANSWER_WORDS - 1))
+    enough = " ".join(["word"] * SHORT_ANSWER_WORDS)
+    # ended by the model after a few words: counted; as many words but out of tokens, or one more: not
+    records = [record(few, "stop"), record("The", "stop"), record(few, "length"), record(enough, "stop")]
+    assert summarize(records)["stopped_short"] == pytest.approx(0.5)
 
 
 def test_rewriting_the_report_keeps_the_hand_written_notes(tmp_path):

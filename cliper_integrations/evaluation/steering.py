@@ -44,6 +44,10 @@ TARGETS = {
 }
 RESPONSES_FILE = "results_responses.jsonl"
 COMBINATIONS = [("concise", "friendly"), ("elementary", "friendly"), ("expert", "informative", "unfriendly")]
+# Answers the model itself ends in fewer words than this are counted as stopped short: perplexity (a
+# mean per token) and distinct-2 (which rises as answers shrink) do not see guidance that ends an answer
+# after a word or two (docs/classifier.md, "Unfriendly alone at α 40 or 48?").
+SHORT_ANSWER_WORDS = 5
 
 
 @dataclass
@@ -308,7 +312,8 @@ def summarize(records: list[dict]) -> dict[str, float]:
     metrics without an upper bound, where a few answers would dominate a mean: perplexity (run-on answers;
     empty answers have none and are left out) and Flesch-Kincaid grade (a table or a list without full
     stops reads as one sentence of 150 words: grade 50). ``cut_off``: the share of answers that ran out of
-    new tokens (NaN when a record predates it): a length ratio means little where answers were cut off."""
+    new tokens (NaN when a record predates it): a length ratio means little where answers were cut off.
+    ``stopped_short``: the share the model ended itself in fewer than ``SHORT_ANSWER_WORDS`` words (NaN likewise)."""
     perplexities = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
     known = all("finish_reason" in r for r in records)
     return {
@@ -319,6 +324,11 @@ def summarize(records: list[dict]) -> dict[str, float]:
         "perplexity": statistics.median(perplexities) if perplexities else float("nan"),
         "refusals": statistics.mean(r["refusal"] for r in records),
         "cut_off": statistics.mean(r["finish_reason"] == "length" for r in records) if known else float("nan"),
+        "stopped_short": (
+            statistics.mean(r["finish_reason"] == "stop" and r["words"] < SHORT_ANSWER_WORDS for r in records)
+            if known
+            else float("nan")
+        ),
     }
 
 
@@ -532,13 +542,14 @@ def report(results: dict, config: EvalConfig) -> str:
         f"at most {config.max_new_tokens} new tokens, α = {results['alpha']} per requested class"
         f"{_other_alphas(results)}, {_floors(results)}, {_loop_guard(results)}. "
         "FK grade and perplexity are medians over the prompts, the other metrics means; cut off: answers "
-        "that ran out of new tokens (– where the stored answers predate that record).",
+        f"that ran out of new tokens; stopped short: answers the model ended in fewer than {SHORT_ANSWER_WORDS} "
+        "words (– where the stored answers predate the record of how they ended).",
         "",
         "Unguided: " + ", ".join(f"{k} {v:.2f}" for k, v in base.items() if not math.isnan(v)),
         "",
         "| classes | setting | words | FK grade | VADER | distinct-2 | perplexity | refusals | cut off "
-        "| target vs unguided |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stopped short | target vs unguided |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for classes, settings in results["table"].items():
         for setting, row in settings.items():
@@ -546,7 +557,7 @@ def report(results: dict, config: EvalConfig) -> str:
             lines.append(
                 f"| {classes} | {setting} | {row['words']:.1f} | {row['fk_grade']:.2f} | {row['vader']:.3f} | "
                 f"{row['distinct2']:.3f} | {row['perplexity']:.2f} | {row['refusals']:.0%} | {_share(row['cut_off'])} "
-                f"| {target} |"
+                f"| {_share(row['stopped_short'])} | {target} |"
             )
     lines += [
         "",
