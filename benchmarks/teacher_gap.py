@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from steering_probe import probe_instructions, unguided_cache
+from steering_probe import add_instruction_options, probe_instructions, unguided_cache
 
 from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.engine import CLIPerEngine
@@ -67,10 +67,8 @@ def main() -> None:
     parser.add_argument("classifier", help="a classifier folder, or 'default'")
     parser.add_argument("--classes", default="friendly,unfriendly", help="the teacher classes to measure")
     parser.add_argument("--data", type=Path, action="append", help="training data files (default: both shipped)")
-    parser.add_argument("--prompts", type=int, default=100)
-    parser.add_argument("--skip", type=int, default=0)
-    parser.add_argument("--all-kinds", action="store_true", help="draw every kind of instruction")
-    parser.add_argument("--max-new-tokens", type=int, default=160)
+    # float32 only: the feature cache it shares with `cliper train` is keyed without a dtype
+    add_instruction_options(parser, prompts=100, max_new_tokens=160, dtype=False)
     parser.add_argument("--feature-cache", type=Path, default=Path("runs/features"))
     args = parser.parse_args()
     engine = CLIPerEngine("embedded", classifier=args.classifier)
