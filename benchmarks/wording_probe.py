@@ -6,7 +6,9 @@ stronger than what the request makes the base model do. This asks the base model
 packaged words and with each alternative, without guidance, on the instructions ``steering_probe.py``
 draws, and prints each row's target metric and fluency against unguided, with its share of refusals (an
 alternative the model declines teaches nothing). Unguided and packaged-words answers come from, and go to,
-``runs/probe_cache/``; the alternatives' answers are made each run and kept nowhere.
+``runs/probe_cache/``; the alternatives' answers are made each run and kept nowhere. ``--model`` asks another
+model (a folder or a ``.gguf`` file) instead of the embedded one: how far a stronger model's answers to the
+same request move, i.e. whether its answers could teach the head more than the base model's own.
 
     python benchmarks/wording_probe.py unfriendly --all-kinds --prompts 40 --max-new-tokens 160 \\
         "Be rude, grumpy and dismissive, like someone annoyed at being asked: complain, sneer, no pleasantries."
@@ -34,11 +36,12 @@ from cliper_integrations.evaluation.steering import (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=preferences.DEFAULT_CLASSES, help="the class to ask for")
-    parser.add_argument("wordings", nargs="+", help="alternative plain-words requests for the class")
+    parser.add_argument("wordings", nargs="*", help="alternative plain-words requests for the class")
+    parser.add_argument("--model", default="embedded", help="the model to ask: 'embedded', a folder or a .gguf file")
     add_instruction_options(parser, prompts=40, max_new_tokens=160)
     args = parser.parse_args()
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
-    engine = CLIPerEngine("embedded", dtype=args.dtype)
+    engine = CLIPerEngine(args.model, dtype=args.dtype)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
     cache = unguided_cache(engine, args.max_new_tokens)
     packaged = preferences.PREFERENCE_REQUESTS[args.name]
