@@ -87,19 +87,16 @@ def generate_in_batches(
     return results
 
 
-def add_instruction_options(
-    parser: argparse.ArgumentParser, prompts: int, max_new_tokens: int, dtype: bool = True
-) -> None:
-    """The options every probe on these instructions takes: which of them, how long an answer, and (``dtype``)
-    which dtype the model's weights load in."""
+def add_instruction_options(parser: argparse.ArgumentParser, prompts: int, max_new_tokens: int) -> None:
+    """The options every probe on these instructions takes: which of them, how long an answer, and which
+    dtype the model's weights load in."""
     parser.add_argument("--prompts", type=int, default=prompts)
     parser.add_argument("--skip", type=int, default=0, help="start after this many prompts (a fresh set of them)")
     parser.add_argument(
         "--all-kinds", action="store_true", help="draw every kind of instruction, not only open questions"
     )
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    if dtype:
-        parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the model's weights)")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the model's weights)")
 
 
 def none_or(cast: Callable[[str], T]) -> Callable[[str], T | None]:

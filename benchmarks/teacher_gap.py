@@ -67,11 +67,10 @@ def main() -> None:
     parser.add_argument("classifier", help="a classifier folder, or 'default'")
     parser.add_argument("--classes", default="friendly,unfriendly", help="the teacher classes to measure")
     parser.add_argument("--data", type=Path, action="append", help="training data files (default: both shipped)")
-    # float32 only: the feature cache it shares with `cliper train` is keyed without a dtype
-    add_instruction_options(parser, prompts=100, max_new_tokens=160, dtype=False)
+    add_instruction_options(parser, prompts=100, max_new_tokens=160)
     parser.add_argument("--feature-cache", type=Path, default=Path("runs/features"))
     args = parser.parse_args()
-    engine = CLIPerEngine("embedded", classifier=args.classifier)
+    engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype)
     classifier, base = engine.classifier, engine.loaded
     names = tuple(args.classes.split(","))
     data = args.data or [Path("data/train_generations.jsonl"), Path("data/train_generations_smollm2.jsonl")]

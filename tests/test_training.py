@@ -404,6 +404,31 @@ def test_a_prior_fitted_on_top_of_a_trained_head_leaves_guidance_as_it_was(tmp_p
         train_classifier(base, TrainConfig(**{**second.__dict__, "head_size": 16}))
 
 
+def test_the_feature_cache_keeps_each_dtypes_encoding_apart(tmp_path, base):
+    """Features encoded in bfloat16 differ from float32's: a run in one dtype must neither read nor
+    overwrite the other's cached files, while float32 runs keep finding theirs."""
+    import copy
+    import dataclasses
+
+    from cliper_integrations.core.classifier import PreferenceClassifier
+    from cliper_integrations.training.trainer import encode_rows
+
+    half = dataclasses.replace(base, model=copy.deepcopy(base.model).to(torch.bfloat16))
+    classifier, half_classifier = (
+        PreferenceClassifier.create(loaded, ["concise", "informative"], form="bayes", head_size=32)
+        for loaded in (base, half)
+    )
+    rows, cache = _style_rows(2), tmp_path / "cache"
+    first = encode_rows(classifier, base, rows, cache, candidates=8)
+    files = len(rows)
+    halved = encode_rows(half_classifier, half, rows, cache, candidates=8)
+    assert len(list(cache.iterdir())) == 2 * files  # its own files beside float32's
+    assert not any(torch.equal(a["hidden"], b["hidden"]) for a, b in zip(first, halved, strict=True))
+    again = encode_rows(classifier, base, rows, cache, candidates=8)
+    assert len(list(cache.iterdir())) == 2 * files
+    assert all(torch.equal(a["hidden"], b["hidden"]) for a, b in zip(first, again, strict=True))
+
+
 def test_a_pooled_prior_reads_training_answers_as_measuring_reads_their_text(tmp_path, base):
     """The trainer pools the prior's layer along each answer as ``sequence_log_probs`` does from the
     answer's start, so a pooled prior is fitted on what it later reads; the cache keeps the states

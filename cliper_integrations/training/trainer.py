@@ -406,8 +406,13 @@ def _layer_name(classifier: PreferenceClassifier) -> str | None:
 
 
 def _feature_keys(classifier: PreferenceClassifier, base: LoadedModel, rows: list[dict]) -> list[str]:
-    """Each row's feature-cache file name: its text and the backbone that encodes it."""
+    """Each row's feature-cache file name: its text, the backbone that encodes it and the base model that
+    ranks its candidates, with the dtypes they run in. Float32, the dtype every cached feature so far was
+    encoded in, adds nothing, so those keys hold."""
     identity = [classifier.config.kind, classifier.config.backbone, base.name]
+    dtypes = [str(model.dtype).removeprefix("torch.") for model in (classifier.backbone, base.model)]
+    if dtypes != ["float32", "float32"]:
+        identity.append(dtypes)
     return [
         hashlib.sha256(
             json.dumps([instruction_text(row), row["response"], bool(row.get("truncated")), identity]).encode()
