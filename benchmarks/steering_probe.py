@@ -19,14 +19,14 @@ import argparse
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from tqdm.auto import tqdm
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationResult
-from cliper_integrations.core.prompting import instruction_text
+from cliper_integrations.core.prompting import Message, instruction_text
 from cliper_integrations.evaluation.steering import (
     SETTINGS,
     TARGETS,
@@ -76,7 +76,7 @@ def unguided_cache(engine: CLIPerEngine, max_new_tokens: int) -> ResponseStore:
 
 
 def generate_in_batches(
-    engine: CLIPerEngine, prompts: list[str], job: Job, config: EvalConfig
+    engine: CLIPerEngine, prompts: Sequence[str | Sequence[Message]], job: Job, config: EvalConfig
 ) -> list[GenerationResult]:
     """``generate`` one engine batch at a time under a progress bar: the batches the engine itself makes
     of one job's rows, so the answers are the same, and a 100-prompt row shows how far it has come."""

@@ -8,7 +8,10 @@ draws, and prints each row's target metric and fluency against unguided, with it
 alternative the model declines teaches nothing). Unguided and packaged-words answers come from, and go to,
 ``runs/probe_cache/``; the alternatives' answers are made each run and kept nowhere. ``--model`` asks another
 model (a folder or a ``.gguf`` file) instead of the embedded one: how far a stronger model's answers to the
-same request move, i.e. whether its answers could teach the head more than the base model's own.
+same request move, i.e. whether its answers could teach the head more than the base model's own. ``--system``
+also asks with each wording as the system message (in place of the chat template's default one, Qwen's "You
+are Qwen, created by Alibaba Cloud. You are a helpful assistant.") instead of at the end of the user turn:
+whether the request's place, not its words, limits how far the model goes.
 
     python benchmarks/wording_probe.py unfriendly --all-kinds --prompts 40 --max-new-tokens 160 \\
         "Be rude, grumpy and dismissive, like someone annoyed at being asked: complain, sneer, no pleasantries."
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("name", choices=preferences.DEFAULT_CLASSES, help="the class to ask for")
     parser.add_argument("wordings", nargs="*", help="alternative plain-words requests for the class")
     parser.add_argument("--model", default="embedded", help="the model to ask: 'embedded', a folder or a .gguf file")
+    parser.add_argument("--system", action="store_true", help="also ask with each wording as the system message")
     add_instruction_options(parser, prompts=40, max_new_tokens=160)
     args = parser.parse_args()
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
@@ -46,28 +50,38 @@ def main() -> None:
     cache = unguided_cache(engine, args.max_new_tokens)
     packaged = preferences.PREFERENCE_REQUESTS[args.name]
 
-    def answer(job: Job, cached: bool) -> dict[str, float]:
+    def answer(job: Job, cached: bool, system: str | None = None) -> dict[str, float]:
         missing = cache.missing(job, prompts) if cached else prompts
-        results = generate_in_batches(engine, [prompt for _, prompt in missing], job, config)
+        inputs = [
+            prompt if system is None else [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+            for _, prompt in missing
+        ]
+        results = generate_in_batches(engine, inputs, job, config)
         records = [response_record(engine, job, None, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
         if not cached:
             return summarize(records)
         cache.add(records)
         return summarize(cache.responses(job, prompts))
 
-    unguided = answer(Job((), "unguided", 0.0), cached=True)
+    plain = Job((), "unguided", 0.0)
+    unguided = answer(plain, cached=True)
     print("unguided", {name: round(value, 2) for name, value in unguided.items()}, flush=True)
     asked = Job((args.name,), "prompt", 1.0)
+
+    def report(label: str, row: dict[str, float], wording: str) -> None:
+        print(
+            f"{label}: {verdict(args.name, unguided, row)}  {fluency(unguided, row)}  words {row['words']:.1f} "
+            f"vader {row['vader']:.2f} fk {row['fk_grade']:.1f} refusals {row['refusals']:.2f}  {wording!r}",
+            flush=True,
+        )
+
     try:
         labelled = [("packaged", packaged), *((f"alternative {n}", w) for n, w in enumerate(args.wordings, 1))]
         for label, wording in labelled:
             preferences.PREFERENCE_REQUESTS[args.name] = wording
-            row = answer(asked, cached=wording == packaged)
-            print(
-                f"{label}: {verdict(args.name, unguided, row)}  {fluency(unguided, row)}  words {row['words']:.1f} "
-                f"vader {row['vader']:.2f} fk {row['fk_grade']:.1f} refusals {row['refusals']:.2f}  {wording!r}",
-                flush=True,
-            )
+            report(label, answer(asked, cached=wording == packaged), wording)
+            if args.system:  # the instruction alone in the user turn, the words as the system message
+                report(f"{label}, as system message", answer(plain, cached=False, system=wording), wording)
     finally:
         preferences.PREFERENCE_REQUESTS[args.name] = packaged
 

@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +26,7 @@ from cliper_integrations.core import logits_processor
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.core.errors import EvalStoreError
 from cliper_integrations.core.preferences import is_refusal, preference_request
+from cliper_integrations.core.prompting import Message
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, perplexity, vader_compound, word_count
 
 SETTINGS = {
@@ -332,7 +334,9 @@ def summarize(records: list[dict]) -> dict[str, float]:
     }
 
 
-def generate(engine: CLIPerEngine, prompts: list[str], job: Job, config: EvalConfig) -> list[GenerationResult]:
+def generate(
+    engine: CLIPerEngine, prompts: Sequence[str | Sequence[Message]], job: Job, config: EvalConfig
+) -> list[GenerationResult]:
     flags = SETTINGS[job.setting]
     requests = [
         GenerationRequest(
