@@ -6,9 +6,14 @@ each setting's metrics moved (for example float32 against bfloat16, or one class
 Only the (prompt, setting) pairs both runs answered are compared; a setting's figures are ``summarize``'s
 (the medians and means the results page reports) over those shared prompts, first run → second run.
 With one run, each setting is compared with that run's own unguided answers: how many answers guidance
-(or the prompt) left word for word as they were.
+(or the prompt) left word for word as they were, and how many it turned into refusals ("newly declined").
+``--without-refusals`` keeps only the prompts where neither answer is a refusal (``is_refusal``): the engine
+leaves a prompt unguided where the base model's opening declines, so those answers are the same in every
+guided setting and hide how far guidance moves the rest. ``--list-refusals`` prints the unguided answers the
+detector flags, with their length: a disclaimer followed by a full answer reads as a refusal too.
 
     python benchmarks/compare_runs.py docs/results_responses.jsonl
+    python benchmarks/compare_runs.py docs/results_responses.jsonl --without-refusals --list-refusals
 """
 
 from __future__ import annotations
@@ -27,8 +32,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("first", type=Path)
     parser.add_argument("second", type=Path, nargs="?", help="omitted: compare with the first run's unguided answers")
+    parser.add_argument("--without-refusals", action="store_true", help="only prompts where neither answer declines")
+    parser.add_argument("--list-refusals", action="store_true", help="print the unguided answers that read as refusals")
     args = parser.parse_args()
     runs = [{(r["prompt_id"], r["job"]): r for r in read_store(path)[1]} for path in (args.first, args.second) if path]
+    if args.list_refusals:
+        for (prompt_id, job), record in sorted(runs[0].items()):
+            if job == UNGUIDED and record["refusal"]:
+                print(f"prompt {prompt_id}: {record['words']} words, {record['response'][:90]!r}")
     by_job: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     if len(runs) == 1:
         for (prompt_id, job), record in runs[0].items():
@@ -37,12 +48,16 @@ def main() -> None:
     else:
         for key in runs[0].keys() & runs[1].keys():
             by_job[key[1]].append((runs[0][key], runs[1][key]))
-    print(f"| setting | prompts | same answer | {' | '.join(SHOWN)} |\n| --- |{' --- |' * (len(SHOWN) + 2)}")
+    header = f"| setting | prompts | same answer | newly declined | {' | '.join(SHOWN)} |"
+    print(f"{header}\n| --- |{' --- |' * (len(SHOWN) + 3)}")
     for job, pairs in sorted(by_job.items()):
+        newly = sum(b["refusal"] and not a["refusal"] for a, b in pairs)
+        if args.without_refusals:
+            pairs = [(a, b) for a, b in pairs if not (a["refusal"] or b["refusal"])]
         same = sum(a["response"] == b["response"] for a, b in pairs)
         first, second = (summarize([pair[side] for pair in pairs]) for side in (0, 1))
         moved = " | ".join(f"{first[name]:.2f} → {second[name]:.2f}" for name in SHOWN)
-        print(f"| {job} | {len(pairs)} | {same / len(pairs):.0%} | {moved} |")
+        print(f"| {job} | {len(pairs)} | {same / len(pairs):.0%} | {newly} | {moved} |")
 
 
 if __name__ == "__main__":
