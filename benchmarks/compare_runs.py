@@ -54,6 +54,9 @@ def main() -> None:
         newly = sum(b["refusal"] and not a["refusal"] for a, b in pairs)
         if args.without_refusals:
             pairs = [(a, b) for a, b in pairs if not (a["refusal"] or b["refusal"])]
+        if not pairs:
+            print(f"| {job} | 0 | – | {newly} |{' – |' * len(SHOWN)}")
+            continue
         same = sum(a["response"] == b["response"] for a, b in pairs)
         first, second = (summarize([pair[side] for pair in pairs]) for side in (0, 1))
         moved = " | ".join(f"{first[name]:.2f} → {second[name]:.2f}" for name in SHOWN)
