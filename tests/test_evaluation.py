@@ -107,12 +107,12 @@ def test_eval_measures_the_classes_asked_for_and_counts_answers_cut_off(tmp_path
 
 
 def test_answers_the_model_ends_within_a_few_words_count_as_stopped_short():
+    from cliper_integrations.evaluation.metrics import word_count
     from cliper_integrations.evaluation.steering import SHORT_ANSWER_WORDS, summarize
 
     def record(response: str, finish_reason: str) -> dict:
-        words = len(response.split())
         fields = {"fk_grade": 5.0, "vader": 0.0, "perplexity": 2.0, "refusal": False}
-        return {"response": response, "words": words, "finish_reason": finish_reason, **fields}
+        return {"response": response, "words": word_count(response), "finish_reason": finish_reason, **fields}
 
     few = " ".join(["word"] * (SHORT_ANSWER_WORDS - 1))
     enough = " ".join(["word"] * SHORT_ANSWER_WORDS)
