@@ -203,6 +203,33 @@ def test_a_row_whose_base_model_opens_with_a_refusal_is_left_unguided(base, clas
     assert same_answer.text == answered.text
 
 
+def test_a_row_the_preference_request_makes_decline_is_answered_from_the_plain_questions_opening(base, classifier):
+    """Where the request in the prompt, not the question, makes the base model decline ("curt and
+    unfriendly" reads to it as a request to be rude), the user still gets an answer: the row starts from
+    the base model's opening to the plain question, still asked and guided. Where the plain question
+    declines too, the refusal is the base model's call and the row stays unguided; the batch's other rows
+    answer as they would alone, and a stream shows what the batch answers."""
+    weights = {"expert": 8.0}
+    plain = CLIPerEngine(base, classifier=None)
+    asked = GenerationRequest(PROMPTS[0], weights=weights, preference_prompt=True, guidance=False, max_new_tokens=12)
+    asked_answer, asked_opening = plain.generate(asked).text, plain.generate(replace(asked, max_new_tokens=6)).text
+    plain_opening = plain.generate(PROMPTS[0], max_new_tokens=6).text
+    assert asked_opening != plain_opening  # stands in for "I'm sorry" that only the request brings on
+    requests = [replace(asked, guidance=True), GenerationRequest(PROMPTS[1], weights=weights, max_new_tokens=12)]
+    engine = CLIPerEngine(base, classifier=classifier, declines=lambda text: text == asked_opening)
+    answered, other = engine.generate_batch(requests)
+    assert answered.text.startswith(plain_opening) and answered.text != asked_answer
+    assert answered.weights == weights and "preference request" in answered.warnings[0]
+    unasked_prompt_tokens = plain.generate(PROMPTS[0], max_new_tokens=1).prompt_tokens
+    assert answered.completion_tokens <= 12 and answered.prompt_tokens > unasked_prompt_tokens
+    assert other.text == engine.generate(requests[1]).text and not other.warnings
+    stream = engine.stream(requests[0])
+    assert "".join(stream) == answered.text and stream.result.warnings == answered.warnings
+    both = CLIPerEngine(base, classifier=classifier, declines=lambda text: text in (asked_opening, plain_opening))
+    declined = both.generate(requests[0])
+    assert declined.text == asked_answer and declined.weights == {} and "declines" in declined.weights_source
+
+
 def test_a_guided_opening_that_declines_where_the_base_model_does_not_is_answered_from_the_base_opening(
     base, classifier
 ):

@@ -250,6 +250,39 @@ def test_a_new_classifier_takes_another_runs_unguided_answers_and_makes_only_its
     assert (tmp_path / "out" / steering.RESPONSES_FILE).read_text() == before  # refusing loses nothing
 
 
+def test_a_store_from_before_the_unrequested_opening_lends_all_but_its_prompted_guided_refusals(
+    tmp_path, monkeypatch, base, shared_classifier
+):
+    """Since the engine answers a prompted, guided row that declines only when asked from the plain
+    question's opening, only such answers can differ: a store made before lends every other answer, and
+    its prompted, guided answers that open with a refusal are answered again."""
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.core.preferences import is_refusal
+    from cliper_integrations.evaluation.steering import RESPONSES_FILE, run_eval
+
+    engine, prompts = CLIPerEngine(base, classifier=shared_classifier), ["Explain rain.", "Hi"]
+    before = tmp_path / "old"
+    before.mkdir()
+    run_eval(engine, _eval_config(before, prompts))
+    path = before / "out" / RESPONSES_FILE
+    header, *lines = path.read_text().splitlines()
+    run = {key: value for key, value in json.loads(header)["run"].items() if key != "unrequested_opening"}
+    records = [json.loads(line) for line in lines]
+    asked = [r for r in records if r["job"].split("|")[1] == "prompt+guidance"]
+    alone = next(r for r in records if r["job"].split("|")[1] == "guidance")
+    for record, text in ((asked[0], "I'm sorry, I can't."), (alone, "I'm sorry, I can't."), (asked[1], "lent as is")):
+        record.update(response=text, refusal=is_refusal(text))
+    path.write_text("".join(json.dumps(line) + "\n" for line in [{"run": run}, *records]))
+
+    answered = _answered_jobs(monkeypatch)
+    run_eval(engine, _eval_config(tmp_path, prompts, reuse_from=(before / "out",)))
+    ours = _stored(tmp_path / "out")
+    assert ours[(asked[0]["prompt_id"], asked[0]["job"])]["response"] != asked[0]["response"]
+    assert [job.key for job in answered] == [asked[0]["job"]]  # the only answer made again
+    assert ours[(alone["prompt_id"], alone["job"])]["response"] == alone["response"]
+    assert ours[(asked[1]["prompt_id"], asked[1]["job"])]["response"] == "lent as is"
+
+
 def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it_guides_alike(
     tmp_path, monkeypatch, base
 ):

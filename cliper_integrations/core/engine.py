@@ -132,6 +132,11 @@ class _PreparedRow:
     opening: list[int] = field(default_factory=list)
     """Answer tokens fixed before decoding (the last of ``prompt_ids``): the base model's opening, given
     to a guided row whose guided opening declined (``_OpeningCheck``)."""
+    unrequested_ids: list[int] | None = None
+    """The prompt without the preference request, for a guided row asked with ``preference_prompt``."""
+    unrequested_opening: list[int] | None = None
+    """The base model's opening to ``unrequested_ids``, set where the request made it decline and the plain
+    question does not: the row is answered, still prompted and guided, from this opening."""
 
     @property
     def guided(self) -> bool:
@@ -179,7 +184,8 @@ class _OpeningCheck(StoppingCriteria):
     Guidance must not turn an answer into a refusal: at an opening, a warm or blunt "I" or "As" can pass
     the plausibility floor, and the base model then writes "I'm sorry, I can't …" on its own (and
     ``is_refusal`` also counts an answer a strong push ended at once, saying nothing). A stopped row is
-    answered again from the base model's opening (``CLIPerEngine._answer_from_base_openings``)."""
+    answered again from the base model's opening (``CLIPerEngine._answer_from_base_openings``). Rows in
+    ``declined`` stop at once: their opening was settled before decoding (``_PreparedRow.unrequested_opening``)."""
 
     def __init__(
         self,
@@ -188,13 +194,14 @@ class _OpeningCheck(StoppingCriteria):
         prompt_length: int,
         length: int,
         rows: list[int],
+        declined: Sequence[int] = (),
     ) -> None:
         self.decode = decode
         self.declines = declines
         self.prompt_length = prompt_length
         self.length = length
         self.unchecked = set(rows)
-        self.declined: set[int] = set()
+        self.declined: set[int] = set(declined)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -553,9 +560,8 @@ class CLIPerEngine:
             if not 0 < request.top_p <= 1:
                 raise InvalidRequestError(f"top_p must be in (0, 1], got {request.top_p}")
             weights, source = self.resolve_weights(request.weights, request.user_id, request.memory)
-            messages = as_messages(request.prompt)
-            if request.preference_prompt:
-                messages = with_preference_request(messages, weights)
+            plain = as_messages(request.prompt)
+            messages = with_preference_request(plain, weights) if request.preference_prompt else plain
             prompted = request.preference_prompt
             if source == "memory" and (scaled := self.scaled_for_setting(weights, prompted)) != weights:
                 factors = "prompted_weight_factors" if prompted else "unprompted_weight_factors"
@@ -571,17 +577,26 @@ class CLIPerEngine:
             result.weights, result.weights_source = weights, source
             tools = request.tools
             if tools and request.answer_after_tool_result and messages[-1].get("role") == "tool":
-                tools, messages = None, tool_results_as_question(messages)
+                tools, messages, plain = None, tool_results_as_question(messages), tool_results_as_question(plain)
             if tools:
                 check_tools_supported(self.tokenizer)
             if request.raw_prompt and isinstance(request.prompt, str):
-                text = request.prompt
+                row.prompt_ids = self._fit_context(self._token_ids(request.prompt), row)
             else:
-                text = render_chat(self.tokenizer, messages, tools) + request.response_prefix
-            row.prompt_ids = self._fit_context(self.tokenizer(text, add_special_tokens=False)["input_ids"], row)
+                text = self._render(messages, tools, request.response_prefix)
+                row.prompt_ids = self._fit_context(self._token_ids(text), row)
+                if row.guided and messages != plain:  # shorter, so it fits wherever the prompted one does
+                    limit = self.loaded.context_window - request.max_new_tokens
+                    row.unrequested_ids = self._token_ids(self._render(plain, tools, request.response_prefix))[-limit:]
         except CLIPerError as error:
             result.error, result.finish_reason = error, "error"
         return row
+
+    def _render(self, messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None, prefix: str) -> str:
+        return render_chat(self.tokenizer, messages, tools) + prefix
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _fit_context(self, ids: list[int], row: _PreparedRow) -> list[int]:
         limit = self.loaded.context_window - row.request.max_new_tokens
@@ -601,20 +616,17 @@ class CLIPerEngine:
         """One ``generate`` call for rows that share sampling settings (and one more for the rows whose
         guided opening declined, from the base model's opening)."""
         started = time.perf_counter()
-        width = max(len(row.prompt_ids) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):  # left padding
-            input_ids[index, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
-            attention_mask[index, width - len(row.prompt_ids) :] = 1
+        input_ids, attention_mask = self._left_padded([row.prompt_ids for row in rows])
+        width = input_ids.shape[1]
         first = rows[0].request
         stop_criteria = _RowStopCriteria(self.tokenizer, width, rows)
         processors = []
         prompt_cache, openings = self._leave_refusals_unguided(rows, input_ids, attention_mask)
         opening_check = None
         if openings is not None:
-            checked = [index for index, row in enumerate(rows) if row.guided and not row.opening]
-            opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked)
+            unasked = [index for index, row in enumerate(rows) if row.unrequested_opening is not None]
+            checked = [i for i, row in enumerate(rows) if row.guided and not row.opening and i not in unasked]
+            opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked, unasked)
         weights = self._weight_matrix(rows)
         if weights is not None:
             assert self.classifier is not None
@@ -660,14 +672,23 @@ class CLIPerEngine:
     def _answer_from_base_openings(
         self, rows: list[_PreparedRow], openings: list[list[int]], streamer: _TokenQueueStreamer | None
     ) -> None:
-        """Answer again, still guided, the rows whose guided opening declined, each from the base model's
-        own (greedy) opening, which did not decline: the refusal was guidance's doing, not the model's."""
+        """Answer again, still guided, the rows whose opening declined where the base model's did not, each
+        from the base model's own (greedy) opening: the refusal was guidance's doing, not the model's. A row
+        whose preference request made the base model decline starts from its opening to the plain question
+        (``unrequested_opening``), the request kept in the prompt."""
         restarted = []
         for row, opening in zip(rows, openings, strict=True):
-            row.result.warnings.append(
-                "Guidance opened this answer with a refusal (or ended it at once) where the base model does "
-                "not; answered again, guided, from the base model's opening"
-            )
+            if row.unrequested_opening is not None:
+                opening = row.unrequested_opening
+                row.result.warnings.append(
+                    "The preference request in the prompt made the base model decline where it answers the "
+                    "question without it; answered, guided and still asked, from its opening to the plain question"
+                )
+            else:
+                row.result.warnings.append(
+                    "Guidance opened this answer with a refusal (or ended it at once) where the base model does "
+                    "not; answered again, guided, from the base model's opening"
+                )
             opening = opening[: row.request.max_new_tokens]
             again = _PreparedRow(row.request, row.result, row.prompt_ids + opening, opening)
             if streamer is not None:
@@ -695,8 +716,38 @@ class CLIPerEngine:
         guided = [index for index, row in enumerate(rows) if row.guided and not row.opening]
         if not self.refusal_lookahead or self.classifier is None or not guided:
             return None, None
+        draft = self._draft(input_ids, attention_mask)
+        openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
+        declined = [rows[index] for index in guided if self.declines(self.decode(openings[index]))]
+        self._open_without_request([row for row in declined if row.unrequested_ids is not None])
+        for row in declined:
+            if row.unrequested_opening is None:
+                row.result.weights = {}
+                row.result.weights_source = "none: the base model declines this request (refusal look-ahead)"
+        cache = draft.cache
+        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None, openings  # sliding-window or recurrent layers cannot be cut back: the prompt is read again
+        cache.crop(input_ids.shape[1] - 1 - cache.get_seq_length())
+        return cache, openings
+
+    def _open_without_request(self, rows: list[_PreparedRow]) -> None:
+        """Draft the rows' openings to the question without their preference request, and keep each that
+        does not decline (``unrequested_opening``): there the request, not the question, made the base model
+        decline ("curt and unfriendly" reads to it as a request to be rude), and the user asked a question the
+        model answers, so declining would fail them; where the plain question declines too, the refusal is
+        the base model's call and the row stays unguided."""
+        if not rows:
+            return
+        input_ids, attention_mask = self._left_padded([row.unrequested_ids or [] for row in rows])
+        draft = self._draft(input_ids, attention_mask)
+        for row, tokens in zip(rows, draft.sequences[:, input_ids.shape[1] :].tolist(), strict=True):
+            if not self.declines(self.decode(opening := self._until_end(tokens))):
+                row.unrequested_opening = opening
+
+    def _draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The first ``refusal_lookahead`` tokens of each prompt, greedy and unguided, with the cache."""
         with torch.inference_mode():
-            draft = self.model.generate(
+            return self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=self.refusal_lookahead,
@@ -705,16 +756,16 @@ class CLIPerEngine:
                 eos_token_id=self.eos_token_ids,
                 return_dict_in_generate=True,
             )
-        openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
-        for index in guided:
-            if self.declines(self.decode(openings[index])):
-                rows[index].result.weights = {}
-                rows[index].result.weights_source = "none: the base model declines this request (refusal look-ahead)"
-        cache = draft.cache
-        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-            return None, openings  # sliding-window or recurrent layers cannot be cut back: the prompt is read again
-        cache.crop(input_ids.shape[1] - 1 - cache.get_seq_length())
-        return cache, openings
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts as one batch padded on the left, with its attention mask."""
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for index, ids in enumerate(prompts):
+            input_ids[index, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[index, width - len(ids) :] = 1
+        return input_ids, attention_mask
 
     def _until_end(self, tokens: list[int]) -> list[int]:
         """``tokens`` up to (not including) the first end token."""

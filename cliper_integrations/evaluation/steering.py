@@ -180,8 +180,20 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
         "refusal_lookahead": engine.refusal_lookahead,
         # with the look-ahead, a guided opening that declines is answered again (engine.py, _OpeningCheck)
         "guided_opening_check": bool(engine.refusal_lookahead),
-        "declines": f"{engine.declines.__module__}.{engine.declines.__qualname__}",
+        "declines": qualified_name(engine.declines),
+        # with the look-ahead, a prompted row that declines only when asked starts from the plain question's
+        # opening (engine.py, _open_without_request)
+        "unrequested_opening": bool(engine.refusal_lookahead),
     }
+
+
+def qualified_name(function: object) -> str:
+    return f"{function.__module__}.{function.__qualname__}"
+
+
+DECLINED_ONLY_SIGNATURE = ("unrequested_opening",)
+"""The parts of a run signature that change only prompted, guided answers whose opening declines: a store
+made without them still lends its other answers (``ResponseStore.adopt``)."""
 
 
 UNGUIDED_SIGNATURE = ("model", "dtype", "prompts_file", "max_new_tokens", "decoding")
@@ -255,7 +267,9 @@ class ResponseStore:
         need the same ``UNGUIDED_SIGNATURE`` (refused otherwise); a guided job's need the rest of the
         signature the same and the job's ``guidance_digest`` equal to the one the answer records it was made
         with (a store from before answers recorded it: that run's whole classifier's), so answers a store
-        took from a third run can be taken from it again. A prompted answer needs the job's request too."""
+        took from a third run can be taken from it again. A prompted answer needs the job's request too. Across
+        a ``DECLINED_ONLY_SIGNATURE`` part, a prompted, guided answer is taken only where it does not open
+        with a refusal (the ``refusal`` it records, where the engine ``declines`` by ``is_refusal``)."""
         if not source.is_file():
             raise EvalStoreError(f"{source}: no stored responses to take the answers from")
         theirs, records, _ = read_store(source)
@@ -264,13 +278,20 @@ class ResponseStore:
                 f"{source} was answered with another {', '.join(differs)} "
                 f"({', '.join(f'{theirs.get(key)} vs {self.signature.get(key)}' for key in differs)})"
             )
-        same_guidance = all(theirs.get(key) == value for key, value in self.signature.items() if key != "classifier")
+        apart = ("classifier", *DECLINED_ONLY_SIGNATURE)
+        same_guidance = all(theirs.get(key) == value for key, value in self.signature.items() if key not in apart)
         wanted = {job.key: (job, digest) for job, digest in guidance.items() if same_guidance or digest is None}
+        # a record's ``refusal`` flag covers every answer whose opening ``declines`` only when that is is_refusal
+        declined_apart = any(theirs.get(key) != self.signature.get(key) for key in DECLINED_ONLY_SIGNATURE)
+        refusals_known = self.signature.get("declines") == qualified_name(is_refusal)
 
         def alike(record: dict) -> bool:
             job, digest = wanted[record["job"]]
             lacking = not self._holds(self.records.get((record["prompt_id"], job.key)), job)
             made_with = record.get("guidance", theirs.get("classifier"))
+            asked_and_guided = digest is not None and SETTINGS[job.setting]["prompted"]
+            if declined_apart and asked_and_guided and (record["refusal"] or not refusals_known):
+                return False
             return lacking and self._holds(record, job) and digest in (None, made_with)
 
         adopted = [r for r in records if r["job"] in wanted and alike(r)]
