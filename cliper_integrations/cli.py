@@ -116,6 +116,7 @@ def generate(
                 "seconds": round(result.seconds, 3),
                 "weights": result.weights,
                 "weights_source": result.weights_source,
+                "warnings": result.warnings,
             }
             if result.error is not None:
                 record["error"] = f"{type(result.error).__name__}: {result.error}"
@@ -131,6 +132,8 @@ def generate(
             if request.preference_prompt and asked:
                 shown += f"; in the prompt: {asked}"
             typer.secho(f"### {request.prompt}  [{shown}]", bold=True)
+            for warning in result.warnings:
+                typer.secho(f"Warning: {warning}", fg=typer.colors.YELLOW, err=True)
             typer.echo(result.text + "\n")
     if failed:
         raise typer.Exit(code=1)

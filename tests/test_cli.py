@@ -51,9 +51,21 @@ def test_generate_json_for_several_weight_sets(model_folder, classifier_folder):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["weights"] for r in records] == [{"concise": 3.0}, {"expert": 2.0, "friendly": 1.0}]
-    assert all(set(r) == {"prompt", "response", "new_tokens", "seconds", "weights", "weights_source"} for r in records)
+    fields = {"prompt", "response", "new_tokens", "seconds", "weights", "weights_source", "warnings"}
+    assert all(set(r) == fields and r["warnings"] == [] for r in records)
     assert {r["weights_source"] for r in records} == {"explicit"}
     assert all(0 < r["new_tokens"] <= 6 for r in records)
+
+
+def test_generate_tells_what_the_engine_changed_about_an_answer(model_folder, classifier_folder):
+    """A warning of the engine (here: a prompt too long for the context window, cut from the left) reaches
+    the user: in the JSON record, and on stderr beside a plain answer."""
+    common = ("generate", "--model", model_folder, "--classifier", classifier_folder, "--max-new-tokens", 4)
+    long_prompt = "Tell me about rivers. " * 200
+    record = json.loads(run(*common, "--prompt", long_prompt, "--json").stdout)
+    assert len(record["warnings"]) == 1 and record["warnings"][0].startswith("Prompt truncated from the left")
+    plain = run(*common, "--prompt", long_prompt)
+    assert plain.exit_code == 0 and f"Warning: {record['warnings'][0]}" in plain.stderr
 
 
 def test_generate_from_jsonl_input_and_row_errors(tmp_path, model_folder, classifier_folder):
