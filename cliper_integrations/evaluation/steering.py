@@ -188,6 +188,7 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
 
 
 def qualified_name(function: object) -> str:
+    """How a run signature names a function (the engine's ``declines``)."""
     return f"{function.__module__}.{function.__qualname__}"
 
 
