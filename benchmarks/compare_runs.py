@@ -11,9 +11,14 @@ With one run, each setting is compared with that run's own unguided answers: how
 leaves a prompt unguided where the base model's opening declines, so those answers are the same in every
 guided setting and hide how far guidance moves the rest. ``--list-refusals`` prints the unguided answers the
 detector flags, with their length: a disclaimer followed by a full answer reads as a refusal too.
+``--against-prompt`` compares each prompted, guided setting with prompting alone for the same class instead
+of with unguided answers: with ``--without-refusals``, whether guidance moves the answers further than the
+request alone where neither declines (the prompt-alone answers keep the request's own refusals, which the
+engine answers in guided rows since session 51).
 
     python benchmarks/compare_runs.py docs/results_responses.jsonl
     python benchmarks/compare_runs.py docs/results_responses.jsonl --without-refusals --list-refusals
+    python benchmarks/compare_runs.py docs/results_responses.jsonl --against-prompt --without-refusals
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def main() -> None:
     parser.add_argument("second", type=Path, nargs="?", help="omitted: compare with the first run's unguided answers")
     parser.add_argument("--without-refusals", action="store_true", help="only prompts where neither answer declines")
     parser.add_argument("--list-refusals", action="store_true", help="print the unguided answers that read as refusals")
+    parser.add_argument("--against-prompt", action="store_true", help="one run: prompt+guidance against prompt alone")
     args = parser.parse_args()
     runs = [{(r["prompt_id"], r["job"]): r for r in read_store(path)[1]} for path in (args.first, args.second) if path]
     if args.list_refusals:
@@ -42,9 +48,10 @@ def main() -> None:
                 print(f"prompt {prompt_id}: {record['words']} words, {record['response'][:90]!r}")
     by_job: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     if len(runs) == 1:
+        reference = reference_jobs({job for _, job in runs[0]}, args.against_prompt)
         for (prompt_id, job), record in runs[0].items():
-            if (unguided := runs[0].get((prompt_id, UNGUIDED))) is not None and job != UNGUIDED:
-                by_job[job].append((unguided, record))
+            if job in reference and (before := runs[0].get((prompt_id, reference[job]))) is not None:
+                by_job[job].append((before, record))
     else:
         for key in runs[0].keys() & runs[1].keys():
             by_job[key[1]].append((runs[0][key], runs[1][key]))
@@ -61,6 +68,16 @@ def main() -> None:
         first, second = (summarize([pair[side] for pair in pairs]) for side in (0, 1))
         moved = " | ".join(f"{first[name]:.2f} → {second[name]:.2f}" for name in SHOWN)
         print(f"| {job} | {len(pairs)} | {same / len(pairs):.0%} | {newly} | {moved} |")
+
+
+def reference_jobs(jobs: set[str], against_prompt: bool) -> dict[str, str]:
+    """What each job of one run is compared with: its unguided answers, or (``against_prompt``) for a
+    prompted, guided job the same classes' prompt-alone job, where the run has one."""
+    if not against_prompt:
+        return {job: UNGUIDED for job in jobs if job != UNGUIDED}
+    prompt_alone = {Job.from_key(job).classes: job for job in jobs if Job.from_key(job).setting == "prompt"}
+    guided = [Job.from_key(job) for job in jobs if Job.from_key(job).setting == "prompt+guidance"]
+    return {job.key: prompt_alone[job.classes] for job in guided if job.classes in prompt_alone}
 
 
 if __name__ == "__main__":
