@@ -75,9 +75,10 @@ def reference_jobs(jobs: set[str], against_prompt: bool) -> dict[str, str]:
     prompted, guided job the same classes' prompt-alone job, where the run has one."""
     if not against_prompt:
         return {job: UNGUIDED for job in jobs if job != UNGUIDED}
-    prompt_alone = {Job.from_key(job).classes: job for job in jobs if Job.from_key(job).setting == "prompt"}
-    guided = [Job.from_key(job) for job in jobs if Job.from_key(job).setting == "prompt+guidance"]
-    return {job.key: prompt_alone[job.classes] for job in guided if job.classes in prompt_alone}
+    parsed = {key: Job.from_key(key) for key in jobs}
+    prompt_alone = {job.classes: key for key, job in parsed.items() if job.setting == "prompt"}
+    guided = {key: job.classes for key, job in parsed.items() if job.setting == "prompt+guidance"}
+    return {key: prompt_alone[classes] for key, classes in guided.items() if classes in prompt_alone}
 
 
 if __name__ == "__main__":

@@ -132,10 +132,11 @@ class _PreparedRow:
     opening: list[int] = field(default_factory=list)
     """Answer tokens fixed before decoding (the last of ``prompt_ids``): the base model's opening, given
     to a guided row whose guided opening declined (``_OpeningCheck``)."""
-    unrequested_ids: list[int] | None = None
-    """The prompt without the preference request, for a guided row asked with ``preference_prompt``."""
+    unrequested: tuple[list[dict[str, Any]], Sequence[Mapping[str, Any]] | None] | None = None
+    """The messages and tools without the preference request, for a guided row asked with
+    ``preference_prompt``; rendered only if the request makes the base model decline (rare)."""
     unrequested_opening: list[int] | None = None
-    """The base model's opening to ``unrequested_ids``, set where the request made it decline and the plain
+    """The base model's opening to the ``unrequested`` prompt, set where the request made it decline and the plain
     question does not: the row is answered, still prompted and guided, from this opening."""
 
     @property
@@ -585,9 +586,8 @@ class CLIPerEngine:
             else:
                 text = self._render(messages, tools, request.response_prefix)
                 row.prompt_ids = self._fit_context(self._token_ids(text), row)
-                if row.guided and messages != plain:  # shorter, so it fits wherever the prompted one does
-                    limit = self.loaded.context_window - request.max_new_tokens
-                    row.unrequested_ids = self._token_ids(self._render(plain, tools, request.response_prefix))[-limit:]
+                if row.guided and messages != plain:
+                    row.unrequested = plain, tools
         except CLIPerError as error:
             result.error, result.finish_reason = error, "error"
         return row
@@ -667,7 +667,9 @@ class CLIPerEngine:
         if opening_check is not None:
             opening_check.check(output[:, width:])
             declined = sorted(opening_check.declined)
-            self._answer_from_base_openings([rows[i] for i in declined], [openings[i] for i in declined], streamer)
+            asked = [rows[i].unrequested_opening for i in declined]  # set where the request made it decline
+            starts = [openings[i] if own is None else own for i, own in zip(declined, asked, strict=True)]
+            self._answer_from_base_openings([rows[i] for i in declined], starts, streamer)
 
     def _answer_from_base_openings(
         self, rows: list[_PreparedRow], openings: list[list[int]], streamer: _TokenQueueStreamer | None
@@ -679,7 +681,6 @@ class CLIPerEngine:
         restarted = []
         for row, opening in zip(rows, openings, strict=True):
             if row.unrequested_opening is not None:
-                opening = row.unrequested_opening
                 row.result.warnings.append(
                     "The preference request in the prompt made the base model decline where it answers the "
                     "question without it; answered, guided and still asked, from its opening to the plain question"
@@ -719,7 +720,7 @@ class CLIPerEngine:
         draft = self._draft(input_ids, attention_mask)
         openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
         declined = [rows[index] for index in guided if self.declines(self.decode(openings[index]))]
-        self._open_without_request([row for row in declined if row.unrequested_ids is not None])
+        self._open_without_request([row for row in declined if row.unrequested is not None])
         for row in declined:
             if row.unrequested_opening is None:
                 row.result.weights = {}
@@ -738,7 +739,13 @@ class CLIPerEngine:
         the base model's call and the row stays unguided."""
         if not rows:
             return
-        input_ids, attention_mask = self._left_padded([row.unrequested_ids or [] for row in rows])
+        prompts = []
+        for row in rows:
+            assert row.unrequested is not None
+            messages, tools = row.unrequested
+            limit = self.loaded.context_window - row.request.max_new_tokens  # shorter: fits where the asked one does
+            prompts.append(self._token_ids(self._render(messages, tools, row.request.response_prefix))[-limit:])
+        input_ids, attention_mask = self._left_padded(prompts)
         draft = self._draft(input_ids, attention_mask)
         for row, tokens in zip(rows, draft.sequences[:, input_ids.shape[1] :].tolist(), strict=True):
             if not self.declines(self.decode(opening := self._until_end(tokens))):
