@@ -124,6 +124,18 @@ class GenerationResult:
         return self.prompt_tokens + self.completion_tokens
 
 
+def left_padded(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences as one batch padded on the left, as decoder-only generation reads them, with its
+    attention mask."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for index, ids in enumerate(sequences):
+        input_ids[index, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[index, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 @dataclass
 class _PreparedRow:
     request: GenerationRequest
@@ -616,7 +628,7 @@ class CLIPerEngine:
         """One ``generate`` call for rows that share sampling settings (and one more for the rows whose
         guided opening declined, from the base model's opening)."""
         started = time.perf_counter()
-        input_ids, attention_mask = self._left_padded([row.prompt_ids for row in rows])
+        input_ids, attention_mask = left_padded([row.prompt_ids for row in rows], self.pad_token_id)
         width = input_ids.shape[1]
         first = rows[0].request
         stop_criteria = _RowStopCriteria(self.tokenizer, width, rows)
@@ -745,7 +757,7 @@ class CLIPerEngine:
             messages, tools = row.unrequested
             limit = self.loaded.context_window - row.request.max_new_tokens  # shorter: fits where the asked one does
             prompts.append(self._token_ids(self._render(messages, tools, row.request.response_prefix))[-limit:])
-        input_ids, attention_mask = self._left_padded(prompts)
+        input_ids, attention_mask = left_padded(prompts, self.pad_token_id)
         draft = self._draft(input_ids, attention_mask)
         for row, tokens in zip(rows, draft.sequences[:, input_ids.shape[1] :].tolist(), strict=True):
             if not self.declines(self.decode(opening := self._until_end(tokens))):
@@ -763,16 +775,6 @@ class CLIPerEngine:
                 eos_token_id=self.eos_token_ids,
                 return_dict_in_generate=True,
             )
-
-    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts as one batch padded on the left, with its attention mask."""
-        width = max(len(ids) for ids in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for index, ids in enumerate(prompts):
-            input_ids[index, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[index, width - len(ids) :] = 1
-        return input_ids, attention_mask
 
     def _until_end(self, tokens: list[int]) -> list[int]:
         """``tokens`` up to (not including) the first end token."""

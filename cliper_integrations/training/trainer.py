@@ -28,7 +28,7 @@ from torch.nn import functional
 from tqdm.auto import tqdm
 
 from cliper_integrations.core.classifier import PreferenceClassifier, compose
-from cliper_integrations.core.engine import DEFAULT_CLASSIFIER, default_classifier_path
+from cliper_integrations.core.engine import DEFAULT_CLASSIFIER, default_classifier_path, left_padded
 from cliper_integrations.core.errors import ModelResolutionError
 from cliper_integrations.core.models import LoadedModel
 from cliper_integrations.core.preferences import (
@@ -261,12 +261,8 @@ def _backbone_pass(
     its outputs, the padded ids, and each row's response positions (the state after token t predicts
     token t+1: from the last prompt token to the end)."""
     sequences, prompt_lengths = zip(*(_token_sequence(base, row, request) for row in rows), strict=True)
-    width = max(map(len, sequences))
-    ids = torch.full((len(rows), width), base.tokenizer.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for index, sequence in enumerate(sequences):
-        ids[index, width - len(sequence) :] = torch.tensor(sequence)
-        mask[index, width - len(sequence) :] = 1
+    ids, mask = left_padded(sequences, base.tokenizer.pad_token_id or 0)
+    width = ids.shape[1]
     outputs = classifier.backbone.base_model(
         input_ids=ids,
         attention_mask=mask,
