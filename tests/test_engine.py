@@ -18,6 +18,7 @@ from cliper_integrations.core.errors import (
     PromptTooLongError,
     UnknownClassError,
 )
+from cliper_integrations.core.prompting import as_messages, render_chat
 from tests.tiny import tiny_loaded
 
 PROMPTS = ["Explain rain to a child", "Hi", "What is the capital of France?"]
@@ -228,6 +229,30 @@ def test_a_row_the_preference_request_makes_decline_is_answered_from_the_plain_q
     both = CLIPerEngine(base, classifier=classifier, declines=lambda text: text in (asked_opening, plain_opening))
     declined = both.generate(requests[0])
     assert declined.text == asked_answer and declined.weights == {} and "declines" in declined.weights_source
+
+
+def test_a_disclaimer_the_base_model_answers_after_is_guided_from_its_opening_and_a_short_one_is_not(base, classifier):
+    """An opening that declines with a disclaimer ("As an AI …") is drafted on to ``disclaimer_lookahead``
+    tokens: if the base model is still writing there, it hedges and then answers, so the row is guided from
+    the base model's opening; if it has ended, it was a refusal and the row stays unguided."""
+    weights = {"expert": 8.0}
+    plain = CLIPerEngine(base, classifier=None)
+    prompt = base.tokenizer(render_chat(base.tokenizer, as_messages(PROMPTS[0])), return_tensors="pt")["input_ids"]
+    tokens = base.model.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1] :].tolist()
+    opening = plain.generate(PROMPTS[0], max_new_tokens=6).text  # stands in for "As an AI language model,"
+    options = {"classifier": classifier, "declines": lambda text: text == opening, "disclaims": lambda text: True}
+    request = GenerationRequest(PROMPTS[0], weights=weights, max_new_tokens=16)
+    answered = CLIPerEngine(base, **options, disclaimer_lookahead=10).generate(request)
+    assert answered.text.startswith(opening) and answered.text != plain.decode(tokens)
+    assert answered.weights == weights and "disclaimer" in answered.warnings[0]
+    every_one_declines = CLIPerEngine(base, **options, disclaimer_lookahead=None).generate(request)
+    assert every_one_declines.weights == {} and every_one_declines.text == plain.decode(tokens)
+    # the base model ends at token ``end`` (made an end token here), before a look-ahead of end + 2
+    end = next(i for i in range(7, 16) if tokens[i] not in tokens[:i])
+    short = CLIPerEngine(base, **options, disclaimer_lookahead=end + 2)
+    short.eos_token_ids = [*short.eos_token_ids, tokens[end]]
+    refused = short.generate(request)
+    assert refused.weights == {} and "declines" in refused.weights_source and refused.completion_tokens == end + 1
 
 
 def test_a_guided_opening_that_declines_where_the_base_model_does_not_is_answered_from_the_base_opening(

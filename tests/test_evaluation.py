@@ -283,6 +283,44 @@ def test_a_store_from_before_the_unrequested_opening_lends_all_but_its_prompted_
     assert ours[(asked[1]["prompt_id"], asked[1]["job"])]["response"] == "lent as is"
 
 
+def test_a_store_from_before_the_disclaimer_lookahead_answers_again_only_guided_rows_of_hedged_prompts(
+    tmp_path, monkeypatch, base, shared_classifier
+):
+    """Since the engine guides a row whose base model hedges ("As an AI …") and then answers, only guided
+    answers to prompts the base model opens with a disclaimer can differ: a store made before lends every
+    answer to the other prompts, and its unguided answers everywhere."""
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.core.preferences import is_refusal
+    from cliper_integrations.evaluation import steering
+
+    engine, prompts = CLIPerEngine(base, classifier=shared_classifier), ["Explain rain.", "Hi"]
+    before = tmp_path / "old"
+    before.mkdir()
+    steering.run_eval(engine, _eval_config(before, prompts))
+    path = before / "out" / steering.RESPONSES_FILE
+    header, *lines = path.read_text().splitlines()
+    run = {k: v for k, v in json.loads(header)["run"].items() if k not in steering.DISCLAIMER_SIGNATURE}
+    records = [json.loads(line) for line in lines]
+    hedged = "As an AI language model, I have no opinions."
+    unguided = next(r for r in records if r["prompt_id"] == 10 and r["job"] == "-|unguided|0")
+    kept = next(r for r in records if r["prompt_id"] == 11 and r["guidance"])
+    unguided.update(response=hedged, refusal=is_refusal(hedged))
+    kept.update(response="lent as is")
+    path.write_text("".join(json.dumps(line) + "\n" for line in [{"run": run}, *records]))
+
+    asked: list[tuple[str, list[str]]] = []
+    generate = steering.generate
+    monkeypatch.setattr(
+        steering, "generate", lambda e, texts, job, c: asked.append((job.key, texts)) or generate(e, texts, job, c)
+    )
+    steering.run_eval(engine, _eval_config(tmp_path, prompts, reuse_from=(before / "out",)))
+    ours = _stored(tmp_path / "out")
+    guided_there = {r["job"] for r in records if r["prompt_id"] == 10 and r["guidance"]}
+    assert guided_there and {job for job, _ in asked} == guided_there
+    assert all(texts == [prompts[0]] for _, texts in asked)  # the hedged prompt only
+    assert ours[(10, "-|unguided|0")]["response"] == hedged and ours[(11, kept["job"])]["response"] == "lent as is"
+
+
 def test_a_classifier_with_a_new_part_takes_the_guided_answers_of_the_classes_it_guides_alike(
     tmp_path, monkeypatch, base
 ):

@@ -40,6 +40,7 @@ from cliper_integrations.core.preferences import (
     BACKGROUND_CLASSES,
     DEFAULT_CLASSES,
     MEASURED_WEIGHT_CAP,
+    is_disclaimer,
     is_refusal,
     validate_weights,
 )
@@ -58,6 +59,9 @@ DEFAULT_CLASSIFIER = "default"
 DEFAULT_REFUSAL_LOOKAHEAD = 6
 """Tokens drafted to see whether the base model opens with a refusal (every refusal in the training data
 shows within 4 tokens of the embedded model's tokenizer)."""
+DEFAULT_DISCLAIMER_LOOKAHEAD = 64
+"""Tokens drafted past an opening that declines with a disclaimer ("As an AI …"): on the training side the embedded
+model's refusals end within 44 tokens and its hedged answers run past 120 (docs/classifier.md, session 53)."""
 PACKAGED_CLASSIFIERS = Path(__file__).resolve().parent.parent / "classifiers"
 
 
@@ -150,6 +154,9 @@ class _PreparedRow:
     unrequested_opening: list[int] | None = None
     """The base model's opening to the ``unrequested`` prompt, set where the request made it decline and the plain
     question does not: the row is answered, still prompted and guided, from this opening."""
+    disclaimer: bool = False
+    """Whether the base model opens this row's prompt with a disclaimer and then answers: the row is answered,
+    guided, from the base model's opening."""
 
     @property
     def guided(self) -> bool:
@@ -387,6 +394,10 @@ class CLIPerEngine:
             (guided) from the draft's opening; streams hold these tokens back until that is decided. None
             turns both off.
         declines: what counts as a refusal in an opening (default: the English openings of ``is_refusal``).
+        disclaims: which of those openings may be a disclaimer the base model answers after ("As an AI …";
+            default ``is_disclaimer``): such a draft goes on to ``disclaimer_lookahead`` tokens, and if the base
+            model is still writing there, the row is guided (from the base model's opening), not left unguided.
+            None drafts no further: every opening that declines is a refusal.
         dtype: what a model named by its spec is loaded in (``ModelDType``; None: float32, or as a
             ``LoadedModel`` is); the classifier's head keeps float32 and reads hidden states in float32.
     """
@@ -403,6 +414,8 @@ class CLIPerEngine:
         guided_plausibility: float | None = 0.1,
         refusal_lookahead: int | None = DEFAULT_REFUSAL_LOOKAHEAD,
         declines: Callable[[str], bool] = is_refusal,
+        disclaims: Callable[[str], bool] = is_disclaimer,
+        disclaimer_lookahead: int | None = DEFAULT_DISCLAIMER_LOOKAHEAD,
         dtype: ModelDType | None = None,
     ) -> None:
         if not isinstance(model, LoadedModel):
@@ -419,6 +432,8 @@ class CLIPerEngine:
         self.guided_plausibility = guided_plausibility
         self.refusal_lookahead = refusal_lookahead
         self.declines = declines
+        self.disclaims = disclaims
+        self.disclaimer_lookahead = disclaimer_lookahead
         tokenizer = self.loaded.tokenizer
         eos = self.loaded.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id]
@@ -636,9 +651,9 @@ class CLIPerEngine:
         prompt_cache, openings = self._leave_refusals_unguided(rows, input_ids, attention_mask)
         opening_check = None
         if openings is not None:
-            unasked = [index for index, row in enumerate(rows) if row.unrequested_opening is not None]
-            checked = [i for i, row in enumerate(rows) if row.guided and not row.opening and i not in unasked]
-            opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked, unasked)
+            settled = [i for i, row in enumerate(rows) if row.unrequested_opening is not None or row.disclaimer]
+            checked = [i for i, row in enumerate(rows) if row.guided and not row.opening and i not in settled]
+            opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked, settled)
         weights = self._weight_matrix(rows)
         if weights is not None:
             assert self.classifier is not None
@@ -680,6 +695,7 @@ class CLIPerEngine:
             opening_check.check(output[:, width:])
             declined = sorted(opening_check.declined)
             asked = [rows[i].unrequested_opening for i in declined]  # set where the request made it decline
+            # the others start from the draft's opening: guidance's refusals and the base model's disclaimers
             starts = [openings[i] if own is None else own for i, own in zip(declined, asked, strict=True)]
             self._answer_from_base_openings([rows[i] for i in declined], starts, streamer)
 
@@ -689,13 +705,18 @@ class CLIPerEngine:
         """Answer again, still guided, the rows whose opening declined where the base model's did not, each
         from the base model's own (greedy) opening: the refusal was guidance's doing, not the model's. A row
         whose preference request made the base model decline starts from its opening to the plain question
-        (``unrequested_opening``), the request kept in the prompt."""
+        (``unrequested_opening``), the request kept in the prompt; one whose base model opens with a disclaimer and
+        then answers, from that opening."""
         restarted = []
         for row, opening in zip(rows, openings, strict=True):
             if row.unrequested_opening is not None:
                 row.result.warnings.append(
                     "The preference request in the prompt made the base model decline where it answers the "
                     "question without it; answered, guided and still asked, from its opening to the plain question"
+                )
+            elif row.disclaimer:
+                row.result.warnings.append(
+                    "The base model opens with a disclaimer and then answers; answered, guided, from its opening"
                 )
             else:
                 row.result.warnings.append(
@@ -731,7 +752,10 @@ class CLIPerEngine:
             return None, None
         draft = self._draft(input_ids, attention_mask)
         openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
-        declined = [rows[index] for index in guided if self.declines(self.decode(openings[index]))]
+        kinds = self._judge_openings([rows[i].prompt_ids for i in guided], [openings[i] for i in guided])
+        declined = [rows[index] for index, kind in zip(guided, kinds, strict=True) if kind == "refusal"]
+        for index, kind in zip(guided, kinds, strict=True):
+            rows[index].disclaimer = kind == "disclaimer"
         self._open_without_request([row for row in declined if row.unrequested is not None])
         for row in declined:
             if row.unrequested_opening is None:
@@ -759,17 +783,38 @@ class CLIPerEngine:
             prompts.append(self._token_ids(self._render(messages, tools, row.request.response_prefix))[-limit:])
         input_ids, attention_mask = left_padded(prompts, self.pad_token_id)
         draft = self._draft(input_ids, attention_mask)
-        for row, tokens in zip(rows, draft.sequences[:, input_ids.shape[1] :].tolist(), strict=True):
-            if not self.declines(self.decode(opening := self._until_end(tokens))):
+        openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
+        for row, opening, kind in zip(rows, openings, self._judge_openings(prompts, openings), strict=True):
+            if kind != "refusal":
                 row.unrequested_opening = opening
 
-    def _draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """The first ``refusal_lookahead`` tokens of each prompt, greedy and unguided, with the cache."""
+    def _judge_openings(
+        self, prompts: list[list[int]], openings: list[list[int]]
+    ) -> list[Literal["answer", "disclaimer", "refusal"]]:
+        """Whether each prompt's drafted opening is an answer, a refusal (it ``declines``), or a disclaimer the
+        base model answers after: an opening that declines and ``disclaims`` is drafted again, to
+        ``disclaimer_lookahead`` tokens, and only an answer still going there is one (a refusal is short)."""
+        texts = [self.decode(opening) for opening in openings]
+        kinds: list[Literal["answer", "disclaimer", "refusal"]] = [
+            "refusal" if self.declines(text) else "answer" for text in texts
+        ]
+        hedged = [i for i, text in enumerate(texts) if kinds[i] == "refusal" and self.disclaims(text)]
+        if hedged and self.disclaimer_lookahead:
+            input_ids, attention_mask = left_padded([prompts[i] for i in hedged], self.pad_token_id)
+            draft = self._draft(input_ids, attention_mask, self.disclaimer_lookahead)
+            for i, tokens in zip(hedged, draft.sequences[:, input_ids.shape[1] :].tolist(), strict=True):
+                if len(self._until_end(tokens)) >= self.disclaimer_lookahead:
+                    kinds[i] = "disclaimer"
+        return kinds
+
+    def _draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int | None = None):
+        """The first ``length`` (default ``refusal_lookahead``) tokens of each prompt, greedy and unguided, with
+        the cache."""
         with torch.inference_mode():
             return self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                max_new_tokens=self.refusal_lookahead,
+                max_new_tokens=length or self.refusal_lookahead,
                 do_sample=False,
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_ids,

@@ -38,6 +38,16 @@ REFUSAL_OPENING = re.compile(
 )
 
 
+# Openings that hedge before they answer ("As an AI language model, I don't have opinions, but …") as often as they
+# decline: a few tokens cannot tell the two apart, only what follows can (the engine's ``disclaimer_lookahead``).
+DISCLAIMER_OPENING = re.compile(r"^\W*as an ai\b", re.IGNORECASE)
+
+
+def is_disclaimer(text: str) -> bool:
+    """True for text that opens with a disclaimer ("As an AI …"), which may be a refusal or a hedge before an answer."""
+    return bool(DISCLAIMER_OPENING.search(text.strip()))
+
+
 def is_refusal(text: str) -> bool:
     """True for answers that decline the task (or say nothing): training data drops or relabels them, the
     evaluation counts them, and the engine leaves a row unguided when the base model opens with one."""

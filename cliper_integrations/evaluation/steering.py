@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from cliper_integrations.core import logits_processor
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.core.errors import EvalStoreError
-from cliper_integrations.core.preferences import is_refusal, preference_request
+from cliper_integrations.core.preferences import is_disclaimer, is_refusal, preference_request
 from cliper_integrations.core.prompting import Message
 from cliper_integrations.evaluation.metrics import distinct_n, fk_grade, perplexity, vader_compound, word_count
 
@@ -184,6 +184,9 @@ def run_signature(engine: CLIPerEngine, config: EvalConfig) -> dict[str, object]
         # with the look-ahead, a prompted row that declines only when asked starts from the plain question's
         # opening (engine.py, _open_without_request)
         "unrequested_opening": bool(engine.refusal_lookahead),
+        # with the look-ahead, an opening that declines with a disclaimer is drafted further (_judge_openings)
+        "disclaimer_lookahead": engine.disclaimer_lookahead if engine.refusal_lookahead else None,
+        "disclaims": qualified_name(engine.disclaims),
     }
 
 
@@ -195,6 +198,10 @@ def qualified_name(function: object) -> str:
 DECLINED_ONLY_SIGNATURE = ("unrequested_opening",)
 """The parts of a run signature that change only prompted, guided answers whose opening declines: a store
 made without them still lends its other answers (``ResponseStore.adopt``)."""
+
+DISCLAIMER_SIGNATURE = ("disclaimer_lookahead", "disclaims")
+"""The parts of a run signature that change only guided answers to prompts the base model opens with a disclaimer
+("As an AI …"): a store made without them still lends its answers to every other prompt (``ResponseStore.adopt``)."""
 
 
 UNGUIDED_SIGNATURE = ("model", "dtype", "prompts_file", "max_new_tokens", "decoding")
@@ -270,7 +277,10 @@ class ResponseStore:
         with (a store from before answers recorded it: that run's whole classifier's), so answers a store
         took from a third run can be taken from it again. A prompted answer needs the job's request too. Across
         a ``DECLINED_ONLY_SIGNATURE`` part, a prompted, guided answer is taken only where it does not open
-        with a refusal (the ``refusal`` it records, where the engine ``declines`` by ``is_refusal``)."""
+        with a refusal (the ``refusal`` it records, where the engine ``declines`` by ``is_refusal``). Across a
+        ``DISCLAIMER_SIGNATURE`` part, a guided answer is taken only for a prompt none of whose stored answers opens
+        with a disclaimer (``is_disclaimer``, where the engine ``disclaims`` by it): the base model's greedy answers
+        (unguided, and each class's prompt alone) open as its drafts do."""
         if not source.is_file():
             raise EvalStoreError(f"{source}: no stored responses to take the answers from")
         theirs, records, _ = read_store(source)
@@ -279,12 +289,15 @@ class ResponseStore:
                 f"{source} was answered with another {', '.join(differs)} "
                 f"({', '.join(f'{theirs.get(key)} vs {self.signature.get(key)}' for key in differs)})"
             )
-        apart = ("classifier", *DECLINED_ONLY_SIGNATURE)
+        apart = ("classifier", *DECLINED_ONLY_SIGNATURE, *DISCLAIMER_SIGNATURE)
         same_guidance = all(theirs.get(key) == value for key, value in self.signature.items() if key not in apart)
         wanted = {job.key: (job, digest) for job, digest in guidance.items() if same_guidance or digest is None}
         # a record's ``refusal`` flag covers every answer whose opening ``declines`` only when that is is_refusal
         declined_apart = any(theirs.get(key) != self.signature.get(key) for key in DECLINED_ONLY_SIGNATURE)
         refusals_known = self.signature.get("declines") == qualified_name(is_refusal)
+        disclaimer_apart = any(theirs.get(key) != self.signature.get(key) for key in DISCLAIMER_SIGNATURE)
+        disclaimers_known = self.signature.get("disclaims") == qualified_name(is_disclaimer)
+        hedged = {record["prompt_id"] for record in records if is_disclaimer(record["response"])}
 
         def alike(record: dict) -> bool:
             job, digest = wanted[record["job"]]
@@ -292,6 +305,8 @@ class ResponseStore:
             made_with = record.get("guidance", theirs.get("classifier"))
             asked_and_guided = digest is not None and SETTINGS[job.setting]["prompted"]
             if declined_apart and asked_and_guided and (record["refusal"] or not refusals_known):
+                return False
+            if disclaimer_apart and digest is not None and (record["prompt_id"] in hedged or not disclaimers_known):
                 return False
             return lacking and self._holds(record, job) and digest in (None, made_with)
 

@@ -1,0 +1,57 @@
+"""Does the engine tell the base model's disclaimers from its refusals (docs/classifier.md, session 53)?
+
+On training-side instructions (``steering_probe.probe_instructions``) the base model's greedy answers are made
+(or taken from the probes' cache); each that reads as a refusal is asked again, guided, and the engine's
+decision is printed beside how that greedy answer opens, how long it runs and how it ends, to be read by hand:
+a disclaimer the engine guides should go on to answer, one it leaves unguided should not.
+
+    python benchmarks/disclaimer_probe.py default --all-kinds --prompts 100 --max-new-tokens 160
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from steering_probe import add_instruction_options, generate_in_batches, probe_instructions, unguided_cache
+
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.evaluation.steering import EvalConfig, Job, response_record
+
+
+def decision(weights_source: str, warnings: list[str]) -> str:
+    """What the engine made of the row's opening."""
+    if weights_source.startswith("none"):
+        return "refusal: unguided"
+    return "disclaimer: guided from its opening" if any("disclaimer" in w for w in warnings) else "guided"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("classifier", help="a classifier folder, or 'default'")
+    parser.add_argument("--class", dest="name", default="concise", help="the class a guided row asks for")
+    parser.add_argument("--alpha", type=float, default=8.0)
+    add_instruction_options(parser, prompts=100, max_new_tokens=160)
+    args = parser.parse_args()
+    prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
+    engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype)
+    cache, unguided = unguided_cache(engine, args.max_new_tokens), Job((), "unguided", 0.0)
+    missing = cache.missing(unguided, prompts)
+    config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
+    results = generate_in_batches(engine, [prompt for _, prompt in missing], unguided, config)
+    cache.add([response_record(engine, unguided, None, i, p, r) for (i, p), r in zip(missing, results, strict=True)])
+    declining = [
+        (prompt, record)
+        for (_, prompt), record in zip(prompts, cache.responses(unguided, prompts), strict=True)
+        if record["refusal"]
+    ]
+    requests = [GenerationRequest(prompt, weights={args.name: args.alpha}, max_new_tokens=8) for prompt, _ in declining]
+    print(f"{len(declining)} of {len(prompts)} greedy answers read as refusals\n")
+    print("| greedy answer opens | words | ends | engine |\n| --- | --- | --- | --- |")
+    for (_, record), result in zip(declining, engine.generate_batch(requests), strict=True):
+        text, engine_says = record["response"], decision(result.weights_source, result.warnings)
+        print(f"| {text[:70]!r} | {record['words']} | {text[-50:]!r} | {engine_says} |")
+
+
+if __name__ == "__main__":
+    main()
