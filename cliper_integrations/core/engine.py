@@ -395,9 +395,10 @@ class CLIPerEngine:
             turns both off.
         declines: what counts as a refusal in an opening (default: the English openings of ``is_refusal``).
         disclaims: which of those openings may be a disclaimer the base model answers after ("As an AI …";
-            default ``is_disclaimer``): such a draft goes on to ``disclaimer_lookahead`` tokens, and if the base
-            model is still writing there, the row is guided (from the base model's opening), not left unguided.
-            None drafts no further: every opening that declines is a refusal.
+            default ``is_disclaimer``).
+        disclaimer_lookahead: such an opening is drafted on to this many tokens; if the base model is still
+            writing there, it hedges and then answers, so the row is guided (from the base model's opening)
+            rather than left unguided. None drafts no further: every opening that declines is a refusal.
         dtype: what a model named by its spec is loaded in (``ModelDType``; None: float32, or as a
             ``LoadedModel`` is); the classifier's head keeps float32 and reads hidden states in float32.
     """
