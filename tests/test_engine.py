@@ -231,20 +231,22 @@ def test_a_row_the_preference_request_makes_decline_is_answered_from_the_plain_q
     assert declined.text == asked_answer and declined.weights == {} and "declines" in declined.weights_source
 
 
-def test_a_disclaimer_the_base_model_answers_after_is_guided_from_its_opening_and_a_short_one_is_not(base, classifier):
+def test_a_disclaimer_the_base_model_answers_after_is_guided_from_its_longer_draft_and_a_short_one_is_not(
+    base, classifier
+):
     """An opening that declines with a disclaimer ("As an AI …") is drafted on to ``disclaimer_lookahead``
     tokens: if the base model is still writing there, it hedges and then answers, so the row is guided from
-    the base model's opening; if it has ended, it was a refusal and the row stays unguided."""
-    weights = {"expert": 8.0}
+    those tokens on; if it has ended, it was a refusal and the row stays unguided."""
+    weights, lookahead = {"expert": 8.0}, 10
     plain = CLIPerEngine(base, classifier=None)
     prompt = base.tokenizer(render_chat(base.tokenizer, as_messages(PROMPTS[0])), return_tensors="pt")["input_ids"]
-    tokens = base.model.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1] :].tolist()
-    opening = plain.generate(PROMPTS[0], max_new_tokens=6).text  # stands in for "As an AI language model,"
+    tokens = base.model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1] :].tolist()
+    opening = plain.decode(tokens[:6])  # stands in for "As an AI language model,"
     options = {"classifier": classifier, "declines": lambda text: text == opening, "disclaims": lambda text: True}
-    request = GenerationRequest(PROMPTS[0], weights=weights, max_new_tokens=16)
-    answered = CLIPerEngine(base, **options, disclaimer_lookahead=10).generate(request)
-    assert answered.text.startswith(opening) and answered.text != plain.decode(tokens)
-    assert answered.weights == weights and "disclaimer" in answered.warnings[0]
+    request = GenerationRequest(PROMPTS[0], weights=weights, max_new_tokens=24)
+    answered = CLIPerEngine(base, **options, disclaimer_lookahead=lookahead).generate(request)
+    assert answered.text.startswith(plain.decode(tokens[:lookahead])) and answered.text != plain.decode(tokens)
+    assert answered.weights == weights and f"first {lookahead} tokens" in answered.warnings[0]
     every_one_declines = CLIPerEngine(base, **options, disclaimer_lookahead=None).generate(request)
     assert every_one_declines.weights == {} and every_one_declines.text == plain.decode(tokens)
     # the base model ends at token ``end`` (made an end token here), before a look-ahead of end + 2

@@ -61,7 +61,8 @@ DEFAULT_REFUSAL_LOOKAHEAD = 6
 shows within 4 tokens of the embedded model's tokenizer)."""
 DEFAULT_DISCLAIMER_LOOKAHEAD = 64
 """Tokens drafted past an opening that declines with a disclaimer ("As an AI …"): on the training side the embedded
-model's refusals end within 44 tokens and its hedged answers run past 120 (docs/classifier.md, session 53)."""
+model's refusals end within 44 tokens and its hedged answers run past 120 (docs/classifier.md, session 53). A hedged
+answer is guided from these tokens on."""
 PACKAGED_CLASSIFIERS = Path(__file__).resolve().parent.parent / "classifiers"
 
 
@@ -154,9 +155,15 @@ class _PreparedRow:
     unrequested_opening: list[int] | None = None
     """The base model's opening to the ``unrequested`` prompt, set where the request made it decline and the plain
     question does not: the row is answered, still prompted and guided, from this opening."""
-    disclaimer: bool = False
-    """Whether the base model opens this row's prompt with a disclaimer and then answers: the row is answered,
-    guided, from the base model's opening."""
+    disclaimer_opening: list[int] | None = None
+    """The base model's first ``disclaimer_lookahead`` tokens, set where it opens with a disclaimer and then
+    answers: the row is answered, guided, from them, so guidance takes over once the model has turned to the
+    answer (from the 6-token opening, a push towards short answers ends it after the disclaimer: a refusal)."""
+
+    @property
+    def start(self) -> list[int] | None:
+        """The opening this row is answered from, settled before decoding (the ``_OpeningCheck`` stops it at once)."""
+        return self.unrequested_opening if self.unrequested_opening is not None else self.disclaimer_opening
 
     @property
     def guided(self) -> bool:
@@ -397,8 +404,8 @@ class CLIPerEngine:
         disclaims: which of those openings may be a disclaimer the base model answers after ("As an AI …";
             default ``is_disclaimer``).
         disclaimer_lookahead: such an opening is drafted on to this many tokens; if the base model is still
-            writing there, it hedges and then answers, so the row is guided (from the base model's opening)
-            rather than left unguided. None drafts no further: every opening that declines is a refusal.
+            writing there, it hedges and then answers, so the row is guided from those tokens on rather than
+            left unguided. None drafts no further: every opening that declines is a refusal.
         dtype: what a model named by its spec is loaded in (``ModelDType``; None: float32, or as a
             ``LoadedModel`` is); the classifier's head keeps float32 and reads hidden states in float32.
     """
@@ -652,7 +659,7 @@ class CLIPerEngine:
         prompt_cache, openings = self._leave_refusals_unguided(rows, input_ids, attention_mask)
         opening_check = None
         if openings is not None:
-            settled = [i for i, row in enumerate(rows) if row.unrequested_opening is not None or row.disclaimer]
+            settled = [i for i, row in enumerate(rows) if row.start is not None]
             checked = [i for i, row in enumerate(rows) if row.guided and not row.opening and i not in settled]
             opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked, settled)
         weights = self._weight_matrix(rows)
@@ -695,9 +702,7 @@ class CLIPerEngine:
         if opening_check is not None:
             opening_check.check(output[:, width:])
             declined = sorted(opening_check.declined)
-            asked = [rows[i].unrequested_opening for i in declined]  # set where the request made it decline
-            # the others start from the draft's opening: guidance's refusals and the base model's disclaimers
-            starts = [openings[i] if own is None else own for i, own in zip(declined, asked, strict=True)]
+            starts = [openings[i] if rows[i].start is None else rows[i].start for i in declined]
             self._answer_from_base_openings([rows[i] for i in declined], starts, streamer)
 
     def _answer_from_base_openings(
@@ -707,7 +712,7 @@ class CLIPerEngine:
         from the base model's own (greedy) opening: the refusal was guidance's doing, not the model's. A row
         whose preference request made the base model decline starts from its opening to the plain question
         (``unrequested_opening``), the request kept in the prompt; one whose base model opens with a disclaimer and
-        then answers, from that opening."""
+        then answers, from its longer draft (``disclaimer_opening``)."""
         restarted = []
         for row, opening in zip(rows, openings, strict=True):
             if row.unrequested_opening is not None:
@@ -715,9 +720,10 @@ class CLIPerEngine:
                     "The preference request in the prompt made the base model decline where it answers the "
                     "question without it; answered, guided and still asked, from its opening to the plain question"
                 )
-            elif row.disclaimer:
+            elif row.disclaimer_opening is not None:
                 row.result.warnings.append(
-                    "The base model opens with a disclaimer and then answers; answered, guided, from its opening"
+                    "The base model opens with a disclaimer and then answers; answered, guided, from its first "
+                    f"{len(opening)} tokens"
                 )
             else:
                 row.result.warnings.append(
@@ -753,10 +759,10 @@ class CLIPerEngine:
             return None, None
         draft = self._draft(input_ids, attention_mask)
         openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
-        kinds = self._judge_openings([rows[i].prompt_ids for i in guided], [openings[i] for i in guided])
-        declined = [rows[index] for index, kind in zip(guided, kinds, strict=True) if kind == "refusal"]
-        for index, kind in zip(guided, kinds, strict=True):
-            rows[index].disclaimer = kind == "disclaimer"
+        judged = self._judge_openings([rows[i].prompt_ids for i in guided], [openings[i] for i in guided])
+        declined = [rows[index] for index, (kind, _) in zip(guided, judged, strict=True) if kind == "refusal"]
+        for index, (kind, opening) in zip(guided, judged, strict=True):
+            rows[index].disclaimer_opening = opening if kind == "disclaimer" else None
         self._open_without_request([row for row in declined if row.unrequested is not None])
         for row in declined:
             if row.unrequested_opening is None:
@@ -785,28 +791,30 @@ class CLIPerEngine:
         input_ids, attention_mask = left_padded(prompts, self.pad_token_id)
         draft = self._draft(input_ids, attention_mask)
         openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
-        for row, opening, kind in zip(rows, openings, self._judge_openings(prompts, openings), strict=True):
+        for row, (kind, opening) in zip(rows, self._judge_openings(prompts, openings), strict=True):
             if kind != "refusal":
                 row.unrequested_opening = opening
 
     def _judge_openings(
         self, prompts: list[list[int]], openings: list[list[int]]
-    ) -> list[Literal["answer", "disclaimer", "refusal"]]:
+    ) -> list[tuple[Literal["answer", "disclaimer", "refusal"], list[int]]]:
         """Whether each prompt's drafted opening is an answer, a refusal (it ``declines``), or a disclaimer the
-        base model answers after: an opening that declines and ``disclaims`` is drafted again, to
-        ``disclaimer_lookahead`` tokens, and only an answer still going there is one (a refusal is short)."""
+        base model answers after, each with the opening to answer from: an opening that declines and
+        ``disclaims`` is drafted again, to ``disclaimer_lookahead`` tokens, and only an answer still going
+        there is a disclaimer (a refusal is short), whose opening is then that longer draft."""
         texts = [self.decode(opening) for opening in openings]
-        kinds: list[Literal["answer", "disclaimer", "refusal"]] = [
-            "refusal" if self.declines(text) else "answer" for text in texts
+        judged: list[tuple[Literal["answer", "disclaimer", "refusal"], list[int]]] = [
+            ("refusal" if self.declines(text) else "answer", opening)
+            for text, opening in zip(texts, openings, strict=True)
         ]
-        hedged = [i for i, text in enumerate(texts) if kinds[i] == "refusal" and self.disclaims(text)]
+        hedged = [i for i, text in enumerate(texts) if judged[i][0] == "refusal" and self.disclaims(text)]
         if hedged and self.disclaimer_lookahead:
             input_ids, attention_mask = left_padded([prompts[i] for i in hedged], self.pad_token_id)
             draft = self._draft(input_ids, attention_mask, self.disclaimer_lookahead)
             for i, tokens in zip(hedged, draft.sequences[:, input_ids.shape[1] :].tolist(), strict=True):
-                if len(self._until_end(tokens)) >= self.disclaimer_lookahead:
-                    kinds[i] = "disclaimer"
-        return kinds
+                if len(longer := self._until_end(tokens)) >= self.disclaimer_lookahead:
+                    judged[i] = ("disclaimer", longer)
+        return judged
 
     def _draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int | None = None):
         """The first ``length`` (default ``refusal_lookahead``) tokens of each prompt, greedy and unguided, with
