@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from steering_probe import add_instruction_options, generate_in_batches, probe_instructions, unguided_cache
+from steering_probe import add_instruction_options, answered, probe_instructions, unguided_cache
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
-from cliper_integrations.evaluation.steering import EvalConfig, Job, response_record
+from cliper_integrations.evaluation.steering import EvalConfig, Job
 
 
 def decision(weights_source: str, warnings: list[str]) -> str:
@@ -35,16 +35,9 @@ def main() -> None:
     args = parser.parse_args()
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
     engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype)
-    cache, unguided = unguided_cache(engine, args.max_new_tokens), Job((), "unguided", 0.0)
-    missing = cache.missing(unguided, prompts)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
-    results = generate_in_batches(engine, [prompt for _, prompt in missing], unguided, config)
-    cache.add([response_record(engine, unguided, None, i, p, r) for (i, p), r in zip(missing, results, strict=True)])
-    declining = [
-        (prompt, record)
-        for (_, prompt), record in zip(prompts, cache.responses(unguided, prompts), strict=True)
-        if record["refusal"]
-    ]
+    records = answered(engine, Job((), "unguided", 0.0), prompts, config, unguided_cache(engine, args.max_new_tokens))
+    declining = [(prompt, record) for (_, prompt), record in zip(prompts, records, strict=True) if record["refusal"]]
     requests = [GenerationRequest(prompt, weights={args.name: args.alpha}, max_new_tokens=8) for prompt, _ in declining]
     print(f"{len(declining)} of {len(prompts)} greedy answers read as refusals\n")
     print("| greedy answer opens | words | ends | engine |\n| --- | --- | --- | --- |")

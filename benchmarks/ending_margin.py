@@ -19,20 +19,17 @@ import statistics
 from pathlib import Path
 
 import torch
-from steering_probe import probe_instructions, unguided_cache
+from steering_probe import answered, probe_instructions, unguided_cache
 
 from cliper_integrations.core.engine import CLIPerEngine
 from cliper_integrations.core.prompting import render_chat
-from cliper_integrations.evaluation.steering import EvalConfig, Job, generate, response_record
+from cliper_integrations.evaluation.steering import EvalConfig, Job
 
 
 def ending_steps(engine: CLIPerEngine, prompts: list[tuple[int, str]], max_new_tokens: int) -> list[torch.Tensor]:
     """Token ids of prompt plus answer, for each cached unguided answer that ended before its budget."""
-    cache, job = unguided_cache(engine, max_new_tokens), Job((), "unguided", 0.0)
-    if missing := cache.missing(job, prompts):
-        config = EvalConfig(Path("unused"), max_new_tokens=max_new_tokens, batch_size=8)
-        results = generate(engine, [prompt for _, prompt in missing], job, config)
-        cache.add([response_record(engine, job, None, i, p, r) for (i, p), r in zip(missing, results, strict=True)])
+    config = EvalConfig(Path("unused"), max_new_tokens=max_new_tokens, batch_size=8)
+    records = answered(engine, Job((), "unguided", 0.0), prompts, config, unguided_cache(engine, max_new_tokens))
     texts = dict(prompts)
     return [
         engine.tokenizer(
@@ -41,7 +38,7 @@ def ending_steps(engine: CLIPerEngine, prompts: list[tuple[int, str]], max_new_t
             return_tensors="pt",
             add_special_tokens=False,
         )["input_ids"]
-        for record in cache.responses(job, prompts)
+        for record in records
         if record["finish_reason"] == "stop"
     ]
 

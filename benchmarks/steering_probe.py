@@ -87,6 +87,32 @@ def generate_in_batches(
     return results
 
 
+def answered(
+    engine: CLIPerEngine,
+    job: Job,
+    prompts: Sequence[tuple[int, str]],
+    config: EvalConfig,
+    cache: ResponseStore | None,
+    system: str | None = None,
+) -> list[dict]:
+    """The job's answers to the prompts, with their metrics. With a ``cache`` (for jobs whose answers depend
+    only on the model, as the unguided ones do) the stored answers are taken and only the missing ones are
+    made and stored; without one every answer is made afresh. ``system`` puts a system message before each
+    prompt."""
+    missing = cache.missing(job, prompts) if cache is not None else prompts
+    inputs: list[str | list[Message]] = [
+        prompt if system is None else [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        for _, prompt in missing
+    ]
+    results = generate_in_batches(engine, inputs, job, config)
+    guidance = guidance_of(engine, job)
+    records = [response_record(engine, job, guidance, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
+    if cache is None:
+        return records
+    cache.add(records)
+    return cache.responses(job, prompts)
+
+
 def add_instruction_options(parser: argparse.ArgumentParser, prompts: int, max_new_tokens: int) -> None:
     """The options every probe on these instructions takes: which of them, how long an answer, and which
     dtype the model's weights load in."""
@@ -136,14 +162,7 @@ def main() -> None:
     cache = unguided_cache(engine, args.max_new_tokens)
 
     def answer(job: Job) -> dict[str, float]:
-        cached = not SETTINGS[job.setting]["guided"]
-        missing = cache.missing(job, prompts) if cached else prompts
-        results = generate_in_batches(engine, [prompt for _, prompt in missing], job, config)
-        guidance = guidance_of(engine, job)
-        records = [response_record(engine, job, guidance, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
-        if cached:
-            cache.add(records)
-            records = cache.responses(job, prompts)
+        records = answered(engine, job, prompts, config, None if SETTINGS[job.setting]["guided"] else cache)
         if args.show:
             print(f"  [{job.key}] {records[0]['response'][: args.show]!r}", flush=True)
         if args.save:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from steering_probe import add_instruction_options, generate_in_batches, probe_instructions, unguided_cache
+from steering_probe import add_instruction_options, answered, probe_instructions, unguided_cache
 
 from cliper_integrations.core import preferences
 from cliper_integrations.core.engine import CLIPerEngine
@@ -30,7 +30,6 @@ from cliper_integrations.evaluation.steering import (
     EvalConfig,
     Job,
     fluency,
-    response_record,
     summarize,
     verdict,
 )
@@ -51,17 +50,7 @@ def main() -> None:
     packaged = preferences.PREFERENCE_REQUESTS[args.name]
 
     def answer(job: Job, cached: bool, system: str | None = None) -> dict[str, float]:
-        missing = cache.missing(job, prompts) if cached else prompts
-        inputs = [
-            prompt if system is None else [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-            for _, prompt in missing
-        ]
-        results = generate_in_batches(engine, inputs, job, config)
-        records = [response_record(engine, job, None, i, p, r) for (i, p), r in zip(missing, results, strict=True)]
-        if not cached:
-            return summarize(records)
-        cache.add(records)
-        return summarize(cache.responses(job, prompts))
+        return summarize(answered(engine, job, prompts, config, cache if cached else None, system))
 
     plain = Job((), "unguided", 0.0)
     unguided = answer(plain, cached=True)
