@@ -14,11 +14,14 @@ detector flags, with their length: a disclaimer followed by a full answer reads 
 ``--against-prompt`` compares each prompted, guided setting with prompting alone for the same class instead
 of with unguided answers: with ``--without-refusals``, whether guidance moves the answers further than the
 request alone where neither declines (the prompt-alone answers keep the request's own refusals, which the
-engine answers in guided rows since session 51).
+engine answers in guided rows since session 51). ``--split-disclaimers`` (one run) reports each setting twice: on the
+prompts whose unguided answer opens with a disclaimer ("As an AI …", ``is_disclaimer``), which the engine guides from
+the base model's first 64 tokens since session 53, and on the rest.
 
     python benchmarks/compare_runs.py docs/results_responses.jsonl
     python benchmarks/compare_runs.py docs/results_responses.jsonl --without-refusals --list-refusals
     python benchmarks/compare_runs.py docs/results_responses.jsonl --against-prompt --without-refusals
+    python benchmarks/compare_runs.py docs/results_alpaca_evaluation100/results_responses.jsonl --split-disclaimers
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
+from cliper_integrations.core.preferences import is_disclaimer
 from cliper_integrations.evaluation.steering import Job, read_store, summarize
 
 SHOWN = ("words", "fk_grade", "vader", "distinct2", "perplexity", "refusals")
@@ -40,6 +44,9 @@ def main() -> None:
     parser.add_argument("--without-refusals", action="store_true", help="only prompts where neither answer declines")
     parser.add_argument("--list-refusals", action="store_true", help="print the unguided answers that read as refusals")
     parser.add_argument("--against-prompt", action="store_true", help="one run: prompt+guidance against prompt alone")
+    parser.add_argument(
+        "--split-disclaimers", action="store_true", help="one run: prompts whose unguided answer disclaims, the rest"
+    )
     args = parser.parse_args()
     runs = [{(r["prompt_id"], r["job"]): r for r in read_store(path)[1]} for path in (args.first, args.second) if path]
     if args.list_refusals:
@@ -51,7 +58,7 @@ def main() -> None:
         reference = reference_jobs({job for _, job in runs[0]}, args.against_prompt)
         for (prompt_id, job), record in runs[0].items():
             if job in reference and (before := runs[0].get((prompt_id, reference[job]))) is not None:
-                by_job[job].append((before, record))
+                by_job[job + disclaimer_part(runs[0], prompt_id, args.split_disclaimers)].append((before, record))
     else:
         for key in runs[0].keys() & runs[1].keys():
             by_job[key[1]].append((runs[0][key], runs[1][key]))
@@ -68,6 +75,13 @@ def main() -> None:
         first, second = (summarize([pair[side] for pair in pairs]) for side in (0, 1))
         moved = " | ".join(f"{first[name]:.2f} → {second[name]:.2f}" for name in SHOWN)
         print(f"| {job} | {len(pairs)} | {same / len(pairs):.0%} | {newly} | {moved} |")
+
+
+def disclaimer_part(run: dict[tuple[int, str], dict], prompt_id: int, split: bool) -> str:
+    """With ``split``, which part of the prompts this one's figures go to: does its unguided answer disclaim?"""
+    if not split:
+        return ""
+    return " [disclaimer prompts]" if is_disclaimer(run[prompt_id, UNGUIDED]["response"]) else " [other prompts]"
 
 
 def reference_jobs(jobs: set[str], against_prompt: bool) -> dict[str, str]:
