@@ -15,7 +15,7 @@ from pathlib import Path
 
 from steering_probe import add_instruction_options, answered, probe_instructions, unguided_cache
 
-from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.engine import DISCLAIMER_WARNING, CLIPerEngine, GenerationRequest
 from cliper_integrations.evaluation.steering import EvalConfig, Job
 
 
@@ -23,7 +23,8 @@ def decision(weights_source: str, warnings: list[str]) -> str:
     """What the engine made of the row's opening."""
     if weights_source.startswith("none"):
         return "refusal: unguided"
-    return "disclaimer: guided from its opening" if any("disclaimer" in w for w in warnings) else "guided"
+    hedged = any(warning.startswith(DISCLAIMER_WARNING) for warning in warnings)
+    return "disclaimer: guided from its opening" if hedged else "guided"
 
 
 def main() -> None:

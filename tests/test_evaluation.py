@@ -615,6 +615,20 @@ def test_bench_leaves_the_engine_it_measures_as_it_was(base):
     assert figures.classifier == "shared, untrained head of the default architecture"
 
 
+def test_bench_times_a_disclaimer_stream_and_says_whether_the_engine_guided_it(base, classifier):
+    """The bench's disclaimer figures are only about a disclaimer where the engine took the prompt's opening
+    for one (on another model the prompt may open otherwise): ``disclaimer_guided`` must say which it was."""
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.evaluation.bench import run_bench
+
+    options = {"classifier": classifier, "declines": lambda text: True, "disclaimer_lookahead": 4}
+    hedging = run_bench(CLIPerEngine(base, **options, disclaims=lambda text: True), max_new_tokens=2, repeats=1)
+    assert hedging.disclaimer_guided and hedging.disclaimer_lookahead == 4
+    assert hedging.disclaimer_guided_first_text_s > 0 and hedging.disclaimer_unguided_first_text_s > 0
+    refusing = run_bench(CLIPerEngine(base, **options, disclaims=lambda text: False), max_new_tokens=2, repeats=1)
+    assert not refusing.disclaimer_guided
+
+
 def test_one_table_does_not_decide_a_settings_grade():
     """A table reads to Flesch-Kincaid as one long sentence (grade 30 to 50): the grade of a setting is
     the median over its answers, so one such answer cannot flip a class's verdict."""

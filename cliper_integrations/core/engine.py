@@ -63,6 +63,8 @@ DEFAULT_DISCLAIMER_LOOKAHEAD = 64
 """Tokens drafted past an opening that declines with a disclaimer ("As an AI …"): on the training side the embedded
 model's refusals end within 44 tokens and its hedged answers run past 120 (docs/classifier.md, session 53). A hedged
 answer is guided from these tokens on."""
+DISCLAIMER_WARNING = "The base model opens with a disclaimer and then answers"
+"""How the warning of a row guided from its disclaimer draft begins (``GenerationResult.warnings``)."""
 PACKAGED_CLASSIFIERS = Path(__file__).resolve().parent.parent / "classifiers"
 
 
@@ -721,10 +723,8 @@ class CLIPerEngine:
                     "question without it; answered, guided and still asked, from its opening to the plain question"
                 )
             elif row.disclaimer_opening is not None:
-                row.result.warnings.append(
-                    "The base model opens with a disclaimer and then answers; answered, guided, from its first "
-                    f"{len(opening)} tokens"
-                )
+                message = f"{DISCLAIMER_WARNING}; answered, guided, from its first {len(opening)} tokens"
+                row.result.warnings.append(message)
             else:
                 row.result.warnings.append(
                     "Guidance opened this answer with a refusal (or ended it at once) where the base model does "

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cliper_integrations.core.classifier import PreferenceClassifier
-from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.engine import DISCLAIMER_WARNING, CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.core.preferences import DEFAULT_CLASSES
 
 BENCH_PROMPTS = [
@@ -22,6 +22,10 @@ BENCH_PROMPTS = [
     "Describe how a bill becomes a law.",
     "What is the difference between weather and climate?",
 ]
+DISCLAIMER_PROMPT = "Compare the dietary needs of cats and dogs."
+"""A training-side instruction (``benchmarks/disclaimer_probe.py``) the embedded model answers, greedy, with "As an AI
+language model, I don't have personal preferences …" and then 135 words: the engine drafts it to
+``disclaimer_lookahead`` tokens before a guided answer starts."""
 WEIGHT_SETS = [
     {"concise": 4.0},
     {"informative": 4.0},
@@ -50,6 +54,12 @@ class BenchResult:
     guided_first_text_s: float
     """Seconds from asking for a stream to its first text; a guided stream holds back the opening the
     engine checks for refusals (``refusal_lookahead`` tokens)."""
+    disclaimer_lookahead: int | None
+    disclaimer_guided: bool
+    """Whether the engine took ``DISCLAIMER_PROMPT``'s opening for a disclaimer and guided the answer from its
+    draft (on another model the prompt may open otherwise, and the two figures below time an ordinary prompt)."""
+    disclaimer_unguided_first_text_s: float
+    disclaimer_guided_first_text_s: float
     batch8_tok_s: float
     batch8_speedup: float
     peak_rss_mb: float
@@ -66,14 +76,16 @@ STREAM_TOKENS = 16
 """Tokens per timed stream: enough to pass a guided stream's held-back opening."""
 
 
-def _first_text_seconds(engine: CLIPerEngine, request: GenerationRequest) -> float:
-    """Seconds until the stream's first text; the stream is read to its end so that no generation is still
-    running when the next measurement starts."""
+def _first_text_seconds(engine: CLIPerEngine, request: GenerationRequest) -> tuple[float, GenerationResult]:
+    """Seconds until the stream's first text, and its result; the stream is read to its end so that no
+    generation is still running when the next measurement starts."""
     started = time.perf_counter()
     first = None
-    for _ in engine.stream(request):
+    stream = engine.stream(request)
+    for _ in stream:
         first = first if first is not None else time.perf_counter() - started
-    return first if first is not None else time.perf_counter() - started
+    assert stream.result is not None
+    return (first if first is not None else time.perf_counter() - started), stream.result
 
 
 def batch_of_eight(max_new_tokens: int, guided: bool = True) -> list[GenerationRequest]:
@@ -95,7 +107,8 @@ def tokens_per_second(engine: CLIPerEngine, requests: list[GenerationRequest]) -
 def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) -> BenchResult:
     """Interleave unguided and guided runs of the same prompts (greedy) and take medians; guided runs
     also without the engine's refusal look-ahead, to measure what it costs, and streams of both, timed to
-    their first text.
+    their first text, and so is a stream of ``DISCLAIMER_PROMPT``, which (on the embedded model) the engine
+    drafts further before a guided answer starts.
 
     Without a trained classifier the guided runs use a freshly initialised shared-backbone head of the
     default architecture: decoding cost does not depend on the head's weights.
@@ -114,17 +127,25 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
         # End-of-turn stays possible; lengths differ per run, tokens/s normalises for that.
         return GenerationRequest(prompt, weights=weights, max_new_tokens=max_new_tokens)
 
+    def first_text(prompt: str, weights: dict | None, tokens: int) -> tuple[float, GenerationResult]:
+        return _first_text_seconds(engine, GenerationRequest(prompt, weights=weights, max_new_tokens=tokens))
+
+    # a disclaimer's answer is guided after its draft: stream that far and a little further
+    disclaimer_tokens = (engine.disclaimer_lookahead or 0) + STREAM_TOKENS
     engine.generate(single(BENCH_PROMPTS[0], WEIGHT_SETS[0]))  # warm-up
     unguided, guided, without_lookahead, batched, unguided_first, guided_first = [], [], [], [], [], []
+    disclaimer_unguided, disclaimer_guided, disclaimer_judged = [], [], []
     for _ in range(repeats):
         for prompt, weights in zip(BENCH_PROMPTS, WEIGHT_SETS, strict=False):
             unguided.append(tokens_per_second(engine, [single(prompt, None)]))
             guided.append(tokens_per_second(engine, [single(prompt, weights)]))
             without_lookahead.append(tokens_per_second(no_lookahead, [single(prompt, weights)]))
-            unguided_first.append(_first_text_seconds(engine, GenerationRequest(prompt, max_new_tokens=STREAM_TOKENS)))
-            guided_first.append(
-                _first_text_seconds(engine, GenerationRequest(prompt, weights=weights, max_new_tokens=STREAM_TOKENS))
-            )
+            unguided_first.append(first_text(prompt, None, STREAM_TOKENS)[0])
+            guided_first.append(first_text(prompt, weights, STREAM_TOKENS)[0])
+        disclaimer_unguided.append(first_text(DISCLAIMER_PROMPT, None, disclaimer_tokens)[0])
+        seconds, result = first_text(DISCLAIMER_PROMPT, WEIGHT_SETS[0], disclaimer_tokens)
+        disclaimer_guided.append(seconds)
+        disclaimer_judged.append(any(warning.startswith(DISCLAIMER_WARNING) for warning in result.warnings))
         batched.append(tokens_per_second(engine, batch_of_eight(max_new_tokens)))
     unguided_tok_s, guided_tok_s = statistics.median(unguided), statistics.median(guided)
     without_lookahead_tok_s = statistics.median(without_lookahead)
@@ -141,6 +162,10 @@ def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) 
         single_guided_tok_s=round(guided_tok_s, 2),
         unguided_first_text_s=round(statistics.median(unguided_first), 3),
         guided_first_text_s=round(statistics.median(guided_first), 3),
+        disclaimer_lookahead=engine.disclaimer_lookahead,
+        disclaimer_guided=all(disclaimer_judged),
+        disclaimer_unguided_first_text_s=round(statistics.median(disclaimer_unguided), 3),
+        disclaimer_guided_first_text_s=round(statistics.median(disclaimer_guided), 3),
         batch8_tok_s=round(batch8, 2),
         batch8_speedup=round(batch8 / guided_tok_s, 2),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
