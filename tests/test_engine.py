@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
+from cliper_integrations.core.engine import RESTART, CLIPerEngine, GenerationRequest, _TokenQueueStreamer
 from cliper_integrations.core.errors import (
     ClassNotInClassifierError,
     EmptyPromptError,
@@ -247,6 +247,13 @@ def test_a_disclaimer_the_base_model_answers_after_is_guided_from_its_longer_dra
     answered = CLIPerEngine(base, **options, disclaimer_lookahead=lookahead).generate(request)
     assert answered.text.startswith(plain.decode(tokens[:lookahead])) and answered.text != plain.decode(tokens)
     assert answered.weights == weights and f"first {lookahead} tokens" in answered.warnings[0]
+    hedging = CLIPerEngine(base, **options, disclaimer_lookahead=lookahead)
+    other = GenerationRequest(PROMPTS[1], weights=weights, max_new_tokens=24)
+    together = hedging.generate_batch([other, request, replace(request, max_new_tokens=lookahead - 2)])
+    assert [result.text for result in together[:2]] == [hedging.generate(other).text, answered.text]
+    cut = together[2]  # the draft holds more than the answer may: it is the answer, asked as the others
+    assert cut.text == plain.decode(tokens[: lookahead - 2]) and cut.finish_reason == "length"
+    assert cut.prompt_tokens == answered.prompt_tokens and cut.seconds > 0
     every_one_declines = CLIPerEngine(base, **options, disclaimer_lookahead=None).generate(request)
     assert every_one_declines.weights == {} and every_one_declines.text == plain.decode(tokens)
     # the base model ends at token ``end`` (made an end token here), before a look-ahead of end + 2
@@ -255,6 +262,39 @@ def test_a_disclaimer_the_base_model_answers_after_is_guided_from_its_longer_dra
     short.eos_token_ids = [*short.eos_token_ids, tokens[end]]
     refused = short.generate(request)
     assert refused.weights == {} and "declines" in refused.weights_source and refused.completion_tokens == end + 1
+
+
+def test_a_greedy_stream_shows_the_draft_past_a_disclaimer_as_it_is_made(base, classifier, monkeypatch):
+    """Greedy, the answer starts with the base model's draft past a disclaimer however it is judged (guided on
+    from it, or, ended within it, a refusal that is the draft itself), so a stream shows the draft as it is
+    made rather than after the whole look-ahead, and a refusal is taken from the draft, not decoded again.
+    Sampled, the draft is not the answer, and nothing of it is shown."""
+    weights, lookahead = {"expert": 8.0}, 10
+    plain = CLIPerEngine(base, classifier=None)
+    prompt = base.tokenizer(render_chat(base.tokenizer, as_messages(PROMPTS[0])), return_tensors="pt")["input_ids"]
+    tokens = base.model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1] :].tolist()
+    opening = plain.decode(tokens[:6])
+    options = {"classifier": classifier, "declines": lambda text: text == opening, "disclaims": lambda text: True}
+    engine = CLIPerEngine(base, **options, disclaimer_lookahead=lookahead)
+    request = GenerationRequest(PROMPTS[0], weights=weights, max_new_tokens=24)
+
+    def shown_before_restart(request: GenerationRequest) -> list[int]:
+        streamer = _TokenQueueStreamer()
+        engine._run_group([engine._prepare(request)], streamer)
+        items = list(iter(streamer.queue.get_nowait, RESTART))  # up to the first restart
+        return [token for chunk in items for token in chunk]
+
+    assert shown_before_restart(request) == tokens[:lookahead]
+    assert shown_before_restart(replace(request, temperature=0.7, seed=0)) == []
+    assert "".join(engine.stream(request)) == engine.generate(request).text
+    end = next(i for i in range(7, 9) if tokens[i] not in tokens[:i])  # made an end token: a refusal at ``end``
+    engine.eos_token_ids = [*engine.eos_token_ids, tokens[end]]
+    calls = []
+    decode = base.model.generate
+    monkeypatch.setattr(base.model, "generate", lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs))
+    refused = engine.generate(request)
+    assert refused.weights == {} and refused.completion_tokens == end + 1 and len(calls) == 2  # the two drafts
+    assert "".join(engine.stream(request)) == refused.text and shown_before_restart(request) == tokens[: end + 1]
 
 
 def test_a_guided_opening_that_declines_where_the_base_model_does_not_is_answered_from_the_base_opening(

@@ -161,11 +161,15 @@ class _PreparedRow:
     """The base model's first ``disclaimer_lookahead`` tokens, set where it opens with a disclaimer and then
     answers: the row is answered, guided, from them, so guidance takes over once the model has turned to the
     answer (from the 6-token opening, a push towards short answers ends it after the disclaimer: a refusal)."""
+    drafted_answer: list[int] | None = None
+    """The base model's whole greedy answer, end token included, where it opens with a disclaimer and ends within
+    ``disclaimer_lookahead`` tokens (a refusal) and the row is greedy: its unguided answer is that draft, as is."""
 
     @property
     def start(self) -> list[int] | None:
-        """The opening this row is answered from, settled before decoding (the ``_OpeningCheck`` stops it at once)."""
-        return self.unrequested_opening if self.unrequested_opening is not None else self.disclaimer_opening
+        """The opening this row is answered from, settled before decoding (it skips the group's first pass)."""
+        settled = (self.unrequested_opening, self.disclaimer_opening, self.drafted_answer)
+        return next((opening for opening in settled if opening is not None), None)
 
     @property
     def guided(self) -> bool:
@@ -213,8 +217,7 @@ class _OpeningCheck(StoppingCriteria):
     Guidance must not turn an answer into a refusal: at an opening, a warm or blunt "I" or "As" can pass
     the plausibility floor, and the base model then writes "I'm sorry, I can't …" on its own (and
     ``is_refusal`` also counts an answer a strong push ended at once, saying nothing). A stopped row is
-    answered again from the base model's opening (``CLIPerEngine._answer_from_base_openings``). Rows in
-    ``declined`` stop at once: their opening was settled before decoding (``_PreparedRow.unrequested_opening``)."""
+    answered again from the base model's opening (``CLIPerEngine._answer_from_base_openings``)."""
 
     def __init__(
         self,
@@ -223,14 +226,13 @@ class _OpeningCheck(StoppingCriteria):
         prompt_length: int,
         length: int,
         rows: list[int],
-        declined: Sequence[int] = (),
     ) -> None:
         self.decode = decode
         self.declines = declines
         self.prompt_length = prompt_length
         self.length = length
         self.unchecked = set(rows)
-        self.declined: set[int] = set(declined)
+        self.declined: set[int] = set()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -352,9 +354,8 @@ class TextStream:
             if chunk is RESTART:
                 tokens = []
                 continue
-            if any(token in eos for token in chunk):
-                continue
-            tokens.extend(chunk)
+            tokens.extend(token for token in chunk if token not in eos)
+            del tokens[self._request.max_new_tokens :]  # a draft shown as it is made may run past the answer's end
             if len(tokens) <= opening:
                 continue
             text = self._engine.decode(tokens)
@@ -650,20 +651,48 @@ class CLIPerEngine:
         return ids[-limit:]
 
     def _run_group(self, rows: list[_PreparedRow], streamer: _TokenQueueStreamer | None = None) -> None:
-        """One ``generate`` call for rows that share sampling settings (and one more for the rows whose
-        guided opening declined, from the base model's opening)."""
+        """One ``generate`` call for rows that share sampling settings, and one more for the rows that start
+        from a fixed opening: those whose opening the look-ahead settled (``_PreparedRow.start``), which skip the
+        first call, and those whose guided opening declined, from the base model's opening."""
         started = time.perf_counter()
         input_ids, attention_mask = left_padded([row.prompt_ids for row in rows], self.pad_token_id)
+        prompt_cache, openings = self._leave_refusals_unguided(rows, input_ids, attention_mask, streamer)
+        settled = [(row, row.start) for row in rows if row.start is not None]
+        if settled:
+            kept = [index for index, row in enumerate(rows) if row.start is None]
+            rows, input_ids, attention_mask = [rows[i] for i in kept], input_ids[kept], attention_mask[kept]
+            openings = [openings[i] for i in kept] if openings is not None else None
+            if prompt_cache is not None and kept:
+                prompt_cache.batch_select_indices(torch.tensor(kept))
+            for row, _ in settled:  # what the drafts that settled it cost, and what it was asked
+                row.result.seconds += time.perf_counter() - started
+                row.result.prompt_tokens = len(row.prompt_ids)
+        declined = self._decode(rows, input_ids, attention_mask, prompt_cache, openings, streamer, started)
+        if restarts := settled + declined:
+            self._answer_from_base_openings([row for row, _ in restarts], [start for _, start in restarts], streamer)
+
+    def _decode(
+        self,
+        rows: list[_PreparedRow],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_cache: Cache | None,
+        openings: list[list[int]] | None,
+        streamer: _TokenQueueStreamer | None,
+        started: float,
+    ) -> list[tuple[_PreparedRow, list[int]]]:
+        """Decode the rows in one ``generate`` call and finish them; return the guided rows whose opening
+        declined where the base model's (in ``openings``, from the look-ahead) did not, each with that opening."""
+        if not rows:  # every row of the group starts from a settled opening
+            return []
         width = input_ids.shape[1]
         first = rows[0].request
         stop_criteria = _RowStopCriteria(self.tokenizer, width, rows)
         processors = []
-        prompt_cache, openings = self._leave_refusals_unguided(rows, input_ids, attention_mask)
         opening_check = None
         if openings is not None:
-            settled = [i for i, row in enumerate(rows) if row.start is not None]
-            checked = [i for i, row in enumerate(rows) if row.guided and not row.opening and i not in settled]
-            opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked, settled)
+            checked = [i for i, row in enumerate(rows) if row.guided and not row.opening]
+            opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked)
         weights = self._weight_matrix(rows)
         if weights is not None:
             assert self.classifier is not None
@@ -701,11 +730,10 @@ class CLIPerEngine:
         for index, row in enumerate(rows):
             self._finish(row, output[index, width:].tolist(), stop_criteria.stopped_at[index], seconds)
             row.result.prompt_tokens = len(row.prompt_ids) - len(row.opening)
-        if opening_check is not None:
-            opening_check.check(output[:, width:])
-            declined = sorted(opening_check.declined)
-            starts = [openings[i] if rows[i].start is None else rows[i].start for i in declined]
-            self._answer_from_base_openings([rows[i] for i in declined], starts, streamer)
+        if opening_check is None or openings is None:
+            return []
+        opening_check.check(output[:, width:])
+        return [(rows[i], openings[i]) for i in sorted(opening_check.declined)]
 
     def _answer_from_base_openings(
         self, rows: list[_PreparedRow], openings: list[list[int]], streamer: _TokenQueueStreamer | None
@@ -714,7 +742,8 @@ class CLIPerEngine:
         from the base model's own (greedy) opening: the refusal was guidance's doing, not the model's. A row
         whose preference request made the base model decline starts from its opening to the plain question
         (``unrequested_opening``), the request kept in the prompt; one whose base model opens with a disclaimer and
-        then answers, from its longer draft (``disclaimer_opening``)."""
+        then answers, from its longer draft (``disclaimer_opening``). A row whose settled opening is a whole answer
+        (``drafted_answer``), or all the answer may hold, is finished from it without decoding."""
         restarted = []
         for row, opening in zip(rows, openings, strict=True):
             if row.unrequested_opening is not None:
@@ -725,7 +754,7 @@ class CLIPerEngine:
             elif row.disclaimer_opening is not None:
                 message = f"{DISCLAIMER_WARNING}; answered, guided, from its first {len(opening)} tokens"
                 row.result.warnings.append(message)
-            else:
+            elif row.drafted_answer is None:  # a drafted answer is the base model's refusal (``weights_source``)
                 row.result.warnings.append(
                     "Guidance opened this answer with a refusal (or ended it at once) where the base model does "
                     "not; answered again, guided, from the base model's opening"
@@ -734,15 +763,19 @@ class CLIPerEngine:
             again = _PreparedRow(row.request, row.result, row.prompt_ids + opening, opening)
             if streamer is not None:
                 streamer.restart(opening)
-            if len(opening) < row.request.max_new_tokens:
+            if len(opening) < row.request.max_new_tokens and not self._ends(opening):
                 restarted.append(again)
-            else:  # the opening is all the answer may hold
+            else:
                 self._finish(again, [], None, 0.0)
         if restarted:
             self._run_group(restarted, streamer)
 
     def _leave_refusals_unguided(
-        self, rows: list[_PreparedRow], input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        rows: list[_PreparedRow],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        streamer: _TokenQueueStreamer | None = None,
     ) -> tuple[Cache | None, list[list[int]] | None]:
         """Switch guidance off for guided rows whose unguided, greedy opening is a refusal; return the
         prompts' cache and every row's opening (up to its first end token), or Nones without a draft.
@@ -753,21 +786,30 @@ class CLIPerEngine:
         back to the prompts less their last token, is returned for the answer to start from, so the
         look-ahead costs ``refusal_lookahead`` greedy steps, not a second reading of long prompts.
         Rows that already start from a fixed opening are past this decision.
+
+        A greedy row's answer starts with the base model's draft past a disclaimer however it is judged (guided
+        from it, or, ended early, the unguided answer itself), so a greedy stream shows that draft as it is made,
+        unless a preference request in its prompt may still send it to the plain question's opening.
         """
         guided = [index for index, row in enumerate(rows) if row.guided and not row.opening]
         if not self.refusal_lookahead or self.classifier is None or not guided:
             return None, None
         draft = self._draft(input_ids, attention_mask)
         openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
-        judged = self._judge_openings([rows[i].prompt_ids for i in guided], [openings[i] for i in guided])
-        declined = [rows[index] for index, (kind, _) in zip(guided, judged, strict=True) if kind == "refusal"]
+        greedy = rows[0].request.temperature == 0
+        shown = streamer if greedy and len(rows) == 1 and rows[0].unrequested is None else None
+        judged = self._judge_openings([rows[i].prompt_ids for i in guided], [openings[i] for i in guided], shown)
+        declined = [
+            (rows[index], drafted) for index, (kind, drafted) in zip(guided, judged, strict=True) if kind == "refusal"
+        ]
         for index, (kind, opening) in zip(guided, judged, strict=True):
             rows[index].disclaimer_opening = opening if kind == "disclaimer" else None
-        self._open_without_request([row for row in declined if row.unrequested is not None])
-        for row in declined:
+        self._open_without_request([row for row, _ in declined if row.unrequested is not None])
+        for row, drafted in declined:
             if row.unrequested_opening is None:
                 row.result.weights = {}
                 row.result.weights_source = "none: the base model declines this request (refusal look-ahead)"
+                row.drafted_answer = drafted if greedy and self._ends(drafted) else None
         cache = draft.cache
         if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
             return None, openings  # sliding-window or recurrent layers cannot be cut back: the prompt is read again
@@ -796,12 +838,13 @@ class CLIPerEngine:
                 row.unrequested_opening = opening
 
     def _judge_openings(
-        self, prompts: list[list[int]], openings: list[list[int]]
+        self, prompts: list[list[int]], openings: list[list[int]], streamer: _TokenQueueStreamer | None = None
     ) -> list[tuple[Literal["answer", "disclaimer", "refusal"], list[int]]]:
         """Whether each prompt's drafted opening is an answer, a refusal (it ``declines``), or a disclaimer the
         base model answers after, each with the opening to answer from: an opening that declines and
-        ``disclaims`` is drafted again, to ``disclaimer_lookahead`` tokens, and only an answer still going
-        there is a disclaimer (a refusal is short), whose opening is then that longer draft."""
+        ``disclaims`` is drafted again, to ``disclaimer_lookahead`` tokens (shown on ``streamer``), and only an
+        answer still going there is a disclaimer (a refusal is short), whose opening is then that longer draft;
+        one that has ended is a refusal, given with its whole greedy answer, end token included."""
         texts = [self.decode(opening) for opening in openings]
         judged: list[tuple[Literal["answer", "disclaimer", "refusal"], list[int]]] = [
             ("refusal" if self.declines(text) else "answer", opening)
@@ -810,15 +853,21 @@ class CLIPerEngine:
         hedged = [i for i, text in enumerate(texts) if judged[i][0] == "refusal" and self.disclaims(text)]
         if hedged and self.disclaimer_lookahead:
             input_ids, attention_mask = left_padded([prompts[i] for i in hedged], self.pad_token_id)
-            draft = self._draft(input_ids, attention_mask, self.disclaimer_lookahead)
+            draft = self._draft(input_ids, attention_mask, self.disclaimer_lookahead, streamer)
             for i, tokens in zip(hedged, draft.sequences[:, input_ids.shape[1] :].tolist(), strict=True):
-                if len(longer := self._until_end(tokens)) >= self.disclaimer_lookahead:
-                    judged[i] = ("disclaimer", longer)
+                drafted = self._through_end(tokens)
+                judged[i] = ("refusal" if self._ends(drafted) else "disclaimer", drafted)
         return judged
 
-    def _draft(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int | None = None):
+    def _draft(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        length: int | None = None,
+        streamer: _TokenQueueStreamer | None = None,
+    ):
         """The first ``length`` (default ``refusal_lookahead``) tokens of each prompt, greedy and unguided, with
-        the cache."""
+        the cache; a ``streamer`` (a batch of one) receives them as they are made."""
         with torch.inference_mode():
             return self.model.generate(
                 input_ids=input_ids,
@@ -827,13 +876,23 @@ class CLIPerEngine:
                 do_sample=False,
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_ids,
+                streamer=streamer,
                 return_dict_in_generate=True,
             )
 
     def _until_end(self, tokens: list[int]) -> list[int]:
         """``tokens`` up to (not including) the first end token."""
-        end = next((i for i, token in enumerate(tokens) if token in self.eos_token_ids), len(tokens))
-        return tokens[:end]
+        drafted = self._through_end(tokens)
+        return drafted[:-1] if self._ends(drafted) else drafted
+
+    def _through_end(self, tokens: list[int]) -> list[int]:
+        """``tokens`` up to and including the first end token (all of them without one)."""
+        end = next((i for i, token in enumerate(tokens) if token in self.eos_token_ids), len(tokens) - 1)
+        return tokens[: end + 1]
+
+    def _ends(self, tokens: Sequence[int]) -> bool:
+        """Whether ``tokens`` end with an end token."""
+        return bool(tokens) and tokens[-1] in self.eos_token_ids
 
     def _plausibility_floor(self, row: _PreparedRow) -> float | None:
         """The floor a guided row decodes under: the engine's, or a stricter one of the classifier's for
