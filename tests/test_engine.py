@@ -287,11 +287,15 @@ def test_a_greedy_stream_shows_the_draft_past_a_disclaimer_as_it_is_made(base, c
     assert shown_before_restart(request) == tokens[:lookahead]
     assert shown_before_restart(replace(request, temperature=0.7, seed=0)) == []
     assert "".join(engine.stream(request)) == engine.generate(request).text
-    end = next(i for i in range(7, 9) if tokens[i] not in tokens[:i])  # made an end token: a refusal at ``end``
-    engine.eos_token_ids = [*engine.eos_token_ids, tokens[end]]
     calls = []
     decode = base.model.generate
     monkeypatch.setattr(base.model, "generate", lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs))
+    stop, drafted = plain.decode(tokens[7:9]), plain.decode(tokens[:lookahead])
+    stopped = engine.generate(replace(request, stop=[stop]))  # the draft already holds the stop: nothing to decode
+    assert stopped.text == drafted[: drafted.index(stop)] and stopped.finish_reason == "stop" and len(calls) == 2
+    end = next(i for i in range(7, 9) if tokens[i] not in tokens[:i])  # made an end token: a refusal at ``end``
+    engine.eos_token_ids = [*engine.eos_token_ids, tokens[end]]
+    calls.clear()
     refused = engine.generate(request)
     assert refused.weights == {} and refused.completion_tokens == end + 1 and len(calls) == 2  # the two drafts
     assert "".join(engine.stream(request)) == refused.text and shown_before_restart(request) == tokens[: end + 1]

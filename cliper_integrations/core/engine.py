@@ -742,8 +742,8 @@ class CLIPerEngine:
         from the base model's own (greedy) opening: the refusal was guidance's doing, not the model's. A row
         whose preference request made the base model decline starts from its opening to the plain question
         (``unrequested_opening``), the request kept in the prompt; one whose base model opens with a disclaimer and
-        then answers, from its longer draft (``disclaimer_opening``). A row whose settled opening is a whole answer
-        (``drafted_answer``), or all the answer may hold, is finished from it without decoding."""
+        then answers, from its longer draft (``disclaimer_opening``). A row whose opening is a whole answer (it ends,
+        as ``drafted_answer`` does, or holds a stop string), or all the answer may hold, is finished from it."""
         restarted = []
         for row, opening in zip(rows, openings, strict=True):
             if row.unrequested_opening is not None:
@@ -763,7 +763,8 @@ class CLIPerEngine:
             again = _PreparedRow(row.request, row.result, row.prompt_ids + opening, opening)
             if streamer is not None:
                 streamer.restart(opening)
-            if len(opening) < row.request.max_new_tokens and not self._ends(opening):
+            whole = self._ends(opening) or first_stop(self.decode(opening), row.request.stop_strings()) >= 0
+            if len(opening) < row.request.max_new_tokens and not whole:
                 restarted.append(again)
             else:
                 self._finish(again, [], None, 0.0)
