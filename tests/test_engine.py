@@ -268,7 +268,8 @@ def test_a_greedy_stream_shows_the_draft_past_a_disclaimer_as_it_is_made(base, c
     """Greedy, the answer starts with the base model's draft past a disclaimer however it is judged (guided on
     from it, or, ended within it, a refusal that is the draft itself), so a stream shows the draft as it is
     made rather than after the whole look-ahead, and a refusal is taken from the draft, not decoded again.
-    Sampled, the draft is not the answer, and nothing of it is shown."""
+    Sampled, the draft is not the answer, and nothing of it is shown. The draft goes on from the look-ahead's
+    cache, so the prompt is not read again for it."""
     weights, lookahead = {"expert": 8.0}, 10
     plain = CLIPerEngine(base, classifier=None)
     prompt = base.tokenizer(render_chat(base.tokenizer, as_messages(PROMPTS[0])), return_tensors="pt")["input_ids"]
@@ -287,6 +288,16 @@ def test_a_greedy_stream_shows_the_draft_past_a_disclaimer_as_it_is_made(base, c
     assert shown_before_restart(request) == tokens[:lookahead]
     assert shown_before_restart(replace(request, temperature=0.7, seed=0)) == []
     assert "".join(engine.stream(request)) == engine.generate(request).text
+    reads = []  # tokens read per forward pass: the draft goes on from its own cache, not from its prompt again
+    forward = base.model.forward
+
+    def read(**kwargs):
+        reads.append(kwargs["input_ids"].shape[1])
+        return forward(**kwargs)
+
+    monkeypatch.setattr(base.model, "forward", read)
+    engine.generate(request)
+    assert sum(length > 1 for length in reads) == 2  # the prompt for the look-ahead, prompt and draft for the answer
     calls = []
     decode = base.model.generate
     monkeypatch.setattr(base.model, "generate", lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs))

@@ -7,6 +7,7 @@ call (weights, the classifier's cache, stop state) lives in that call, so thread
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import queue
@@ -299,6 +300,10 @@ class _TokenQueueStreamer(BaseStreamer):
             self.prompt_seen = True
             return
         self.queue.put(value.reshape(-1).tolist())
+
+    def show(self, tokens: list[int]) -> None:
+        """Tokens the next ``generate`` goes on from (its prompt ends with them), shown at once."""
+        self.queue.put(list(tokens))
 
     def restart(self, opening: list[int]) -> None:
         """The answer so far is dropped and starts again from ``opening``; the next ``generate`` sends its
@@ -799,7 +804,7 @@ class CLIPerEngine:
         openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
         greedy = rows[0].request.temperature == 0
         shown = streamer if greedy and len(rows) == 1 and rows[0].unrequested is None else None
-        judged = self._judge_openings([rows[i].prompt_ids for i in guided], [openings[i] for i in guided], shown)
+        judged = self._judge_openings(draft, attention_mask, guided, shown)
         declined = [
             (rows[index], drafted) for index, (kind, drafted) in zip(guided, judged, strict=True) if kind == "refusal"
         ]
@@ -833,32 +838,58 @@ class CLIPerEngine:
             prompts.append(self._token_ids(self._render(messages, tools, row.request.response_prefix))[-limit:])
         input_ids, attention_mask = left_padded(prompts, self.pad_token_id)
         draft = self._draft(input_ids, attention_mask)
-        openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
-        for row, (kind, opening) in zip(rows, self._judge_openings(prompts, openings), strict=True):
+        for row, (kind, opening) in zip(
+            rows, self._judge_openings(draft, attention_mask, list(range(len(rows)))), strict=True
+        ):
             if kind != "refusal":
                 row.unrequested_opening = opening
 
     def _judge_openings(
-        self, prompts: list[list[int]], openings: list[list[int]], streamer: _TokenQueueStreamer | None = None
+        self, draft, attention_mask: torch.Tensor, rows: list[int], streamer: _TokenQueueStreamer | None = None
     ) -> list[tuple[Literal["answer", "disclaimer", "refusal"], list[int]]]:
-        """Whether each prompt's drafted opening is an answer, a refusal (it ``declines``), or a disclaimer the
-        base model answers after, each with the opening to answer from: an opening that declines and
-        ``disclaims`` is drafted again, to ``disclaimer_lookahead`` tokens (shown on ``streamer``), and only an
-        answer still going there is a disclaimer (a refusal is short), whose opening is then that longer draft;
-        one that has ended is a refusal, given with its whole greedy answer, end token included."""
+        """Whether each of the ``rows``' drafted opening (``draft``, of the prompts under ``attention_mask``) is an
+        answer, a refusal (it ``declines``), or a disclaimer the base model answers after, each with the opening to
+        answer from. An opening that declines and ``disclaims`` is drafted on from the draft's own cache (the prompt
+        is not read again) to ``disclaimer_lookahead`` tokens, shown on ``streamer``; only an answer still going
+        there is a disclaimer (a refusal is short), whose opening is then that longer draft, and one that has ended
+        is a refusal, given with its whole greedy answer, end token included."""
+        width = attention_mask.shape[1]
+        drafted = [self._through_end(draft.sequences[row, width:].tolist()) for row in rows]
+        openings = [self._until_end(tokens) for tokens in drafted]
         texts = [self.decode(opening) for opening in openings]
         judged: list[tuple[Literal["answer", "disclaimer", "refusal"], list[int]]] = [
             ("refusal" if self.declines(text) else "answer", opening)
             for text, opening in zip(texts, openings, strict=True)
         ]
-        hedged = [i for i, text in enumerate(texts) if judged[i][0] == "refusal" and self.disclaims(text)]
-        if hedged and self.disclaimer_lookahead:
-            input_ids, attention_mask = left_padded([prompts[i] for i in hedged], self.pad_token_id)
-            draft = self._draft(input_ids, attention_mask, self.disclaimer_lookahead, streamer)
-            for i, tokens in zip(hedged, draft.sequences[:, input_ids.shape[1] :].tolist(), strict=True):
-                drafted = self._through_end(tokens)
-                judged[i] = ("refusal" if self._ends(drafted) else "disclaimer", drafted)
+        hedged = [k for k, text in enumerate(texts) if judged[k][0] == "refusal" and self.disclaims(text)]
+        if not self.disclaimer_lookahead:
+            return judged
+        going = [k for k in hedged if not self._ends(drafted[k])]  # every other one has ended: a whole refusal
+        judged = [("refusal", drafted[k]) if k in hedged else verdict for k, verdict in enumerate(judged)]
+        remaining = self.disclaimer_lookahead - (draft.sequences.shape[1] - width)
+        if going and remaining > 0:
+            selected = [rows[k] for k in going]
+            sequences = draft.sequences[selected]
+            mask = torch.cat([attention_mask[selected], torch.ones_like(sequences[:, width:])], dim=1)
+            if streamer is not None:
+                streamer.show(openings[going[0]])
+            cache = self._cache_rows(draft.cache, selected)
+            further = self._draft(sequences, mask, remaining, streamer, cache).sequences[:, sequences.shape[1] :]
+            for k, tokens in zip(going, further.tolist(), strict=True):
+                drafted[k] += self._through_end(tokens)
+        for k in going:
+            judged[k] = ("refusal" if self._ends(drafted[k]) else "disclaimer", drafted[k])
         return judged
+
+    @staticmethod
+    def _cache_rows(cache: Cache | None, rows: list[int]) -> Cache | None:
+        """A copy of ``cache`` holding only ``rows``, to draft them further while the whole is kept for the answer;
+        None for a cache that cannot be copied so (the rows' prompts are then read again)."""
+        if not isinstance(cache, DynamicCache):
+            return None
+        copied = copy.deepcopy(cache)
+        copied.batch_select_indices(torch.tensor(rows))
+        return copied
 
     def _draft(
         self,
@@ -866,9 +897,11 @@ class CLIPerEngine:
         attention_mask: torch.Tensor,
         length: int | None = None,
         streamer: _TokenQueueStreamer | None = None,
+        cache: Cache | None = None,
     ):
         """The first ``length`` (default ``refusal_lookahead``) tokens of each prompt, greedy and unguided, with
-        the cache; a ``streamer`` (a batch of one) receives them as they are made."""
+        the cache (``cache``: the prompts' own, read so far); a ``streamer`` (a batch of one) receives them as they
+        are made."""
         with torch.inference_mode():
             return self.model.generate(
                 input_ids=input_ids,
@@ -878,6 +911,7 @@ class CLIPerEngine:
                 pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_ids,
                 streamer=streamer,
+                cache=cache,
                 return_dict_in_generate=True,
             )
 
