@@ -805,11 +805,11 @@ class CLIPerEngine:
         greedy = rows[0].request.temperature == 0
         shown = streamer if greedy and len(rows) == 1 and rows[0].unrequested is None else None
         judged = self._judge_openings(draft, attention_mask, guided, shown)
-        declined = [
-            (rows[index], drafted) for index, (kind, drafted) in zip(guided, judged, strict=True) if kind == "refusal"
-        ]
+        declined = []  # with the base model's draft: its whole answer where it has ended
         for index, (kind, opening) in zip(guided, judged, strict=True):
             rows[index].disclaimer_opening = opening if kind == "disclaimer" else None
+            if kind == "refusal":
+                declined.append((rows[index], opening))
         self._open_without_request([row for row, _ in declined if row.unrequested is not None])
         for row, drafted in declined:
             if row.unrequested_opening is None:
@@ -838,9 +838,8 @@ class CLIPerEngine:
             prompts.append(self._token_ids(self._render(messages, tools, row.request.response_prefix))[-limit:])
         input_ids, attention_mask = left_padded(prompts, self.pad_token_id)
         draft = self._draft(input_ids, attention_mask)
-        for row, (kind, opening) in zip(
-            rows, self._judge_openings(draft, attention_mask, list(range(len(rows)))), strict=True
-        ):
+        judged = self._judge_openings(draft, attention_mask, list(range(len(rows))))
+        for row, (kind, opening) in zip(rows, judged, strict=True):
             if kind != "refusal":
                 row.unrequested_opening = opening
 
