@@ -33,6 +33,19 @@ def texts(results):
     return [r.text for r in results]
 
 
+def count_generate_calls(base, monkeypatch) -> list[int]:
+    """The batch size of each ``generate`` call on ``base``'s model, appended as they are made."""
+    calls: list[int] = []
+    generate = base.model.generate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(base.model, "generate", counted)
+    return calls
+
+
 def test_zero_weights_reproduce_unguided_output(base, engine):
     plain = CLIPerEngine(base, classifier=None)
     for options in ({}, {"temperature": 0.9, "top_p": 0.8, "seed": 3}):
@@ -65,7 +78,7 @@ def test_plausibility_floor_limits_guidance_to_what_the_base_model_would_write(b
     assert texts(pushed) != texts(unguided)  # without the floor the same push does change the answers
 
 
-def test_a_class_floor_binds_only_the_rows_that_weigh_that_class(base, shared_classifier):
+def test_a_class_floor_binds_only_the_rows_that_weigh_that_class(base, shared_classifier, monkeypatch):
     """``plausibility_floors``: rows guided towards a class with a floor of 1 may only write the base
     model's own greedy tokens, while the other rows of the same call decode as with no floor at all."""
     from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
@@ -78,7 +91,10 @@ def test_a_class_floor_binds_only_the_rows_that_weigh_that_class(base, shared_cl
     engine = CLIPerEngine(base, classifier=floored, top_k=8, guided_plausibility=None)
     asks = [{"expert": 50}, {"concise": 50}, {"expert": 50, "concise": 50}, {}]
     requests = [GenerationRequest(p, weights=w, max_new_tokens=12) for p in PROMPTS for w in asks]
+    calls = count_generate_calls(base, monkeypatch)
     mixed, unfloored = engine.generate_batch(requests), free.generate_batch(requests)
+    # rows with different floors share the look-ahead's and the decoding's calls (restarts come after)
+    assert calls[:2] == [len(requests)] * 2
     unguided = CLIPerEngine(base, classifier=None).generate_batch(
         [GenerationRequest(p, max_new_tokens=12) for p in PROMPTS]
     )

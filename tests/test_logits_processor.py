@@ -218,6 +218,26 @@ def test_plausibility_floor_keeps_only_tokens_near_the_base_models_best(base, cl
             ClassifierGuidedLogitsProcessor(classifier, weights([0] * 6), mask[:1], plausibility=bad)
 
 
+def test_each_row_keeps_its_own_plausibility_floor(base, classifier):
+    """Per-row floors: a row with β decodes as under a batch-wide β, a row with None as with no floor."""
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Explain rain"])
+    scores = next_scores(base, input_ids, mask)
+    guide = weights([0, 0, 3, 0, 0, 0], [0, 0, 3, 0, 0, 0])
+    beta = float((torch.log_softmax(scores[0], -1).quantile(0.99) - scores[0].log_softmax(-1).max()).exp())
+
+    def guided(plausibility):
+        return ClassifierGuidedLogitsProcessor(classifier, guide, mask, top_k=None, plausibility=plausibility)(
+            input_ids, scores
+        )
+
+    per_row, floored, free = guided([beta, None]), guided(beta), guided(None)
+    assert torch.equal(per_row[0], floored[0]) and torch.equal(per_row[1], free[1])
+    assert not torch.equal(floored[0], free[0])  # the floor does leave tokens out
+    for bad in ([beta], [beta, 0.0]):
+        with pytest.raises(ValueError, match="plausibility"):
+            ClassifierGuidedLogitsProcessor(classifier, guide, mask, plausibility=bad)
+
+
 def test_plausibility_is_measured_from_the_best_token_the_loop_guard_allows(base, classifier):
     input_ids, mask = prompt_batch(base, ["Explain rain"])
     a, b, c, end = 11, 12, 13, 3

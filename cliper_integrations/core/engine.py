@@ -505,7 +505,7 @@ class CLIPerEngine:
         groups: dict[tuple, list[_PreparedRow]] = {}
         for row in rows:
             if row.result.error is None:
-                groups.setdefault((row.request.sampling_key(), self._plausibility_floor(row)), []).append(row)
+                groups.setdefault(row.request.sampling_key(), []).append(row)
         for group in groups.values():
             for start in range(0, len(group), self.max_batch_size):
                 self._run_group(group[start : start + self.max_batch_size])
@@ -710,7 +710,7 @@ class CLIPerEngine:
                     always_include=self.eos_token_ids,
                     suspend=_SpanGate(self.tokenizer, width, rows) if any(r.request.spans() for r in rows) else None,
                     no_repeat_ngram=self.guided_no_repeat_ngram,
-                    plausibility=self._group_floor(rows),
+                    plausibility=[self._plausibility_floor(row) for row in rows],
                     favourite_ngrams=self._favourite_ngrams(rows),
                 )
             )
@@ -930,19 +930,12 @@ class CLIPerEngine:
 
     def _plausibility_floor(self, row: _PreparedRow) -> float | None:
         """The floor a guided row decodes under: the engine's, or a stricter one of the classifier's for
-        the classes it weighs, in its setting (``ClassifierConfig.plausibility_floor``). One per batch, so
-        rows are grouped by it; unguided rows take the engine's, which leaves them as they are."""
+        the classes it weighs, in its setting (``ClassifierConfig.plausibility_floor``). Rows with different
+        floors share a batch; unguided rows take the engine's, which leaves them as they are."""
         if self.classifier is None or not row.guided:
             return self.guided_plausibility
         config = self.classifier.config
         return config.plausibility_floor(row.weighted_classes, self.guided_plausibility, row.request.preference_prompt)
-
-    def _group_floor(self, rows: list[_PreparedRow]) -> float | None:
-        """The one floor of a batch's guided rows (``generate_batch`` groups rows by it)."""
-        floors = {self._plausibility_floor(row) for row in rows if row.guided}
-        if len(floors) > 1:
-            raise AssertionError(f"rows with different plausibility floors {sorted(floors)} in one batch")
-        return floors.pop() if floors else self.guided_plausibility
 
     def _favourite_ngrams(self, rows: list[_PreparedRow]) -> list[int | None] | None:
         """Per row, the n the loop guard holds the base model's favourite to: the rule of the classes the row

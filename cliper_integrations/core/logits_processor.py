@@ -41,8 +41,9 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       guard's lets short repeats back but not loops, keeping more of the answer's variety, distinct-2).
       Every other repeating token stays banned by the guard's own n. Without it, the favourite is held
       to the guard's n like every other token.
-    * ``plausibility`` (β in (0, 1]): on guided rows, a token whose base probability is below β times
-      that of the most likely token the loop guard allows is left out, whatever the classifier says
+    * ``plausibility`` (β in (0, 1]; or one β or ``None``, no floor, per row, so that rows whose classes
+      need different floors share a batch): on guided rows, a token whose base probability is below β
+      times that of the most likely token the loop guard allows is left out, whatever the classifier says
       (the adaptive plausibility constraint of contrastive decoding, Li et al. 2023);
       ``always_include`` tokens are exempt, so an answer can still be ended early. Guidance then
       reorders only what the base model finds plausible: a large α can no longer lift a token of
@@ -66,7 +67,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         incremental: bool = True,
         suspend: Callable[[torch.LongTensor], torch.Tensor] | None = None,
         no_repeat_ngram: int | None = None,
-        plausibility: float | None = None,
+        plausibility: float | Sequence[float | None] | None = None,
         favourite_ngrams: Sequence[int | None] | None = None,
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
@@ -84,15 +85,25 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         if no_repeat_ngram is not None and no_repeat_ngram < 2:
             raise ValueError(f"no_repeat_ngram must be at least 2, got {no_repeat_ngram}")
         self.no_repeat_ngram = no_repeat_ngram
-        if plausibility is not None and not 0 < plausibility <= 1:
-            raise ValueError(f"plausibility must be in (0, 1], got {plausibility}")
-        self.plausibility = plausibility
+        self.log_plausibility = self._log_floors(plausibility, weights.shape[0])
         if favourite_ngrams is not None:
             if len(favourite_ngrams) != weights.shape[0]:
                 raise ValueError(f"favourite_ngrams must hold {weights.shape[0]} rows, got {len(favourite_ngrams)}")
             if any(n is not None and n < 2 for n in favourite_ngrams):
                 raise ValueError(f"favourite_ngrams must be None or at least 2, got {list(favourite_ngrams)}")
         self.favourite_ngrams = favourite_ngrams
+
+    @staticmethod
+    def _log_floors(plausibility: float | Sequence[float | None] | None, rows: int) -> torch.Tensor | None:
+        """[rows, 1] log β per row (-inf where a row has no floor); None when no row has one."""
+        floors = plausibility if isinstance(plausibility, Sequence) else [plausibility] * rows
+        if len(floors) != rows:
+            raise ValueError(f"plausibility must hold {rows} rows, got {len(floors)}")
+        if any(beta is not None and not 0 < beta <= 1 for beta in floors):
+            raise ValueError(f"plausibility must be in (0, 1] or None, got {list(floors)}")
+        if all(beta is None for beta in floors):
+            return None
+        return torch.tensor([[math.log(beta) if beta is not None else float("-inf")] for beta in floors])
 
     def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_attention_mask.shape[1]
@@ -108,11 +119,12 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         return priority.topk(min(self.top_k + len(self.always_include), log_lm.shape[-1]), dim=-1).indices
 
     def _implausible(self, log_lm: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
-        """Tokens below ``plausibility`` times the row's most likely token that is not ``banned``,
+        """Tokens below the row's ``plausibility`` times its most likely token that is not ``banned``,
         ``always_include`` excepted. Measured from the best token still allowed: were it measured from a
         banned favourite, the exempt end-of-turn token could be all that is left, ending the answer."""
+        assert self.log_plausibility is not None
         best = log_lm.masked_fill(banned, float("-inf")).max(dim=-1, keepdim=True).values
-        floor = best + math.log(self.plausibility)
+        floor = best + self.log_plausibility.to(log_lm.device)
         implausible = log_lm < floor
         if len(self.always_include):
             implausible[:, self.always_include.to(log_lm.device)] = False
@@ -168,7 +180,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         banned = self._repeats(input_ids, active, log_lm.shape[-1], self.no_repeat_ngram)
         if self.favourite_ngrams is not None and self.no_repeat_ngram is not None:
             banned = self._hold_favourite(banned, input_ids, active, log_lm)
-        if self.plausibility is not None:
+        if self.log_plausibility is not None:
             banned = banned | self._implausible(log_lm, banned)
         guided = guided.masked_fill(guided.isnan() | banned, float("-inf"))
         guided = torch.log_softmax(guided, dim=-1)
