@@ -2,7 +2,9 @@
 
 `cliper bench` measures one classifier; comparing two of its runs mixes in this machine's run-to-run
 noise. Here the model is loaded once and the bench's batch of 8 differently weighted requests is decoded
-unguided, then guided by each classifier in turn, ``--repeats`` times; medians of tokens/s.
+unguided, then guided by each classifier in turn, ``--repeats`` times; medians of tokens/s. With
+``--disclaimer-tokens N`` the batch's second request asks the bench's ``DISCLAIMER_PROMPT`` for N tokens instead
+(the engine drafts it past its disclaimer before guiding it).
 
     python benchmarks/classifier_speed.py default /tmp/v11 --repeats 3
 """
@@ -24,6 +26,7 @@ def main() -> None:
     parser.add_argument("classifiers", nargs="+", help="classifier folders, or 'default'")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--disclaimer-tokens", type=int, default=None)
     args = parser.parse_args()
     engine = CLIPerEngine("embedded", classifier=args.classifiers[0])
     engines = {"unguided": engine}
@@ -36,7 +39,8 @@ def main() -> None:
     speeds: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(args.repeats):
         for name, each in engines.items():
-            speeds[name].append(tokens_per_second(each, batch_of_eight(args.max_new_tokens, name != "unguided")))
+            batch = batch_of_eight(args.max_new_tokens, name != "unguided", args.disclaimer_tokens)
+            speeds[name].append(tokens_per_second(each, batch))
     medians = {name: round(statistics.median(values), 2) for name, values in speeds.items()}
     print(json.dumps({"batch8_tok_s": medians, "runs": speeds}))
 

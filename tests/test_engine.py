@@ -9,7 +9,13 @@ from dataclasses import replace
 
 import pytest
 
-from cliper_integrations.core.engine import RESTART, CLIPerEngine, GenerationRequest, _TokenQueueStreamer
+from cliper_integrations.core.engine import (
+    DISCLAIMER_WARNING,
+    RESTART,
+    CLIPerEngine,
+    GenerationRequest,
+    _TokenQueueStreamer,
+)
 from cliper_integrations.core.errors import (
     ClassNotInClassifierError,
     EmptyPromptError,
@@ -248,11 +254,12 @@ def test_a_row_the_preference_request_makes_decline_is_answered_from_the_plain_q
 
 
 def test_a_disclaimer_the_base_model_answers_after_is_guided_from_its_longer_draft_and_a_short_one_is_not(
-    base, classifier
+    base, classifier, monkeypatch
 ):
     """An opening that declines with a disclaimer ("As an AI …") is drafted on to ``disclaimer_lookahead``
     tokens: if the base model is still writing there, it hedges and then answers, so the row is guided from
-    those tokens on; if it has ended, it was a refusal and the row stays unguided."""
+    those tokens on, in the same ``generate`` call as the batch's other rows; if it has ended, it was a refusal
+    and the row stays unguided."""
     weights, lookahead = {"expert": 8.0}, 10
     plain = CLIPerEngine(base, classifier=None)
     prompt = base.tokenizer(render_chat(base.tokenizer, as_messages(PROMPTS[0])), return_tensors="pt")["input_ids"]
@@ -265,7 +272,10 @@ def test_a_disclaimer_the_base_model_answers_after_is_guided_from_its_longer_dra
     assert answered.weights == weights and f"first {lookahead} tokens" in answered.warnings[0]
     hedging = CLIPerEngine(base, **options, disclaimer_lookahead=lookahead)
     other = GenerationRequest(PROMPTS[1], weights=weights, max_new_tokens=24)
+    calls = count_generate_calls(base, monkeypatch)
     together = hedging.generate_batch([other, request, replace(request, max_new_tokens=lookahead - 2)])
+    # the look-ahead, the draft past both disclaimers, the hedged row's prompt and draft, one pass for the answers
+    assert calls == [3, 2, 1, 2]
     assert [result.text for result in together[:2]] == [hedging.generate(other).text, answered.text]
     cut = together[2]  # the draft holds more than the answer may: it is the answer, asked as the others
     assert cut.text == plain.decode(tokens[: lookahead - 2]) and cut.finish_reason == "length"
@@ -278,6 +288,27 @@ def test_a_disclaimer_the_base_model_answers_after_is_guided_from_its_longer_dra
     short.eos_token_ids = [*short.eos_token_ids, tokens[end]]
     refused = short.generate(request)
     assert refused.weights == {} and "declines" in refused.weights_source and refused.completion_tokens == end + 1
+
+
+def test_a_row_finished_from_its_draft_may_be_the_batch_s_longest_prompt(base, classifier):
+    """A hedged row whose draft already holds all the answer may have the longest prompt of the batch: the rows
+    still to decode (one of them hedged) are then narrower than the look-ahead's cache, cut back to their width,
+    and each answers as it would alone."""
+    weights, lookahead = {"expert": 8.0}, 10
+    plain = CLIPerEngine(base, classifier=None)
+    long_prompt = PROMPTS[0] + " Say why, step by step, with examples and a short summary at the end." * 3
+    openings = [plain.generate(prompt, max_new_tokens=6).text for prompt in (PROMPTS[0], long_prompt)]
+    options = {"classifier": classifier, "declines": lambda text: text in openings, "disclaims": lambda text: True}
+    engine = CLIPerEngine(base, **options, disclaimer_lookahead=lookahead)
+    requests = [
+        GenerationRequest(PROMPTS[1], weights=weights, max_new_tokens=24),
+        GenerationRequest(PROMPTS[0], weights=weights, max_new_tokens=24),
+        GenerationRequest(long_prompt, weights=weights, max_new_tokens=lookahead - 2),
+    ]
+    together = engine.generate_batch(requests)
+    assert together[2].text == plain.generate(long_prompt, max_new_tokens=lookahead - 2).text
+    assert DISCLAIMER_WARNING in together[2].warnings[0] and DISCLAIMER_WARNING in together[1].warnings[0]
+    assert [result.text for result in together] == [engine.generate(request).text for request in requests]
 
 
 def test_a_greedy_stream_shows_the_draft_past_a_disclaimer_as_it_is_made(base, classifier, monkeypatch):

@@ -218,7 +218,7 @@ class _OpeningCheck(StoppingCriteria):
     Guidance must not turn an answer into a refusal: at an opening, a warm or blunt "I" or "As" can pass
     the plausibility floor, and the base model then writes "I'm sorry, I can't …" on its own (and
     ``is_refusal`` also counts an answer a strong push ended at once, saying nothing). A stopped row is
-    answered again from the base model's opening (``CLIPerEngine._answer_from_base_openings``)."""
+    answered again from the base model's opening (``CLIPerEngine._from_openings``)."""
 
     def __init__(
         self,
@@ -656,25 +656,58 @@ class CLIPerEngine:
         return ids[-limit:]
 
     def _run_group(self, rows: list[_PreparedRow], streamer: _TokenQueueStreamer | None = None) -> None:
-        """One ``generate`` call for rows that share sampling settings, and one more for the rows that start
-        from a fixed opening: those whose opening the look-ahead settled (``_PreparedRow.start``), which skip the
-        first call, and those whose guided opening declined, from the base model's opening."""
+        """One ``generate`` call for rows that share sampling settings, those whose opening the look-ahead settled
+        (``_PreparedRow.start``) included, each from that opening; and one more for the guided rows whose opening
+        declined during it, from the base model's opening."""
         started = time.perf_counter()
         input_ids, attention_mask = left_padded([row.prompt_ids for row in rows], self.pad_token_id)
         prompt_cache, openings = self._leave_refusals_unguided(rows, input_ids, attention_mask, streamer)
-        settled = [(row, row.start) for row in rows if row.start is not None]
+        settled = [row for row in rows if row.start is not None]
         if settled:
             kept = [index for index, row in enumerate(rows) if row.start is None]
             rows, input_ids, attention_mask = [rows[i] for i in kept], input_ids[kept], attention_mask[kept]
             openings = [openings[i] for i in kept] if openings is not None else None
             if prompt_cache is not None and kept:
                 prompt_cache.batch_select_indices(torch.tensor(kept))
-            for row, _ in settled:  # what the drafts that settled it cost, and what it was asked
-                row.result.seconds += time.perf_counter() - started
+            for row in settled:  # what it was asked; what the drafts that settled it cost is the decoding's too
                 row.result.prompt_tokens = len(row.prompt_ids)
+            restarted = self._from_openings(settled, [row.start for row in settled], streamer, started)
+            rows, input_ids, attention_mask, prompt_cache = self._joined(
+                rows, input_ids, attention_mask, prompt_cache, restarted
+            )
+            openings = [*openings, *([] for _ in restarted)] if openings is not None else None
         declined = self._decode(rows, input_ids, attention_mask, prompt_cache, openings, streamer, started)
-        if restarts := settled + declined:
-            self._answer_from_base_openings([row for row, _ in restarts], [start for _, start in restarts], streamer)
+        if again := self._from_openings([row for row, _ in declined], [opening for _, opening in declined], streamer):
+            self._run_group(again, streamer)
+
+    def _joined(
+        self,
+        rows: list[_PreparedRow],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Cache | None,
+        restarted: list[_PreparedRow],
+    ) -> tuple[list[_PreparedRow], torch.Tensor, torch.Tensor, Cache | None]:
+        """The group's rows and the ``restarted`` ones (each with its opening at the end of its prompt) as one batch,
+        so a row whose opening was settled costs no ``generate`` pass of its own; on this CPU a pass costs about as
+        much for one row as for eight. The cache holds every row's prompt less its last token: the group's,
+        padded on the left to the joined width, and the restarted rows', read by a one-token draft. Where the
+        cache cannot be joined so, the prompts are read again."""
+        if not restarted:
+            return rows, input_ids, attention_mask, cache
+        joined = rows + restarted
+        ids, mask = left_padded([row.prompt_ids for row in joined], self.pad_token_id)
+        if cache is None or not rows:
+            return joined, ids, mask, None
+        theirs = self._prompt_cache(self._draft(ids[len(rows) :], mask[len(rows) :], 1).cache, ids.shape[1])
+        if theirs is None or len(theirs.layers) != len(cache.layers):
+            return joined, ids, mask, None
+        width = ids.shape[1] - 1
+        for ours, their in zip(cache.layers, theirs.layers, strict=True):
+            pad = (0, 0, width - ours.keys.shape[-2], 0)  # on the left of the sequence axis: masked out
+            ours.keys = torch.cat([torch.nn.functional.pad(ours.keys, pad), their.keys])
+            ours.values = torch.cat([torch.nn.functional.pad(ours.values, pad), their.values])
+        return joined, ids, mask, cache
 
     def _decode(
         self,
@@ -740,15 +773,20 @@ class CLIPerEngine:
         opening_check.check(output[:, width:])
         return [(rows[i], openings[i]) for i in sorted(opening_check.declined)]
 
-    def _answer_from_base_openings(
-        self, rows: list[_PreparedRow], openings: list[list[int]], streamer: _TokenQueueStreamer | None
-    ) -> None:
-        """Answer again, still guided, the rows whose opening declined where the base model's did not, each
-        from the base model's own (greedy) opening: the refusal was guidance's doing, not the model's. A row
-        whose preference request made the base model decline starts from its opening to the plain question
-        (``unrequested_opening``), the request kept in the prompt; one whose base model opens with a disclaimer and
-        then answers, from its longer draft (``disclaimer_opening``). A row whose opening is a whole answer (it ends,
-        as ``drafted_answer`` does, or holds a stop string), or all the answer may hold, is finished from it."""
+    def _from_openings(
+        self,
+        rows: list[_PreparedRow],
+        openings: list[list[int]],
+        streamer: _TokenQueueStreamer | None,
+        started: float | None = None,
+    ) -> list[_PreparedRow]:
+        """The rows to answer, still guided, each from an opening given before decoding: the base model's own
+        (greedy) opening, for a row whose guided opening declined where the base model's did not (the refusal
+        was guidance's doing, not the model's); for a row whose preference request made the base model decline,
+        its opening to the plain question (``unrequested_opening``), the request kept in the prompt; for one whose
+        base model opens with a disclaimer and then answers, its longer draft (``disclaimer_opening``). A row whose
+        opening is a whole answer (it ends, as ``drafted_answer`` does, or holds a stop string), or all the answer
+        may hold, is finished from it here, with the seconds since ``started`` (its drafts' cost)."""
         restarted = []
         for row, opening in zip(rows, openings, strict=True):
             if row.unrequested_opening is not None:
@@ -772,9 +810,8 @@ class CLIPerEngine:
             if len(opening) < row.request.max_new_tokens and not whole:
                 restarted.append(again)
             else:
-                self._finish(again, [], None, 0.0)
-        if restarted:
-            self._run_group(restarted, streamer)
+                self._finish(again, [], None, time.perf_counter() - started if started is not None else 0.0)
+        return restarted
 
     def _leave_refusals_unguided(
         self,
@@ -816,11 +853,16 @@ class CLIPerEngine:
                 row.result.weights = {}
                 row.result.weights_source = "none: the base model declines this request (refusal look-ahead)"
                 row.drafted_answer = drafted if greedy and self._ends(drafted) else None
-        cache = draft.cache
+        return self._prompt_cache(draft.cache, input_ids.shape[1]), openings
+
+    @staticmethod
+    def _prompt_cache(cache: Cache | None, width: int) -> DynamicCache | None:
+        """A draft's ``cache`` cut back to its prompts (``width`` tokens) less their last token, for an answer to
+        start from; None where sliding-window or recurrent layers cannot be cut back (the prompt is read again)."""
         if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-            return None, openings  # sliding-window or recurrent layers cannot be cut back: the prompt is read again
-        cache.crop(input_ids.shape[1] - 1 - cache.get_seq_length())
-        return cache, openings
+            return None
+        cache.crop(width - 1 - cache.get_seq_length())
+        return cache
 
     def _open_without_request(self, rows: list[_PreparedRow]) -> None:
         """Draft the rows' openings to the question without their preference request, and keep each that
