@@ -3,7 +3,7 @@
 A decoding step multiplies a few rows (one per request in the batch) by each weight matrix of the model:
 ``torch.nn.functional.linear(x, W)``, i.e. x @ Wᵀ, is what every ``nn.Linear`` does; (W @ xᵀ)ᵀ gives the same
 numbers with the large matrix on the left. This times both for each projection shape of the embedded model
-(float32, random weights of the same shapes; no model is loaded) and adds them up to one step's products
+(random weights of the same shapes, float32 or ``--dtype``; no model is loaded) and adds them up to one step's products
 (``step``), so that a step's cost at each batch size can be read off without the rest of decoding in the way.
 
     python benchmarks/linear_shapes.py --batch-sizes 1 2 3 4 7 8 16
@@ -47,14 +47,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 3, 4, 7, 8, 16])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     figures: dict[str, dict[int, dict[str, float]]] = {}
     with torch.inference_mode():
         for name, (rows_out, rows_in, _) in SHAPES.items():
-            weight = torch.randn(rows_out, rows_in)
+            weight = torch.randn(rows_out, rows_in, dtype=getattr(torch, args.dtype))
             figures[name] = {}
             for batch in args.batch_sizes:
-                x = torch.randn(batch, rows_in)
+                x = torch.randn(batch, rows_in, dtype=weight.dtype)
                 figures[name][batch] = {
                     label: round(milliseconds(product, x, weight, args.repeats), 3)
                     for label, product in (("linear_ms", torch.nn.functional.linear), ("weight_left_ms", weight_left))
@@ -66,7 +67,7 @@ def main() -> None:
         }
         for batch in args.batch_sizes
     }
-    print(json.dumps({"torch_threads": torch.get_num_threads(), "step": step, "figures": figures}))
+    print(json.dumps({"dtype": args.dtype, "torch_threads": torch.get_num_threads(), "step": step, "figures": figures}))
 
 
 if __name__ == "__main__":

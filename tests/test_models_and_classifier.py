@@ -80,6 +80,47 @@ def test_the_output_projection_gets_a_contiguous_input_in_every_generate_step(ba
         assert len(seen) == 3 and all(seen)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (2, 8, 24), (40, 24), (2, 0, 24)])
+def test_a_few_row_linear_gives_nn_linears_products(shape, bias):
+    """``FewRowLinear`` computes a few float32 rows as (W @ xᵀ)ᵀ and everything else as ``nn.Linear`` does: the
+    same products either way, in the input's shape."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(24, 40, bias=bias)
+    few = torch.nn.Linear(24, 40, bias=bias)
+    few.load_state_dict(plain.state_dict())
+    few.__class__ = models.FewRowLinear
+    x = torch.randn(*shape)
+    torch.testing.assert_close(few(x), plain(x))
+    assert few(x).shape == plain(x).shape
+
+
+def test_every_linear_layer_of_a_loaded_model_multiplies_few_rows_with_the_weight_on_the_left(base):
+    """Every ``nn.Linear`` of a loaded model, a cast copy's too, becomes a ``FewRowLinear`` (same parameters, same
+    ``state_dict``); a decoding step's few rows then take (W @ xᵀ)ᵀ, and greedy answers equal ``nn.Linear``'s."""
+    half = models.load_model("tiny-base", "bfloat16")
+    for loaded in (base, half):
+        linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(type(m) is models.FewRowLinear for m in linears)
+    prompt = torch.tensor([[0, 0, 11, 12, 13, 14], [11, 12, 13, 14, 15, 16]])
+
+    def greedy() -> torch.Tensor:
+        with torch.inference_mode():
+            return base.model.generate(
+                input_ids=prompt, attention_mask=(prompt > 0).long(), max_new_tokens=8, do_sample=False
+            )
+
+    few_rows = greedy()
+    linears = [m for m in base.model.modules() if type(m) is models.FewRowLinear]
+    try:
+        for module in linears:
+            module.__class__ = torch.nn.Linear
+        assert torch.equal(greedy(), few_rows)
+    finally:
+        for module in linears:
+            module.__class__ = models.FewRowLinear
+
+
 def test_missing_path_and_bad_gguf_are_refused(tmp_path):
     with pytest.raises(ModelResolutionError, match="not found"):
         models.load_model(str(tmp_path / "absent.gguf"))
