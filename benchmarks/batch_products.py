@@ -3,7 +3,7 @@
 Every ``nn.Linear`` of a loaded model multiplies a decoding step's few rows with the weight on the left
 (``cliper_integrations.core.models.FewRowLinear``). Here the first N requests of the bench's batch (guided,
 and unguided) are decoded both ways, interleaved on one loaded model, ``--repeats`` times; medians of tokens
-over the call's wall clock.
+over the call's wall clock, and whether the two ways gave the same answers (``same_texts``, first repeat).
 
     python benchmarks/batch_products.py --batch-sizes 1 2 3 4 8 --repeats 2
 """
@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 from cliper_integrations.core.models import FewRowLinear
-from cliper_integrations.evaluation.bench import BENCH_PROMPTS, batch_of_eight, tokens_per_second
+from cliper_integrations.evaluation.bench import BENCH_PROMPTS, batch_of_eight
 
 
 def use_products(model: torch.nn.Module, kind: type[torch.nn.Linear]) -> None:
@@ -38,6 +39,7 @@ def main() -> None:
     engine.generate(GenerationRequest(BENCH_PROMPTS[0], max_new_tokens=8))  # warm-up
     products = {"FewRowLinear": FewRowLinear, "nn.Linear": torch.nn.Linear}
     speeds: dict[str, list[float]] = {}
+    texts: dict[str, dict[str, list[str]]] = {}
     try:
         for _ in range(args.repeats):
             for size in args.batch_sizes:
@@ -45,12 +47,17 @@ def main() -> None:
                     for label, kind in products.items():
                         use_products(engine.model, kind)
                         batch = batch_of_eight(args.max_new_tokens, guided)[:size]
-                        key = f"{size} {'guided' if guided else 'unguided'} {label}"
-                        speeds.setdefault(key, []).append(tokens_per_second(engine, batch))
+                        key = f"{size} {'guided' if guided else 'unguided'}"
+                        started = time.perf_counter()
+                        results = engine.generate_batch(batch)
+                        tokens = sum(result.completion_tokens for result in results)
+                        speeds.setdefault(f"{key} {label}", []).append(tokens / (time.perf_counter() - started))
+                        texts.setdefault(key, {}).setdefault(label, [result.text for result in results])
     finally:
         use_products(engine.model, FewRowLinear)
     medians = {key: round(statistics.median(values), 2) for key, values in speeds.items()}
-    print(json.dumps({"tok_s": medians, "runs": speeds}))
+    same = {key: len(set(map(tuple, both.values()))) == 1 for key, both in texts.items()}
+    print(json.dumps({"tok_s": medians, "same_texts": same, "runs": speeds}))
 
 
 if __name__ == "__main__":
