@@ -11,15 +11,15 @@ over the call's wall clock, and whether the two ways gave the same answers (``sa
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
-import time
 
 import torch
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest
 from cliper_integrations.core.models import FewRowLinear
-from cliper_integrations.evaluation.bench import BENCH_PROMPTS, batch_of_eight
+from cliper_integrations.evaluation.bench import BENCH_PROMPTS, batch_of_eight, timed_batch
 
 
 def use_products(model: torch.nn.Module, kind: type[torch.nn.Linear]) -> None:
@@ -41,18 +41,14 @@ def main() -> None:
     speeds: dict[str, list[float]] = {}
     texts: dict[str, dict[str, list[str]]] = {}
     try:
-        for _ in range(args.repeats):
-            for size in args.batch_sizes:
-                for guided in (True, False):
-                    for label, kind in products.items():
-                        use_products(engine.model, kind)
-                        batch = batch_of_eight(args.max_new_tokens, guided)[:size]
-                        key = f"{size} {'guided' if guided else 'unguided'}"
-                        started = time.perf_counter()
-                        results = engine.generate_batch(batch)
-                        tokens = sum(result.completion_tokens for result in results)
-                        speeds.setdefault(f"{key} {label}", []).append(tokens / (time.perf_counter() - started))
-                        texts.setdefault(key, {}).setdefault(label, [result.text for result in results])
+        for _, size, guided, (label, kind) in itertools.product(
+            range(args.repeats), args.batch_sizes, (True, False), products.items()
+        ):
+            use_products(engine.model, kind)
+            key = f"{size} {'guided' if guided else 'unguided'}"
+            speed, results = timed_batch(engine, batch_of_eight(args.max_new_tokens, guided)[:size])
+            speeds.setdefault(f"{key} {label}", []).append(speed)
+            texts.setdefault(key, {}).setdefault(label, [result.text for result in results])
     finally:
         use_products(engine.model, FewRowLinear)
     medians = {key: round(statistics.median(values), 2) for key, values in speeds.items()}

@@ -700,7 +700,7 @@ class CLIPerEngine:
         if cache is None or not rows:
             return joined, ids, mask, None
         theirs = self._prompt_cache(self._draft(ids[len(rows) :], mask[len(rows) :], 1).cache, ids.shape[1])
-        if theirs is None or len(theirs.layers) != len(cache.layers):
+        if theirs is None:
             return joined, ids, mask, None
         width = ids.shape[1] - 1
         for ours, their in zip(cache.layers, theirs.layers, strict=True):

@@ -107,12 +107,17 @@ def batch_of_eight(
     return batch
 
 
-def tokens_per_second(engine: CLIPerEngine, requests: list[GenerationRequest]) -> float:
-    """New tokens of all the requests over the wall-clock seconds of the one call that answers them: a
-    row's own ``seconds`` would leave out the rows the engine answers in other ``generate`` calls."""
+def timed_batch(engine: CLIPerEngine, requests: list[GenerationRequest]) -> tuple[float, list[GenerationResult]]:
+    """The requests' results, and their new tokens over the wall-clock seconds of the one call that answers
+    them: a row's own ``seconds`` would leave out the rows the engine answers in other ``generate`` calls."""
     started = time.perf_counter()
     results = engine.generate_batch(requests)
-    return sum(r.completion_tokens for r in results) / (time.perf_counter() - started)
+    return sum(r.completion_tokens for r in results) / (time.perf_counter() - started), results
+
+
+def tokens_per_second(engine: CLIPerEngine, requests: list[GenerationRequest]) -> float:
+    """``timed_batch``'s tokens/s."""
+    return timed_batch(engine, requests)[0]
 
 
 def run_bench(engine: CLIPerEngine, max_new_tokens: int = 64, repeats: int = 3) -> BenchResult:
