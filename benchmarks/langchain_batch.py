@@ -1,10 +1,11 @@
-"""What LangChain's ``batch`` gets from the engine's batching: the same requests through ``ChatCLIPer.batch``,
-``CLIPerLLM.generate`` (LangChain's text-completion class; what its ``batch`` calls) and the engine's own
-``generate_batch``, in turn on one loaded model (the adapters share the engine), ``--repeats`` times; medians of
-new tokens over the wall clock.
+"""What LangChain's ``batch`` gets from the engine's batching: the same requests through ``ChatCLIPer.batch``
+(with the engine's batch window, and without: ``batch_window=None``), ``CLIPerLLM.generate`` (LangChain's
+text-completion class; what its ``batch`` calls) and the engine's own ``generate_batch``, in turn on one loaded model
+(the adapters' engines share it), ``--repeats`` times; medians of new tokens over the wall clock.
 
 ``ChatCLIPer.batch`` is LangChain's default for chat models: each input goes through its own ``invoke`` in a
-thread pool. ``BaseLLM.batch`` hands the whole list to ``_generate``, which calls ``generate_batch`` once.
+thread pool, whose calls the engine's ``RequestBatcher`` gathers into one batch. ``BaseLLM.batch`` hands the whole
+list to ``_generate``, which calls ``generate_batch`` once.
 
     python benchmarks/langchain_batch.py --requests 4 --repeats 2
 """
@@ -31,13 +32,14 @@ def main() -> None:
     args = parser.parse_args()
     prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(args.requests)]
     chat = ChatCLIPer(max_tokens=args.max_new_tokens, weights=WEIGHTS)
+    unbatched = ChatCLIPer(max_tokens=args.max_new_tokens, weights=WEIGHTS, batch_window=None)
     llm = CLIPerLLM(max_tokens=args.max_new_tokens, weights=WEIGHTS)
     engine = chat.engine  # the engine both adapters share
     requests = [GenerationRequest(prompt, weights=WEIGHTS, max_new_tokens=args.max_new_tokens) for prompt in prompts]
     chat.invoke(prompts[0], max_tokens=4)  # loads the model and warms it up
 
-    def chat_batch() -> int:
-        return sum(message.usage_metadata["output_tokens"] for message in chat.batch(prompts))
+    def chat_batch(model: ChatCLIPer) -> int:
+        return sum(message.usage_metadata["output_tokens"] for message in model.batch(prompts))
 
     def llm_batch() -> int:  # what ``BaseLLM.batch`` calls: one ``generate`` over the list
         return llm.generate(prompts).llm_output["token_usage"]["output_tokens"]
@@ -45,7 +47,12 @@ def main() -> None:
     def engine_batch() -> int:
         return sum(result.completion_tokens for result in engine.generate_batch(requests))
 
-    runs = {"ChatCLIPer.batch": chat_batch, "CLIPerLLM.generate": llm_batch, "generate_batch": engine_batch}
+    runs = {
+        "ChatCLIPer.batch": lambda: chat_batch(chat),
+        "ChatCLIPer.batch, batch_window=None": lambda: chat_batch(unbatched),
+        "CLIPerLLM.generate": llm_batch,
+        "generate_batch": engine_batch,
+    }
     speeds: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for name, run in runs.items():

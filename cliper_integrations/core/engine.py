@@ -25,6 +25,7 @@ from transformers import Cache, DynamicCache, StoppingCriteria, StoppingCriteria
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
+from cliper_integrations.core.batching import RequestBatcher
 from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.errors import (
     CLIPerError,
@@ -64,6 +65,9 @@ DEFAULT_DISCLAIMER_LOOKAHEAD = 64
 """Tokens drafted past an opening that declines with a disclaimer ("As an AI …"): on the training side the embedded
 model's refusals end within 44 tokens and its hedged answers run past 120 (docs/classifier.md, session 53). A hedged
 answer is guided from these tokens on."""
+DEFAULT_BATCH_WINDOW = 0.01
+"""Seconds a ``generate`` call waits for others: threads a framework starts together (LangChain's ``batch``) call
+within a few milliseconds of each other, and a decoding step takes tens of milliseconds or more."""
 DISCLAIMER_WARNING = "The base model opens with a disclaimer and then answers"
 """How the warning of a row guided from its disclaimer draft begins (``GenerationResult.warnings``)."""
 PACKAGED_CLASSIFIERS = Path(__file__).resolve().parent.parent / "classifiers"
@@ -111,6 +115,10 @@ class GenerationRequest:
 
     def sampling_key(self) -> tuple:
         return (self.temperature > 0, self.temperature, self.top_p, self.seed)
+
+    def seeded_sampling(self) -> bool:
+        """Sampled with a seed: the sample is reproducible only in a batch of its own."""
+        return self.temperature > 0 and self.seed is not None
 
 
 @dataclass
@@ -395,6 +403,8 @@ class CLIPerEngine:
         overflow: prompts longer than the context window are ``"truncate"``-d from the left (with a
             warning in the result) or ``"refuse"``-d with ``PromptTooLongError``.
         max_batch_size: rows per ``generate`` call.
+        batch_window: seconds a ``generate`` call waits for calls from other threads, which are then answered in
+            one batch (``RequestBatcher``); None answers each call alone, in its own thread.
         guided_no_repeat_ngram: on guided rows only, never repeat an n-gram of the generated text (a loop
             guard: a strong push can lock greedy decoding into a loop); None turns it off.
         guided_plausibility: on guided rows only, leave out tokens whose base probability is below this
@@ -426,6 +436,7 @@ class CLIPerEngine:
         top_k: int | None = 32,
         overflow: Literal["truncate", "refuse"] = "truncate",
         max_batch_size: int = 16,
+        batch_window: float | None = DEFAULT_BATCH_WINDOW,
         guided_no_repeat_ngram: int | None = 4,
         guided_plausibility: float | None = 0.1,
         refusal_lookahead: int | None = DEFAULT_REFUSAL_LOOKAHEAD,
@@ -444,6 +455,9 @@ class CLIPerEngine:
         self.top_k = top_k
         self.overflow = overflow
         self.max_batch_size = max_batch_size
+        self.batcher = (
+            RequestBatcher(self.generate_batch, batch_window, max_batch_size) if batch_window is not None else None
+        )
         self.guided_no_repeat_ngram = guided_no_repeat_ngram
         self.guided_plausibility = guided_plausibility
         self.refusal_lookahead = refusal_lookahead
@@ -455,6 +469,14 @@ class CLIPerEngine:
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id]
         self.eos_token_ids: list[int] = [int(token) for token in eos if token is not None]
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+
+    def __copy__(self) -> CLIPerEngine:
+        """A copy shares the model and classifier, not the batcher: its calls run with the copy's settings."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        if self.batcher is not None:
+            clone.batcher = RequestBatcher(clone.generate_batch, self.batcher.window, self.batcher.max_rows)
+        return clone
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -489,9 +511,10 @@ class CLIPerEngine:
     # --- public API --------------------------------------------------------------------------
 
     def generate(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> GenerationResult:
-        """Answer one prompt; raises the request's error if it was refused."""
+        """Answer one prompt; raises the request's error if it was refused. Calls from other threads that arrive
+        within ``batch_window`` of each other are answered in one batch."""
         request = as_request(prompt, options)
-        result = self.generate_batch([request])[0]
+        result = self.batcher.answer(request) if self.batcher else self.generate_batch([request])[0]
         if result.error is not None:
             raise result.error
         return result

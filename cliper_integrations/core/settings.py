@@ -11,7 +11,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult, shared_engine
+from cliper_integrations.core.engine import (
+    DEFAULT_BATCH_WINDOW,
+    CLIPerEngine,
+    GenerationRequest,
+    GenerationResult,
+    shared_engine,
+)
 from cliper_integrations.core.errors import InvalidRequestError
 from cliper_integrations.core.memory import PreferenceMemory, as_memory
 from cliper_integrations.core.models import ModelDType
@@ -48,6 +54,9 @@ class GenerationSettings(BaseModel):
     dtype: ModelDType = "float32"
     """What the model is loaded in (``ModelDType``): ``bfloat16`` decoded 2.2 to 2.3× faster, guided
     or not, on an AVX512-BF16 CPU (``docs/performance.md``)."""
+    batch_window: float | None = DEFAULT_BATCH_WINDOW
+    """Seconds a call waits for calls from other threads (LangChain's ``batch``, concurrent queries), which the
+    engine then answers in one batch; None answers each call alone."""
     answer_after_tool_result: bool = False
     """Offer no tools when the last message is a tool result, so the model answers in words (the
     0.5B default model otherwise tends to call the same tool again)."""
@@ -55,14 +64,12 @@ class GenerationSettings(BaseModel):
     @property
     def engine(self) -> CLIPerEngine:
         """The process-wide engine for this model spec, loaded on first use and shared."""
-        return shared_engine(self.model, self.classifier, top_k=self.top_k, dtype=self.dtype)
+        return self.engine_for({})
 
     def engine_for(self, options: dict[str, Any]) -> CLIPerEngine:
         """The engine for a call: a per-call ``model=`` override picks (and shares) another one."""
-        model = options.pop("model", None)
-        if model in (None, self.model):
-            return self.engine
-        return shared_engine(model, self.classifier, top_k=self.top_k, dtype=self.dtype)
+        model = options.pop("model", None) or self.model
+        return shared_engine(model, self.classifier, top_k=self.top_k, dtype=self.dtype, batch_window=self.batch_window)
 
     def build_request(
         self, prompt: Any, stop: list[str] | None, options: dict[str, Any], user_id: str | None = None, **extra: Any

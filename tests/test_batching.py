@@ -1,0 +1,181 @@
+"""RequestBatcher and the engine's ``generate`` from many threads: shared batches, each caller its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cliper_integrations.core.batching import RequestBatcher
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
+from cliper_integrations.core.errors import InvalidRequestError, NoClassifierError, UnknownClassError
+from cliper_integrations.langchain import ChatCLIPer
+from cliper_integrations.llama_index import CLIPerLLM as LlamaIndexCLIPer
+from tests.test_engine import PROMPTS, count_generate_calls
+
+LONG_WINDOW = 30.0
+"""Long enough that a batch in these tests forms only when ``max_rows`` calls wait, never by timing out."""
+
+
+def from_threads(call, items):
+    """``call`` on every item, each in a thread of its own, all started together; results or raised errors."""
+
+    def outcome(item):
+        try:
+            return call(item)
+        except Exception as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(outcome, items))
+
+
+class Recorder:
+    """An ``answer_batch`` that writes each request's prompt back and remembers the batches it was given."""
+
+    def __init__(self, fails_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.threads: set[threading.Thread] = set()
+        self.fails_on = fails_on
+
+    def __call__(self, requests):
+        prompts = [request.prompt for request in requests]
+        self.batches.append(prompts)
+        self.threads.add(threading.current_thread())
+        if self.fails_on in prompts:
+            raise RuntimeError(f"cannot answer {self.fails_on}")
+        return [GenerationResult(text=f"answer to {prompt}") for prompt in prompts]
+
+
+def test_calls_that_arrive_together_share_one_batch_and_each_gets_its_own_answer():
+    recorder = Recorder()
+    batcher = RequestBatcher(recorder, window=LONG_WINDOW, max_rows=3)
+    prompts = ["a", "b", "c"]
+    results = from_threads(lambda prompt: batcher.answer(GenerationRequest(prompt)), prompts)
+    assert [result.text for result in results] == ["answer to a", "answer to b", "answer to c"]
+    assert len(recorder.batches) == 1 and sorted(recorder.batches[0]) == prompts
+
+
+def test_a_batch_holds_at_most_max_rows_and_the_worker_leaves_once_no_call_waits():
+    recorder = Recorder()
+    batcher = RequestBatcher(recorder, window=0.5, max_rows=2)
+    prompts = list("abcde")
+    results = from_threads(lambda prompt: batcher.answer(GenerationRequest(prompt)), prompts)
+    assert [result.text for result in results] == [f"answer to {prompt}" for prompt in prompts]
+    assert sorted(len(batch) for batch in recorder.batches) == [1, 2, 2]
+    workers = set(recorder.threads)
+    for worker in workers:
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+    assert batcher.answer(GenerationRequest("f")).text == "answer to f"  # a new worker starts for a new call
+    assert len(recorder.threads - workers) == 1
+
+
+def test_a_batch_that_raises_is_answered_row_by_row_so_only_its_cause_fails():
+    recorder = Recorder(fails_on="bad")
+    batcher = RequestBatcher(recorder, window=LONG_WINDOW, max_rows=3)
+    outcomes = from_threads(lambda prompt: batcher.answer(GenerationRequest(prompt)), ["a", "bad", "c"])
+    assert outcomes[0].text == "answer to a" and outcomes[2].text == "answer to c"
+    assert isinstance(outcomes[1], RuntimeError) and "cannot answer bad" in str(outcomes[1])
+    assert sorted(recorder.batches[0]) == ["a", "bad", "c"]
+    assert sorted(recorder.batches[1:]) == [["a"], ["bad"], ["c"]]
+
+
+def test_seeded_sampled_requests_are_answered_alone():
+    recorder = Recorder()
+    batcher = RequestBatcher(recorder, window=LONG_WINDOW, max_rows=4)
+    requests = [
+        GenerationRequest("greedy", seed=1),
+        GenerationRequest("sampled", temperature=0.9),
+        GenerationRequest("seeded one", temperature=0.9, seed=1),
+        GenerationRequest("seeded two", temperature=0.9, seed=1),
+    ]
+    from_threads(batcher.answer, requests)
+    assert sorted(recorder.batches[0]) == ["greedy", "sampled"]
+    assert sorted(recorder.batches[1:]) == [["seeded one"], ["seeded two"]]
+
+
+def test_a_call_made_while_a_batch_is_answered_on_the_worker_does_not_wait_for_itself():
+    def answer_batch(requests):
+        inner = [batcher.answer(GenerationRequest("inner")).text] if requests[0].prompt == "outer" else []
+        return [GenerationResult(text=" ".join([*inner, request.prompt])) for request in requests]
+
+    batcher = RequestBatcher(answer_batch, window=0.01, max_rows=4)
+    results = from_threads(batcher.answer, [GenerationRequest("outer")])
+    assert results[0].text == "inner outer"
+
+
+@pytest.fixture
+def batching_engine(base, classifier):
+    return CLIPerEngine(base, classifier=classifier, top_k=8, batch_window=LONG_WINDOW, max_batch_size=3)
+
+
+def test_engine_answers_concurrent_generate_calls_in_one_decoding_pass(base, classifier, batching_engine, monkeypatch):
+    requests = [GenerationRequest(prompt, weights={"expert": 4}, max_new_tokens=10) for prompt in PROMPTS]
+    alone = [CLIPerEngine(base, classifier=classifier, top_k=8).generate_batch([r])[0].text for r in requests]
+    calls = count_generate_calls(base, monkeypatch)
+    results = from_threads(batching_engine.generate, requests)
+    assert [result.text for result in results] == alone
+    assert calls and set(calls) == {3}  # the refusal look-ahead and the answer, each over all three rows
+
+
+def test_bad_requests_among_concurrent_calls_fail_only_their_callers(batching_engine):
+    good = GenerationRequest(PROMPTS[0], weights={"expert": 4}, max_new_tokens=8)
+    outcomes = from_threads(
+        batching_engine.generate,
+        [good, GenerationRequest(PROMPTS[1], weights={"verbose": 1}), GenerationRequest(PROMPTS[2], max_new_tokens=0)],
+    )
+    assert isinstance(outcomes[1], UnknownClassError) and isinstance(outcomes[2], InvalidRequestError)
+    assert outcomes[0].text == batching_engine.generate_batch([good])[0].text and outcomes[0].error is None
+
+
+def test_a_seeded_sample_does_not_depend_on_the_calls_it_arrives_with(base, classifier, batching_engine):
+    seeded = [
+        GenerationRequest(prompt, weights={"friendly": 2}, max_new_tokens=12, temperature=1.5, seed=7)
+        for prompt in PROMPTS[:2]
+    ]
+    alone = [CLIPerEngine(base, classifier=classifier, top_k=8).generate_batch([r])[0].text for r in seeded]
+    together = CLIPerEngine(base, classifier=classifier, top_k=8).generate_batch(seeded)
+    assert [result.text for result in together] != alone  # one batch would draw the second row's sample otherwise
+    greedy = GenerationRequest(PROMPTS[2], max_new_tokens=12)
+    results = from_threads(batching_engine.generate, [*seeded, greedy])
+    assert [result.text for result in results[:2]] == alone
+
+
+def test_langchain_batch_reaches_the_engine_as_one_batch(base, classifier, monkeypatch):
+    chat = ChatCLIPer(model="tiny-base", classifier=None, max_tokens=8)
+    monkeypatch.setattr(chat.engine.batcher, "window", LONG_WINDOW)  # the engine is shared: set back after
+    monkeypatch.setattr(chat.engine.batcher, "max_rows", 3)
+    alone = [chat.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in PROMPTS]
+    calls = count_generate_calls(base, monkeypatch)
+    messages = chat.batch(PROMPTS, config={"max_concurrency": 3})
+    assert [message.content for message in messages] == alone
+    assert calls == [3]
+
+
+def test_concurrent_llama_index_async_calls_reach_the_engine_as_one_batch(base, monkeypatch):
+    llm = LlamaIndexCLIPer(model="tiny-base", classifier=None, max_tokens=8, batch_window=LONG_WINDOW)
+    monkeypatch.setattr(llm.engine.batcher, "max_rows", 3)
+    alone = [llm.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in PROMPTS]
+    calls = count_generate_calls(base, monkeypatch)
+
+    async def together():
+        return await asyncio.gather(*(llm.acomplete(prompt) for prompt in PROMPTS))
+
+    assert [response.text for response in asyncio.run(together())] == alone
+    assert calls == [3]
+
+
+def test_a_copy_of_an_engine_answers_its_calls_with_its_own_settings(base, classifier):
+    """The bench and scripts copy an engine to change a setting: the copy's calls must not reach the original's
+    batcher, which would answer them with the original's settings."""
+    engine = CLIPerEngine(base, classifier=classifier, top_k=8)
+    copied = copy.copy(engine)
+    copied.classifier = None
+    request = GenerationRequest(PROMPTS[0], weights={"expert": 4}, max_new_tokens=4)
+    with pytest.raises(NoClassifierError):
+        copied.generate(request)
+    assert engine.generate(request).weights == {"expert": 4.0}
