@@ -21,11 +21,13 @@ _Waiting = tuple["GenerationRequest", "Future[GenerationResult]"]
 class RequestBatcher:
     """Answers single requests, from any thread, in batches of the requests waiting together.
 
-    A call waits up to ``window`` seconds for others (less once ``max_rows`` wait). One worker thread, alive only
-    while calls wait, answers them ``max_rows`` at a time with ``answer_batch``, in arrival order, so calls run one
-    batch at a time instead of competing for the cores. Every caller gets its own result or error: a batch that
-    raises is answered again row by row, so one request's failure reaches only its caller. A sampled request with
-    a seed is answered alone, so its sample does not depend on which calls arrived with it.
+    The oldest waiting call leads: it waits up to ``window`` seconds for others (less once ``max_rows`` wait),
+    answers the ``max_rows`` oldest with one ``answer_batch`` on its own thread, and hands the lead to the oldest
+    call still waiting. So batches run one at a time, and a lone call runs on its caller's thread, as it would
+    without the batcher: torch computes slower on a thread other than the one that ran it so far, because each
+    thread gets an OpenMP pool of its own (docs/performance.md). Every caller gets its own result or error: a batch
+    that raises is answered again row by row, so one request's failure reaches only its caller. A sampled request
+    with a seed is answered alone, so its sample does not depend on which calls arrived with it.
     """
 
     def __init__(
@@ -37,45 +39,45 @@ class RequestBatcher:
         self.answer_batch = answer_batch
         self.window = window
         self.max_rows = max_rows
-        self._arrived = threading.Condition()
+        self._changed = threading.Condition()
         self._waiting: list[_Waiting] = []
-        self._worker: threading.Thread | None = None
+        self._leader: Future[GenerationResult] | None = None
+        self._inside = threading.local()
 
     def answer(self, request: GenerationRequest) -> GenerationResult:
         """The result of ``request``, answered with whatever calls arrive with it; blocks until it is ready."""
-        if threading.current_thread() is self._worker:  # asked from inside a batch (a memory that generates)
+        if getattr(self._inside, "batch", False):  # asked from inside a batch (a memory that generates)
             return self.answer_batch([request])[0]
         future: Future[GenerationResult] = Future()
-        with self._arrived:
+        with self._changed:
             self._waiting.append((request, future))
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._serve, name="cliper-request-batcher", daemon=True)
-                self._worker.start()
-            self._arrived.notify()
+            self._leader = self._leader or future
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: future.done() or self._leader is future)
+        if not future.done():
+            self._lead()
         return future.result()
 
-    def _serve(self) -> None:
-        taken: list[_Waiting] = []
+    def _lead(self) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: len(self._waiting) >= self.max_rows, timeout=self.window)
+            taken, self._waiting = self._waiting[: self.max_rows], self._waiting[self.max_rows :]
+        self._inside.batch = True
         try:
-            while True:
-                with self._arrived:
-                    self._arrived.wait_for(lambda: len(self._waiting) >= self.max_rows, timeout=self.window)
-                    taken, self._waiting = self._waiting[: self.max_rows], self._waiting[self.max_rows :]
-                together = [item for item in taken if not item[0].seeded_sampling()]
-                for batch in (together, *([item] for item in taken if item[0].seeded_sampling())):
-                    if batch:
-                        self._answer(batch)
-                with self._arrived:
-                    if not self._waiting:
-                        self._worker = None
-                        return
-        except BaseException as error:  # the worker dies (interpreter shutdown): no caller may wait for ever
-            with self._arrived:
-                for _, future in [*taken, *self._waiting]:
-                    if not future.done():
-                        future.set_exception(error)
-                self._waiting, self._worker = [], None
+            together = [item for item in taken if not item[0].seeded_sampling()]
+            for batch in (together, *([item] for item in taken if item[0].seeded_sampling())):
+                if batch:
+                    self._answer(batch)
+        except BaseException as error:  # interrupted: no caller of this batch may wait for ever
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(error)
             raise
+        finally:
+            self._inside.batch = False
+            with self._changed:
+                self._leader = self._waiting[0][1] if self._waiting else None
+                self._changed.notify_all()
 
     def _answer(self, batch: list[_Waiting]) -> None:
         try:
