@@ -9,7 +9,8 @@ new tokens over the wall clock of each run:
   from a thread pool. Each thread that runs torch's parallel work gets an OpenMP pool of its own, and a second
   pool beside the main thread's slows the work down.
 - ``N threads``: the first N requests of the bench's batch, each by ``generate`` on a thread of its own (as
-  LangChain's ``batch`` runs them), with the batcher and without.
+  LangChain's ``batch`` runs them), with the batcher and without; and the same N by one ``generate_batch`` on the
+  main thread (the batcher's batch runs on one of the N threads).
 
     python benchmarks/request_batcher.py --threads 4 --repeats 3
 """
@@ -22,10 +23,9 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
-from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
-from cliper_integrations.evaluation.bench import batch_of_eight
+from cliper_integrations.core.engine import CLIPerEngine, GenerationResult
+from cliper_integrations.evaluation.bench import batch_of_eight, each_on_a_thread
 
 
 def on_new_thread(call: Callable[[], list[GenerationResult]]) -> list[GenerationResult]:
@@ -35,11 +35,6 @@ def on_new_thread(call: Callable[[], list[GenerationResult]]) -> list[Generation
     thread.start()
     thread.join()
     return results
-
-
-def each_on_a_thread(engine: CLIPerEngine, requests: list[GenerationRequest]) -> list[GenerationResult]:
-    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        return list(pool.map(engine.generate, requests))
 
 
 def main() -> None:
@@ -58,6 +53,7 @@ def main() -> None:
         "second thread": lambda: on_new_thread(lambda: alone.generate_batch(requests[:1])),
         f"{args.threads} threads, batcher": lambda: each_on_a_thread(batched, requests),
         f"{args.threads} threads, batch_window=None": lambda: each_on_a_thread(alone, requests),
+        f"{args.threads} by generate_batch": lambda: alone.generate_batch(requests),
     }
     speeds: dict[str, list[float]] = {}
     texts: dict[str, list[str]] = {}

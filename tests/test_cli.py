@@ -243,6 +243,7 @@ def test_info_and_bench(model_folder, classifier_folder):
     without = figures["guided_without_lookahead_tok_s"]
     assert figures["lookahead_ratio"] == pytest.approx(figures["guided_tok_s"] / without, rel=0.01)
     assert figures["unguided_first_text_s"] > 0 and figures["guided_first_text_s"] > 0
+    assert figures["threads4_tok_s"] > 0
 
 
 def test_memory_commands_round_trip(tmp_path, model_folder, classifier_folder):
