@@ -26,7 +26,7 @@ def from_threads(call, items):
     def outcome(item):
         try:
             return call(item)
-        except Exception as error:
+        except BaseException as error:
             return error
 
     with ThreadPoolExecutor(max_workers=len(items)) as pool:
@@ -93,6 +93,22 @@ def test_a_batch_that_raises_is_answered_row_by_row_so_only_its_cause_fails():
     assert isinstance(outcomes[1], RuntimeError) and "cannot answer bad" in str(outcomes[1])
     assert sorted(recorder.batches[0]) == ["a", "bad", "c"]
     assert sorted(recorder.batches[1:]) == [["a"], ["bad"], ["c"]]
+
+
+def test_an_interrupted_batch_fails_its_callers_and_hands_on_the_lead():
+    class Interrupted(BaseException):
+        pass
+
+    def answer_batch(requests):
+        if any(request.prompt == "interrupted" for request in requests):
+            raise Interrupted
+        return [GenerationResult(text=f"answer to {request.prompt}") for request in requests]
+
+    batcher = RequestBatcher(answer_batch, window=LONG_WINDOW, max_rows=2)
+    outcomes = from_threads(lambda prompt: batcher.answer(GenerationRequest(prompt)), ["interrupted", "beside it"])
+    assert all(isinstance(outcome, Interrupted) for outcome in outcomes)
+    batcher.max_rows = 1
+    assert batcher.answer(GenerationRequest("after")).text == "answer to after"
 
 
 def test_seeded_sampled_requests_are_answered_alone():
@@ -178,6 +194,13 @@ def test_concurrent_llama_index_async_calls_reach_the_engine_as_one_batch(base, 
 
     assert [response.text for response in asyncio.run(together())] == alone
     assert calls == [3]
+
+
+def test_a_negative_batch_window_is_refused(base):
+    with pytest.raises(InvalidRequestError, match="batch_window"):
+        CLIPerEngine(base, classifier=None, batch_window=-1)
+    with pytest.raises(ValueError, match="batch_window"):
+        ChatCLIPer(model="tiny-base", classifier=None, batch_window=-0.5)
 
 
 def test_a_copy_of_an_engine_answers_its_calls_with_its_own_settings(base, classifier):

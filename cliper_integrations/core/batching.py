@@ -53,17 +53,23 @@ class RequestBatcher:
             self._waiting.append((request, future))
             self._leader = self._leader or future
             self._changed.notify_all()
-            self._changed.wait_for(lambda: future.done() or self._leader is future)
-        if not future.done():
-            self._lead()
+        try:
+            with self._changed:
+                self._changed.wait_for(lambda: future.done() or self._leader is future)
+            if not future.done():
+                self._lead()
+        except BaseException:  # interrupted (KeyboardInterrupt): the others must not wait for this call's lead
+            self._withdraw(future)
+            raise
         return future.result()
 
     def _lead(self) -> None:
-        with self._changed:
-            self._changed.wait_for(lambda: len(self._waiting) >= self.max_rows, timeout=self.window)
-            taken, self._waiting = self._waiting[: self.max_rows], self._waiting[self.max_rows :]
-        self._inside.batch = True
+        taken: list[_Waiting] = []
         try:
+            with self._changed:
+                self._changed.wait_for(lambda: len(self._waiting) >= self.max_rows, timeout=self.window)
+                taken, self._waiting = self._waiting[: self.max_rows], self._waiting[self.max_rows :]
+            self._inside.batch = True
             together = [item for item in taken if not item[0].seeded_sampling()]
             for batch in (together, *([item] for item in taken if item[0].seeded_sampling())):
                 if batch:
@@ -78,6 +84,14 @@ class RequestBatcher:
             with self._changed:
                 self._leader = self._waiting[0][1] if self._waiting else None
                 self._changed.notify_all()
+
+    def _withdraw(self, future: Future[GenerationResult]) -> None:
+        """Take an interrupted call out of the queue, and out of the lead if it has it."""
+        with self._changed:
+            self._waiting = [item for item in self._waiting if item[1] is not future]
+            if self._leader is future:
+                self._leader = self._waiting[0][1] if self._waiting else None
+            self._changed.notify_all()
 
     def _answer(self, batch: list[_Waiting]) -> None:
         try:

@@ -404,7 +404,7 @@ class CLIPerEngine:
             warning in the result) or ``"refuse"``-d with ``PromptTooLongError``.
         max_batch_size: rows per ``generate`` call.
         batch_window: seconds a ``generate`` call waits for calls from other threads, which are then answered in
-            one batch (``RequestBatcher``); None answers each call alone, in its own thread.
+            one batch (``RequestBatcher``); None answers each call alone, at once.
         guided_no_repeat_ngram: on guided rows only, never repeat an n-gram of the generated text (a loop
             guard: a strong push can lock greedy decoding into a loop); None turns it off.
         guided_plausibility: on guided rows only, leave out tokens whose base probability is below this
@@ -455,6 +455,8 @@ class CLIPerEngine:
         self.top_k = top_k
         self.overflow = overflow
         self.max_batch_size = max_batch_size
+        if batch_window is not None and not batch_window >= 0:
+            raise InvalidRequestError(f"batch_window must be None or >= 0 seconds, got {batch_window}")
         self.batcher = (
             RequestBatcher(self.generate_batch, batch_window, max_batch_size) if batch_window is not None else None
         )

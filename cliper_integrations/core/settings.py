@@ -54,7 +54,7 @@ class GenerationSettings(BaseModel):
     dtype: ModelDType = "float32"
     """What the model is loaded in (``ModelDType``): ``bfloat16`` decoded 2.2 to 2.3× faster, guided
     or not, on an AVX512-BF16 CPU (``docs/performance.md``)."""
-    batch_window: float | None = DEFAULT_BATCH_WINDOW
+    batch_window: float | None = Field(default=DEFAULT_BATCH_WINDOW, ge=0)
     """Seconds a call waits for calls from other threads (LangChain's ``batch``, concurrent queries), which the
     engine then answers in one batch; None answers each call alone."""
     answer_after_tool_result: bool = False
