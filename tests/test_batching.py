@@ -125,7 +125,7 @@ def test_seeded_sampled_requests_are_answered_alone():
     assert sorted(recorder.batches[1:]) == [["seeded one"], ["seeded two"]]
 
 
-def test_a_call_made_while_a_batch_is_answered_on_the_worker_does_not_wait_for_itself():
+def test_a_call_made_from_inside_a_batch_does_not_wait_for_itself():
     def answer_batch(requests):
         inner = [batcher.answer(GenerationRequest("inner")).text] if requests[0].prompt == "outer" else []
         return [GenerationResult(text=" ".join([*inner, request.prompt])) for request in requests]
@@ -172,15 +172,20 @@ def test_a_seeded_sample_does_not_depend_on_the_calls_it_arrives_with(base, clas
     assert [result.text for result in results[:2]] == alone
 
 
-def test_langchain_batch_reaches_the_engine_as_one_batch(base, classifier, monkeypatch):
+def test_langchain_batch_reaches_the_engine_as_one_batch(base, monkeypatch):
+    """Eight inputs: more than the executor's default threads on a 2-core machine (CPU cores + 4), so ``batch``
+    must raise ``max_concurrency`` for all eight calls to arrive together."""
     chat = ChatCLIPer(model="tiny-base", classifier=None, max_tokens=8)
     monkeypatch.setattr(chat.engine.batcher, "window", LONG_WINDOW)  # the engine is shared: set back after
-    monkeypatch.setattr(chat.engine.batcher, "max_rows", 3)
-    alone = [chat.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in PROMPTS]
+    monkeypatch.setattr(chat.engine.batcher, "max_rows", 8)
+    prompts = [f"{prompt} ({number})" for number in range(3) for prompt in PROMPTS][:8]
+    alone = [chat.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in prompts]
     calls = count_generate_calls(base, monkeypatch)
-    messages = chat.batch(PROMPTS, config={"max_concurrency": 3})
-    assert [message.content for message in messages] == alone
-    assert calls == [3]
+    assert [message.content for message in chat.batch(prompts)] == alone
+    assert calls == [8]
+    monkeypatch.setattr(chat.engine.batcher, "window", 0.01)
+    assert [message.content for message in chat.batch(prompts[:2], config={"max_concurrency": 1})] == alone[:2]
+    assert calls == [8, 1, 1]  # a max_concurrency of the caller's is kept
 
 
 def test_concurrent_llama_index_async_calls_reach_the_engine_as_one_batch(base, monkeypatch):

@@ -20,7 +20,8 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
+from langchain_core.runnables.config import get_config_list
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -185,6 +186,23 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         )
 
     # --- the protocol ----------------------------------------------------------------------------
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """LangChain's ``batch`` (one ``invoke`` per input in a thread pool), with as many inputs in flight as the
+        engine batches (``max_batch_size``) unless the config sets ``max_concurrency``: the engine decodes the calls
+        that arrive together as one batch, and the executor's default (CPU cores + 4 threads) would split it."""
+        configs = get_config_list(config, len(inputs))
+        if configs and configs[0].get("max_concurrency") is None:
+            in_one_batch = self.engine_for(dict(kwargs)).max_batch_size
+            configs[0] = {**configs[0], "max_concurrency": min(len(inputs), in_one_batch)}
+        return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
 
     def _generate(
         self,
