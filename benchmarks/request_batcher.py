@@ -21,11 +21,10 @@ import argparse
 import json
 import statistics
 import threading
-import time
 from collections.abc import Callable
 
-from cliper_integrations.core.engine import CLIPerEngine, GenerationResult
-from cliper_integrations.evaluation.bench import batch_of_eight, each_on_a_thread
+from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
+from cliper_integrations.evaluation.bench import Answer, batch_of_eight, each_on_a_thread, timed_batch
 
 
 def on_new_thread(call: Callable[[], list[GenerationResult]]) -> list[GenerationResult]:
@@ -47,23 +46,27 @@ def main() -> None:
     alone = CLIPerEngine(batched.loaded, classifier=batched.classifier, batch_window=None)
     requests = batch_of_eight(args.max_new_tokens)[: args.threads]
     batched.generate(requests[0], max_new_tokens=8)  # warm-up
-    runs: dict[str, Callable[[], list[GenerationResult]]] = {
-        "lone, batcher": lambda: [batched.generate(requests[0])],
-        "lone, batch_window=None": lambda: [alone.generate(requests[0])],
-        "second thread": lambda: on_new_thread(lambda: alone.generate_batch(requests[:1])),
-        f"{args.threads} threads, batcher": lambda: each_on_a_thread(batched, requests),
-        f"{args.threads} threads, batch_window=None": lambda: each_on_a_thread(alone, requests),
-        f"{args.threads} by generate_batch": lambda: alone.generate_batch(requests),
+
+    def batch_on_a_new_thread(engine: CLIPerEngine, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        return on_new_thread(lambda: engine.generate_batch(batch))
+
+    def by_generate(engine: CLIPerEngine, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        return [engine.generate(request) for request in batch]
+
+    runs: dict[str, tuple[CLIPerEngine, list[GenerationRequest], Answer]] = {
+        "lone, batcher": (batched, requests[:1], by_generate),
+        "lone, batch_window=None": (alone, requests[:1], by_generate),
+        "second thread": (alone, requests[:1], batch_on_a_new_thread),
+        f"{args.threads} threads, batcher": (batched, requests, each_on_a_thread),
+        f"{args.threads} threads, batch_window=None": (alone, requests, each_on_a_thread),
+        f"{args.threads} by generate_batch": (alone, requests, CLIPerEngine.generate_batch),
     }
     speeds: dict[str, list[float]] = {}
     texts: dict[str, list[str]] = {}
     for _ in range(args.repeats):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            results = run()
-            speeds.setdefault(name, []).append(
-                sum(r.completion_tokens for r in results) / (time.perf_counter() - started)
-            )
+        for name, (engine, batch, answer) in runs.items():
+            speed, results = timed_batch(engine, batch, answer)
+            speeds.setdefault(name, []).append(speed)
             texts.setdefault(name, [r.text for r in results])
     medians = {name: round(statistics.median(values), 2) for name, values in speeds.items()}
     threaded = [texts[f"{args.threads} threads, {way}"] for way in ("batcher", "batch_window=None")]
