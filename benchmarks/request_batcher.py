@@ -20,20 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import threading
-from collections.abc import Callable
+
+from thread_pools import on_new_thread
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.evaluation.bench import Answer, batch_of_eight, each_on_a_thread, timed_batch
-
-
-def on_new_thread(call: Callable[[], list[GenerationResult]]) -> list[GenerationResult]:
-    """``call``'s results, computed on a thread started for it."""
-    results: list[GenerationResult] = []
-    thread = threading.Thread(target=lambda: results.extend(call()))
-    thread.start()
-    thread.join()
-    return results
 
 
 def main() -> None:

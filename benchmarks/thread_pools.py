@@ -19,7 +19,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
+T = TypeVar("T")
 WAYS = ("main", "second", "lone")
 
 
@@ -39,8 +42,9 @@ def step_ms(rows: int, steps: int, loaded=None) -> float:
     return (time.perf_counter() - started) / steps * 1e3
 
 
-def on_new_thread(call) -> float:
-    out: list[float] = []
+def on_new_thread(call: Callable[[], T]) -> T:
+    """``call()``, computed on a thread started for it."""
+    out: list[T] = []
     thread = threading.Thread(target=lambda: out.append(call()))
     thread.start()
     thread.join()

@@ -82,16 +82,19 @@ class RequestBatcher:
         finally:
             self._inside.batch = False
             with self._changed:
-                self._leader = self._waiting[0][1] if self._waiting else None
-                self._changed.notify_all()
+                self._hand_over_lead()
 
     def _withdraw(self, future: Future[GenerationResult]) -> None:
         """Take an interrupted call out of the queue, and out of the lead if it has it."""
         with self._changed:
             self._waiting = [item for item in self._waiting if item[1] is not future]
             if self._leader is future:
-                self._leader = self._waiting[0][1] if self._waiting else None
-            self._changed.notify_all()
+                self._hand_over_lead()
+
+    def _hand_over_lead(self) -> None:
+        """The oldest waiting call leads next, if any waits (called holding the lock)."""
+        self._leader = self._waiting[0][1] if self._waiting else None
+        self._changed.notify_all()
 
     def _answer(self, batch: list[_Waiting]) -> None:
         try:

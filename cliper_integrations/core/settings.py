@@ -68,7 +68,8 @@ class GenerationSettings(BaseModel):
 
     def engine_for(self, options: dict[str, Any]) -> CLIPerEngine:
         """The engine for a call: a per-call ``model=`` override picks (and shares) another one."""
-        model = options.pop("model", None) or self.model
+        model = options.pop("model", None)
+        model = self.model if model is None else model
         return shared_engine(model, self.classifier, top_k=self.top_k, dtype=self.dtype, batch_window=self.batch_window)
 
     def build_request(
