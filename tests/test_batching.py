@@ -33,6 +33,17 @@ def from_threads(call, items):
         return list(pool.map(outcome, items))
 
 
+def with_executor_threads(threads, main):
+    """``asyncio.run(main())`` on a loop whose default executor has ``threads`` threads, fewer than the calls the
+    tests gather: calls that each held an executor thread while waiting could not all share a batch."""
+
+    async def wrapped():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=threads))
+        return await main()
+
+    return asyncio.run(wrapped())
+
+
 class Recorder:
     """An ``answer_batch`` that writes each request's prompt back and remembers the batches it was given."""
 
@@ -135,6 +146,106 @@ def test_a_call_made_from_inside_a_batch_does_not_wait_for_itself():
     assert results[0].text == "inner outer"
 
 
+def test_async_calls_share_one_batch_led_by_the_batchers_thread():
+    recorder = Recorder()
+    batcher = RequestBatcher(recorder, window=LONG_WINDOW, max_rows=8)
+    prompts = [f"question {number}" for number in range(8)]
+
+    async def together():
+        return await asyncio.gather(*(batcher.aanswer(GenerationRequest(prompt)) for prompt in prompts))
+
+    assert [result.text for result in asyncio.run(together())] == [f"answer to {prompt}" for prompt in prompts]
+    assert recorder.batches == [prompts]
+    assert [thread.name for thread in recorder.threads] == ["cliper-batch-leader"]
+
+
+def test_sync_and_async_calls_share_a_batch():
+    recorder = Recorder()
+    batcher = RequestBatcher(recorder, window=LONG_WINDOW, max_rows=3)
+
+    async def two_async_calls():
+        return await asyncio.gather(*(batcher.aanswer(GenerationRequest(prompt)) for prompt in ("a", "b")))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        blocking = pool.submit(batcher.answer, GenerationRequest("sync"))
+        assert [result.text for result in asyncio.run(two_async_calls())] == ["answer to a", "answer to b"]
+        assert blocking.result().text == "answer to sync"
+    assert len(recorder.batches) == 1 and sorted(recorder.batches[0]) == ["a", "b", "sync"]
+
+
+def test_a_cancelled_async_call_leaves_the_queue_and_the_lead():
+    recorder = Recorder()
+    batcher = RequestBatcher(recorder, window=LONG_WINDOW, max_rows=3)
+
+    async def main():
+        leader = asyncio.create_task(batcher.aanswer(GenerationRequest("cancelled leader")))
+        second = asyncio.create_task(batcher.aanswer(GenerationRequest("cancelled")))
+        first = asyncio.create_task(batcher.aanswer(GenerationRequest("a")))
+        await asyncio.sleep(0)  # all three wait in the queue
+        for cancelled in (leader, second):
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+        return await asyncio.gather(first, *(batcher.aanswer(GenerationRequest(prompt)) for prompt in "cd"))
+
+    assert [result.text for result in asyncio.run(main())] == ["answer to a", "answer to c", "answer to d"]
+    assert recorder.batches == [["a", "c", "d"]]
+
+
+def test_a_call_cancelled_while_its_batch_runs_leaves_the_others_their_answers():
+    started, finish = threading.Event(), threading.Event()
+
+    def answer_batch(requests):
+        started.set()
+        finish.wait(LONG_WINDOW)
+        return [GenerationResult(text=f"answer to {request.prompt}") for request in requests]
+
+    batcher = RequestBatcher(answer_batch, window=LONG_WINDOW, max_rows=2)
+
+    async def main():
+        cancelled = asyncio.create_task(batcher.aanswer(GenerationRequest("cancelled")))
+        kept = asyncio.create_task(batcher.aanswer(GenerationRequest("kept")))
+        await asyncio.to_thread(started.wait, LONG_WINDOW)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        finish.set()
+        return await kept
+
+    assert asyncio.run(main()).text == "answer to kept"
+    batcher.max_rows = 1
+    assert batcher.answer(GenerationRequest("after")).text == "answer to after"
+
+
+def test_cancelling_the_call_whose_batch_runs_starts_no_second_batch_beside_it():
+    running, finish = threading.Semaphore(0), threading.Event()
+    batches: list[list[str]] = []
+
+    def answer_batch(requests):
+        batches.append([request.prompt for request in requests])
+        running.release()
+        finish.wait(LONG_WINDOW)
+        return [GenerationResult(text=f"answer to {request.prompt}") for request in requests]
+
+    batcher = RequestBatcher(answer_batch, window=0.0, max_rows=1)
+
+    async def main():
+        leading = asyncio.create_task(batcher.aanswer(GenerationRequest("leading")))
+        await asyncio.to_thread(running.acquire, timeout=LONG_WINDOW)
+        waiting = asyncio.create_task(asyncio.to_thread(batcher.answer, GenerationRequest("waiting")))
+        await asyncio.sleep(0.1)  # the sync call waits in the queue
+        leading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leading
+        second_batch_began = await asyncio.to_thread(running.acquire, timeout=0.5)
+        finish.set()
+        return second_batch_began, await waiting
+
+    second_batch_began, answered = asyncio.run(main())
+    assert not second_batch_began and answered.text == "answer to waiting"
+    assert batches == [["leading"], ["waiting"]]
+
+
 @pytest.fixture
 def batching_engine(base, classifier):
     return CLIPerEngine(base, classifier=classifier, top_k=8, batch_window=LONG_WINDOW, max_batch_size=3)
@@ -155,6 +266,32 @@ def test_bad_requests_among_concurrent_calls_fail_only_their_callers(batching_en
         batching_engine.generate,
         [good, GenerationRequest(PROMPTS[1], weights={"verbose": 1}), GenerationRequest(PROMPTS[2], max_new_tokens=0)],
     )
+    assert isinstance(outcomes[1], UnknownClassError) and isinstance(outcomes[2], InvalidRequestError)
+    assert outcomes[0].text == batching_engine.generate_batch([good])[0].text and outcomes[0].error is None
+
+
+def test_engine_answers_concurrent_async_calls_in_one_pass_with_one_executor_thread(
+    base, classifier, batching_engine, monkeypatch
+):
+    requests = [GenerationRequest(prompt, weights={"expert": 4}, max_new_tokens=10) for prompt in PROMPTS]
+    alone = [CLIPerEngine(base, classifier=classifier, top_k=8).generate_batch([r])[0].text for r in requests]
+    calls = count_generate_calls(base, monkeypatch)
+
+    async def together():
+        return await asyncio.gather(*(batching_engine.agenerate(request) for request in requests))
+
+    assert [result.text for result in with_executor_threads(1, together)] == alone
+    assert calls and set(calls) == {3}
+
+
+def test_bad_requests_among_concurrent_async_calls_fail_only_their_callers(batching_engine):
+    good = GenerationRequest(PROMPTS[0], weights={"expert": 4}, max_new_tokens=8)
+    bad = [GenerationRequest(PROMPTS[1], weights={"verbose": 1}), GenerationRequest(PROMPTS[2], max_new_tokens=0)]
+
+    async def together():
+        return await asyncio.gather(*(batching_engine.agenerate(r) for r in (good, *bad)), return_exceptions=True)
+
+    outcomes = asyncio.run(together())
     assert isinstance(outcomes[1], UnknownClassError) and isinstance(outcomes[2], InvalidRequestError)
     assert outcomes[0].text == batching_engine.generate_batch([good])[0].text and outcomes[0].error is None
 
@@ -188,6 +325,21 @@ def test_langchain_batch_reaches_the_engine_as_one_batch(base, monkeypatch):
     assert calls == [8, 1, 1]  # a max_concurrency of the caller's is kept
 
 
+def test_langchain_abatch_reaches_the_engine_as_one_batch(base, monkeypatch):
+    chat = ChatCLIPer(model="tiny-base", classifier=None, max_tokens=8)
+    monkeypatch.setattr(chat.engine.batcher, "window", LONG_WINDOW)  # the engine is shared: set back after
+    monkeypatch.setattr(chat.engine.batcher, "max_rows", 8)
+    prompts = [f"{prompt} ({number})" for number in range(3) for prompt in PROMPTS][:8]
+    alone = [chat.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in prompts]
+    calls = count_generate_calls(base, monkeypatch)
+
+    async def together():
+        return await chat.abatch(prompts)
+
+    assert [message.content for message in with_executor_threads(2, together)] == alone
+    assert calls == [8]
+
+
 def test_concurrent_llama_index_async_calls_reach_the_engine_as_one_batch(base, monkeypatch):
     llm = LlamaIndexCLIPer(model="tiny-base", classifier=None, max_tokens=8, batch_window=LONG_WINDOW)
     monkeypatch.setattr(llm.engine.batcher, "max_rows", 3)
@@ -197,7 +349,7 @@ def test_concurrent_llama_index_async_calls_reach_the_engine_as_one_batch(base, 
     async def together():
         return await asyncio.gather(*(llm.acomplete(prompt) for prompt in PROMPTS))
 
-    assert [response.text for response in asyncio.run(together())] == alone
+    assert [response.text for response in with_executor_threads(1, together)] == alone
     assert calls == [3]
 
 

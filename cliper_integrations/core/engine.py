@@ -139,6 +139,12 @@ class GenerationResult:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def raise_for_error(self) -> GenerationResult:
+        """This result, or its request's error raised."""
+        if self.error is not None:
+            raise self.error
+        return self
+
 
 def left_padded(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token sequences as one batch padded on the left, as decoder-only generation reads them, with its
@@ -517,9 +523,7 @@ class CLIPerEngine:
         within ``batch_window`` of each other are answered in one batch."""
         request = as_request(prompt, options)
         result = self.batcher.answer(request) if self.batcher else self.generate_batch([request])[0]
-        if result.error is not None:
-            raise result.error
-        return result
+        return result.raise_for_error()
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Answer many requests, each with its own weights, batching rows that sample alike.
@@ -542,8 +546,12 @@ class CLIPerEngine:
         return TextStream(self, request)
 
     async def agenerate(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> GenerationResult:
-        """``generate`` in a worker thread, so the event loop keeps running."""
-        return await asyncio.to_thread(self.generate, prompt, **options)
+        """``generate`` without blocking the event loop. With the batcher, waiting holds no thread, so every
+        concurrent call can join one batch (not only as many as the loop's default executor has threads)."""
+        request = as_request(prompt, options)
+        if self.batcher is None:
+            return (await asyncio.to_thread(self.generate_batch, [request]))[0].raise_for_error()
+        return (await self.batcher.aanswer(request)).raise_for_error()
 
     async def astream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> AsyncIterator[str]:
         """``stream`` whose blocking steps run in a worker thread."""

@@ -51,8 +51,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
 
     def _results(self, engine: CLIPerEngine, results: list[GenerationResult]) -> LLMResult:
         for result in results:
-            if result.error is not None:
-                raise result.error
+            result.raise_for_error()
         usage = {
             "input_tokens": sum(r.prompt_tokens for r in results),
             "output_tokens": sum(r.completion_tokens for r in results),
