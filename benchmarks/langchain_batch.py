@@ -1,18 +1,22 @@
-"""What LangChain's ``batch`` gets from the engine's batching: the same requests through ``ChatCLIPer.batch``
-(with the engine's batch window, and without: ``batch_window=None``), ``CLIPerLLM.generate`` (LangChain's
-text-completion class; what its ``batch`` calls) and the engine's own ``generate_batch``, in turn on one loaded model
-(the adapters' engines share it), ``--repeats`` times; medians of new tokens over the wall clock.
+"""What LangChain's ``batch`` and ``abatch`` get from the engine's batching: the same requests through
+``ChatCLIPer.batch`` (with the engine's batch window, and without: ``batch_window=None``), ``ChatCLIPer.abatch``,
+``invoke`` in executor threads gathered by asyncio (how ``abatch`` reached the engine before ``agenerate`` awaited the
+batcher), ``CLIPerLLM.generate`` (LangChain's text-completion class; what its ``batch`` calls) and the engine's own
+``generate_batch``, in turn on one loaded model (the adapters' engines share it), ``--repeats`` times; medians of new
+tokens over the wall clock.
 
 ``ChatCLIPer.batch`` is LangChain's default for chat models: each input goes through its own ``invoke`` in a
-thread pool, whose calls the engine's ``RequestBatcher`` gathers into one batch. ``BaseLLM.batch`` hands the whole
-list to ``_generate``, which calls ``generate_batch`` once.
+thread pool, whose calls the engine's ``RequestBatcher`` gathers into one batch. ``abatch`` gathers ``ainvoke``
+coroutines, which await the batcher without a thread each. ``BaseLLM.batch`` hands the whole list to
+``_generate``, which calls ``generate_batch`` once.
 
-    python benchmarks/langchain_batch.py --requests 4 --repeats 2
+    python benchmarks/langchain_batch.py --requests 8 --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
@@ -41,6 +45,15 @@ def main() -> None:
     def chat_batch(model: ChatCLIPer) -> int:
         return sum(message.usage_metadata["output_tokens"] for message in model.batch(prompts))
 
+    def chat_abatch() -> int:
+        return sum(message.usage_metadata["output_tokens"] for message in asyncio.run(chat.abatch(prompts)))
+
+    def invokes_in_executor_threads() -> int:
+        async def gathered() -> list:
+            return await asyncio.gather(*(asyncio.to_thread(chat.invoke, prompt) for prompt in prompts))
+
+        return sum(message.usage_metadata["output_tokens"] for message in asyncio.run(gathered()))
+
     def llm_batch() -> int:  # what ``BaseLLM.batch`` calls: one ``generate`` over the list
         return llm.generate(prompts).llm_output["token_usage"]["output_tokens"]
 
@@ -50,6 +63,8 @@ def main() -> None:
     runs = {
         "ChatCLIPer.batch": lambda: chat_batch(chat),
         "ChatCLIPer.batch, batch_window=None": lambda: chat_batch(unbatched),
+        "ChatCLIPer.abatch": chat_abatch,
+        "invoke in executor threads, gathered": invokes_in_executor_threads,
         "CLIPerLLM.generate": llm_batch,
         "generate_batch": engine_batch,
     }
