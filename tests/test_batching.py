@@ -12,7 +12,7 @@ import pytest
 from cliper_integrations.core.batching import RequestBatcher
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.core.errors import InvalidRequestError, NoClassifierError, UnknownClassError
-from cliper_integrations.langchain import ChatCLIPer
+from cliper_integrations.langchain import ChatCLIPer, CLIPerLLM
 from cliper_integrations.llama_index import CLIPerLLM as LlamaIndexCLIPer
 from tests.test_engine import PROMPTS, count_generate_calls
 
@@ -338,6 +338,22 @@ def test_langchain_abatch_reaches_the_engine_as_one_batch(base, monkeypatch):
 
     assert [message.content for message in with_executor_threads(2, together)] == alone
     assert calls == [8]
+
+
+def test_concurrent_langchain_text_completion_calls_reach_the_engine_as_one_batch(base, monkeypatch):
+    """``CLIPerLLM.invoke`` from threads of their own (a server, a thread pool), and concurrent ``ainvoke`` calls."""
+    llm = CLIPerLLM(model="tiny-base", classifier=None, max_tokens=8, batch_window=LONG_WINDOW)
+    monkeypatch.setattr(llm.engine.batcher, "max_rows", 3)
+    alone = [llm.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in PROMPTS]
+    calls = count_generate_calls(base, monkeypatch)
+    assert from_threads(llm.invoke, PROMPTS) == alone
+    assert calls == [3]
+
+    async def together():
+        return await asyncio.gather(*(llm.ainvoke(prompt) for prompt in PROMPTS))
+
+    assert with_executor_threads(1, together) == alone
+    assert calls == [3, 3]
 
 
 def test_concurrent_llama_index_async_calls_reach_the_engine_as_one_batch(base, monkeypatch):

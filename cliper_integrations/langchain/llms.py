@@ -49,6 +49,19 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
     def _generation(self, engine: CLIPerEngine, result: GenerationResult) -> list[Generation]:
         return [Generation(text=result.text, generation_info=self.result_metadata(engine, result))]
 
+    @staticmethod
+    def _answers(engine: CLIPerEngine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """A lone prompt joins the calls other threads make meanwhile (the engine's request batcher: a server, or a
+        thread pool that calls ``invoke`` once per input); several prompts are one batch of their own."""
+        return [engine.generate(requests[0])] if len(requests) == 1 else engine.generate_batch(requests)
+
+    @staticmethod
+    async def _aanswers(engine: CLIPerEngine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """``_answers`` for async calls: a lone prompt awaits its row without holding a thread."""
+        if len(requests) == 1:
+            return [await engine.agenerate(requests[0])]
+        return await asyncio.to_thread(engine.generate_batch, requests)
+
     def _results(self, engine: CLIPerEngine, results: list[GenerationResult]) -> LLMResult:
         for result in results:
             result.raise_for_error()
@@ -66,7 +79,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         engine, requests = self._batch_requests(prompts, stop, run_manager, kwargs)
-        return self._results(engine, engine.generate_batch(requests))
+        return self._results(engine, self._answers(engine, requests))
 
     async def _agenerate(
         self,
@@ -76,7 +89,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         engine, requests = self._batch_requests(prompts, stop, run_manager, kwargs)
-        return self._results(engine, await asyncio.to_thread(engine.generate_batch, requests))
+        return self._results(engine, await self._aanswers(engine, requests))
 
     def _stream(
         self,
