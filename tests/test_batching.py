@@ -122,20 +122,6 @@ def test_an_interrupted_batch_fails_its_callers_and_hands_on_the_lead():
     assert batcher.answer(GenerationRequest("after")).text == "answer to after"
 
 
-def test_seeded_sampled_requests_are_answered_alone():
-    recorder = Recorder()
-    batcher = RequestBatcher(recorder, window=LONG_WINDOW, max_rows=4)
-    requests = [
-        GenerationRequest("greedy", seed=1),
-        GenerationRequest("sampled", temperature=0.9),
-        GenerationRequest("seeded one", temperature=0.9, seed=1),
-        GenerationRequest("seeded two", temperature=0.9, seed=1),
-    ]
-    from_threads(batcher.answer, requests)
-    assert sorted(recorder.batches[0]) == ["greedy", "sampled"]
-    assert sorted(recorder.batches[1:]) == [["seeded one"], ["seeded two"]]
-
-
 def test_a_call_made_from_inside_a_batch_does_not_wait_for_itself():
     def answer_batch(requests):
         inner = [batcher.answer(GenerationRequest("inner")).text] if requests[0].prompt == "outer" else []
@@ -175,21 +161,21 @@ def test_sync_and_async_calls_share_a_batch():
 
 def test_a_cancelled_async_call_leaves_the_queue_and_the_lead():
     recorder = Recorder()
-    batcher = RequestBatcher(recorder, window=LONG_WINDOW, max_rows=3)
+    batcher = RequestBatcher(recorder, window=LONG_WINDOW, max_rows=4)
 
     async def main():
         leader = asyncio.create_task(batcher.aanswer(GenerationRequest("cancelled leader")))
         second = asyncio.create_task(batcher.aanswer(GenerationRequest("cancelled")))
         first = asyncio.create_task(batcher.aanswer(GenerationRequest("a")))
-        await asyncio.sleep(0)  # all three wait in the queue
+        await asyncio.sleep(0)  # all three wait in the queue, one fewer than a batch takes at once
         for cancelled in (leader, second):
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
-        return await asyncio.gather(first, *(batcher.aanswer(GenerationRequest(prompt)) for prompt in "cd"))
+        return await asyncio.gather(first, *(batcher.aanswer(GenerationRequest(prompt)) for prompt in "cde"))
 
-    assert [result.text for result in asyncio.run(main())] == ["answer to a", "answer to c", "answer to d"]
-    assert recorder.batches == [["a", "c", "d"]]
+    assert [result.text for result in asyncio.run(main())] == [f"answer to {prompt}" for prompt in "acde"]
+    assert recorder.batches == [["a", "c", "d", "e"]]
 
 
 def test_a_call_cancelled_while_its_batch_runs_leaves_the_others_their_answers():
@@ -296,17 +282,19 @@ def test_bad_requests_among_concurrent_async_calls_fail_only_their_callers(batch
     assert outcomes[0].text == batching_engine.generate_batch([good])[0].text and outcomes[0].error is None
 
 
-def test_a_seeded_sample_does_not_depend_on_the_calls_it_arrives_with(base, classifier, batching_engine):
-    seeded = [
-        GenerationRequest(prompt, weights={"friendly": 2}, max_new_tokens=12, temperature=1.5, seed=7)
-        for prompt in PROMPTS[:2]
+def test_a_seeded_sample_does_not_depend_on_the_calls_it_arrives_with(base, classifier, batching_engine, monkeypatch):
+    """Rows sampled with seeds of their own, at other temperatures, or greedily share one batch, and each seeded
+    row draws what it draws alone."""
+    requests = [
+        GenerationRequest(PROMPTS[0], weights={"friendly": 2}, max_new_tokens=12, temperature=1.5, seed=7),
+        GenerationRequest(PROMPTS[1], weights={"friendly": 2}, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=8),
+        GenerationRequest(PROMPTS[2], max_new_tokens=12),
     ]
-    alone = [CLIPerEngine(base, classifier=classifier, top_k=8).generate_batch([r])[0].text for r in seeded]
-    together = CLIPerEngine(base, classifier=classifier, top_k=8).generate_batch(seeded)
-    assert [result.text for result in together] != alone  # one batch would draw the second row's sample otherwise
-    greedy = GenerationRequest(PROMPTS[2], max_new_tokens=12)
-    results = from_threads(batching_engine.generate, [*seeded, greedy])
-    assert [result.text for result in results[:2]] == alone
+    alone = [CLIPerEngine(base, classifier=classifier, top_k=8).generate_batch([r])[0].text for r in requests]
+    calls = count_generate_calls(base, monkeypatch)
+    results = from_threads(batching_engine.generate, requests)
+    assert [result.text for result in results] == alone
+    assert calls and set(calls) == {3}
 
 
 def test_langchain_batch_reaches_the_engine_as_one_batch(base, monkeypatch):

@@ -38,8 +38,7 @@ class RequestBatcher:
     thread gets an OpenMP pool of its own (docs/performance.md). An async call holds no thread while it waits;
     when the lead falls to one, a leader thread of the batcher's leads for it, so any number of async calls can
     share a batch. Every caller gets its own result or error: a batch that raises is answered again row by row,
-    so one request's failure reaches only its caller. A sampled request with a seed is answered alone, so its
-    sample does not depend on which calls arrived with it.
+    so one request's failure reaches only its caller.
     """
 
     def __init__(
@@ -106,10 +105,8 @@ class RequestBatcher:
             # a call cancelled meanwhile is dropped; a taken one can no longer be cancelled
             taken = [call for call in taken if call.future.set_running_or_notify_cancel()]
             self._inside.batch = True
-            together = [call for call in taken if not call.request.seeded_sampling()]
-            for batch in (together, *([call] for call in taken if call.request.seeded_sampling())):
-                if batch:
-                    self._answer(batch)
+            if taken:
+                self._answer(taken)
         except BaseException as error:  # interrupted: no caller of this batch may wait for ever
             for call in taken:
                 if not call.future.done():

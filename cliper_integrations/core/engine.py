@@ -35,7 +35,7 @@ from cliper_integrations.core.errors import (
     NoClassifierError,
     PromptTooLongError,
 )
-from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
+from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor, RowSamplingLogitsProcessor
 from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, ModelDType, load_model
 from cliper_integrations.core.preferences import (
     AXES,
@@ -112,13 +112,6 @@ class GenerationRequest:
     def spans(self) -> tuple[tuple[str, str], ...]:
         """Spans written without guidance: the caller's, plus tool calls whenever tools are offered."""
         return (*self.unguided_spans, TOOL_CALL_SPAN) if self.tools else tuple(self.unguided_spans)
-
-    def sampling_key(self) -> tuple:
-        return (self.temperature > 0, self.temperature, self.top_p, self.seed)
-
-    def seeded_sampling(self) -> bool:
-        """Sampled with a seed: the sample is reproducible only in a batch of its own."""
-        return self.temperature > 0 and self.seed is not None
 
 
 @dataclass
@@ -526,18 +519,15 @@ class CLIPerEngine:
         return result.raise_for_error()
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Answer many requests, each with its own weights, batching rows that sample alike.
+        """Answer many requests in batches of ``max_batch_size``, each with its own weights and sampling settings.
 
-        A bad request gets a result with ``error`` set; the other rows are answered as usual.
+        A bad request gets a result with ``error`` set; the other rows are answered as usual. A sampled request
+        with a seed draws the same sample whatever else is in its batch (``RowSamplingLogitsProcessor``).
         """
         rows = [self._prepare(request) for request in requests]
-        groups: dict[tuple, list[_PreparedRow]] = {}
-        for row in rows:
-            if row.result.error is None:
-                groups.setdefault(row.request.sampling_key(), []).append(row)
-        for group in groups.values():
-            for start in range(0, len(group), self.max_batch_size):
-                self._run_group(group[start : start + self.max_batch_size])
+        valid = [row for row in rows if row.result.error is None]
+        for start in range(0, len(valid), self.max_batch_size):
+            self._run_group(valid[start : start + self.max_batch_size])
         return [row.result for row in rows]
 
     def stream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> TextStream:
@@ -757,7 +747,6 @@ class CLIPerEngine:
         if not rows:  # every row of the group starts from a settled opening
             return []
         width = input_ids.shape[1]
-        first = rows[0].request
         stop_criteria = _RowStopCriteria(self.tokenizer, width, rows)
         processors = []
         opening_check = None
@@ -780,11 +769,21 @@ class CLIPerEngine:
                     favourite_ngrams=self._favourite_ngrams(rows),
                 )
             )
-        sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
-        tap = self.classifier.tap(self.model) if processors and self.classifier.kind == "shared" else nullcontext()
+        requests = [row.request for row in rows]
+        if any(request.temperature > 0 for request in requests):
+            processors.append(
+                RowSamplingLogitsProcessor(
+                    [request.temperature for request in requests],
+                    [request.top_p for request in requests],
+                    [request.seed for request in requests],
+                )
+            )
+        tap = (
+            self.classifier.tap(self.model)
+            if weights is not None and self.classifier.kind == "shared"
+            else nullcontext()
+        )
         with tap, torch.inference_mode():
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -795,7 +794,7 @@ class CLIPerEngine:
                 eos_token_id=self.eos_token_ids,
                 streamer=streamer,
                 cache=prompt_cache,
-                **(sampling if first.temperature > 0 else {"do_sample": False}),
+                do_sample=False,  # a sampled row's token is drawn by RowSamplingLogitsProcessor
             )
         seconds = time.perf_counter() - started
         for index, row in enumerate(rows):
@@ -872,8 +871,9 @@ class CLIPerEngine:
             return None, None
         draft = self._draft(input_ids, attention_mask)
         openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
-        greedy = rows[0].request.temperature == 0
-        shown = streamer if greedy and len(rows) == 1 and rows[0].unrequested is None else None
+        shown = (
+            streamer if len(rows) == 1 and rows[0].request.temperature == 0 and rows[0].unrequested is None else None
+        )
         judged = self._judge_openings(draft, attention_mask, guided, shown)
         declined = []  # with the base model's draft: its whole answer where it has ended
         for index, (kind, opening) in zip(guided, judged, strict=True):
@@ -885,7 +885,7 @@ class CLIPerEngine:
             if row.unrequested_opening is None:
                 row.result.weights = {}
                 row.result.weights_source = "none: the base model declines this request (refusal look-ahead)"
-                row.drafted_answer = drafted if greedy and self._ends(drafted) else None
+                row.drafted_answer = drafted if row.request.temperature == 0 and self._ends(drafted) else None
         return self._prompt_cache(draft.cache, input_ids.shape[1]), openings
 
     @staticmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -182,11 +183,16 @@ def generate_dataset(engine: CLIPerEngine, config: DataGenerationConfig) -> Coun
                     batch = [record for record in chunk if (record["id"], name, sample) not in done]
                     if not batch:
                         continue
-                    seed = config.seed * 100_003 + start * 7 + config.classes.index(name) + sample * 1_000_003
-                    _write_answers(engine, config, batch, name, sample, seed, out, counts)
+                    _write_answers(engine, config, batch, name, sample, out, counts)
                     bar.update(len(batch))
                     bar.set_postfix(refusals=counts["refusals"])
     return counts
+
+
+def answer_seed(seed: int, instruction_id: str, name: str, sample: int) -> int:
+    """Each answer's own seed, from what it answers: the engine draws a seeded row the same in any batch, so a
+    resumed run, whose batches hold only what is left, writes what an uninterrupted one would."""
+    return zlib.crc32(f"{seed}/{instruction_id}/{name}/{sample}".encode())
 
 
 def _write_answers(
@@ -195,7 +201,6 @@ def _write_answers(
     batch: list[dict],
     name: str,
     sample: int,
-    seed: int,
     out: TextIO,
     counts: Counter,
 ) -> None:
@@ -208,7 +213,7 @@ def _write_answers(
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             top_p=config.top_p,
-            seed=seed,
+            seed=answer_seed(config.seed, r["id"], name, sample),
             guidance=False,
         )
         for r in batch
