@@ -87,6 +87,10 @@ def test_data_generation_is_batched_seeded_and_resumable(tmp_path, base):
     again = tmp_path / "again.jsonl"
     generate_dataset(engine, DataGenerationConfig(**{**config.__dict__, "output": again}))
     assert sorted(again.read_text().splitlines()) == sorted(rows_as_lines(rows))
+    lines = config.output.read_text().splitlines()
+    config.output.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # the second row of a batch of two
+    assert generate_dataset(engine, config)["written"] == 1  # answered in a batch of its own, as drawn before
+    assert sorted(config.output.read_text().splitlines()) == sorted(rows_as_lines(rows))
 
     more = DataGenerationConfig(**{**config.__dict__, "samples": 3, "temperature": 1.5})
     assert generate_dataset(engine, more)["written"] == 12  # samples 1 and 2 only: sample 0 is there

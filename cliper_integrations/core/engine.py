@@ -679,7 +679,7 @@ class CLIPerEngine:
         return ids[-limit:]
 
     def _run_group(self, rows: list[_PreparedRow], streamer: _TokenQueueStreamer | None = None) -> None:
-        """One ``generate`` call for rows that share sampling settings, those whose opening the look-ahead settled
+        """One ``generate`` call for the rows (up to ``max_batch_size``), those whose opening the look-ahead settled
         (``_PreparedRow.start``) included, each from that opening; and one more for the guided rows whose opening
         declined during it, from the base model's opening."""
         started = time.perf_counter()
