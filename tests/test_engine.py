@@ -484,6 +484,33 @@ def test_async_generate_and_stream(engine):
     assert whole == streamed
 
 
+class NoThreadsExecutor(ThreadPoolExecutor):
+    """An event loop's default executor that fails whoever asks it for a thread."""
+
+    def submit(self, *args, **kwargs):
+        raise AssertionError("an executor thread was asked for")
+
+
+def test_async_calls_and_streams_hold_no_executor_thread(engine):
+    """Each waiting ``to_thread`` call held one of the loop's few executor threads (min(32, cores + 4)), which the
+    application's own blocking work (a sync retriever in an async chain) then waited for."""
+    options = {"weights": {"expert": 2}, "max_new_tokens": 10}
+
+    async def collect(prompt):
+        return "".join([delta async for delta in engine.astream(prompt, **options)])
+
+    async def run():
+        asyncio.get_running_loop().set_default_executor(NoThreadsExecutor())
+        streamed = await asyncio.gather(*(collect(prompt) for prompt in PROMPTS))
+        answered = await asyncio.gather(*(engine.agenerate(prompt, **options) for prompt in PROMPTS))
+        with pytest.raises(UnknownClassError):  # a bad request fails at the first step
+            await anext(engine.astream(PROMPTS[0], weights={"verbose": 1}))
+        return streamed, [result.text for result in answered]
+
+    streamed, answered = asyncio.run(run())
+    assert streamed == answered == [engine.generate(prompt, **options).text for prompt in PROMPTS]
+
+
 @pytest.mark.parametrize(
     ("weights", "error"),
     [

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -296,27 +296,34 @@ RESTART = object()
 
 
 class _TokenQueueStreamer(BaseStreamer):
-    """Receives generated token ids (batch of one) and hands them to the consuming thread."""
+    """Receives generated token ids (batch of one) and hands them to the consuming thread; ``on_put``, if given,
+    is called after each item is queued (it wakes an async consumer, which waits on an event, not a thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_put: Callable[[], None] | None = None) -> None:
         self.queue: queue.Queue[list[int] | object | None] = queue.Queue()
         self.prompt_seen = False
+        self.on_put = on_put
+
+    def _queue(self, item: list[int] | object | None) -> None:
+        self.queue.put(item)
+        if self.on_put is not None:
+            self.on_put()
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate first sends the prompt
             self.prompt_seen = True
             return
-        self.queue.put(value.reshape(-1).tolist())
+        self._queue(value.reshape(-1).tolist())
 
     def show(self, tokens: list[int]) -> None:
         """Tokens the next ``generate`` goes on from (its prompt ends with them), shown at once."""
-        self.queue.put(list(tokens))
+        self._queue(list(tokens))
 
     def restart(self, opening: list[int]) -> None:
         """The answer so far is dropped and starts again from ``opening``; the next ``generate`` sends its
         prompt first, like the last one."""
-        self.queue.put(RESTART)
-        self.queue.put(opening)
+        self._queue(RESTART)
+        self._queue(opening)
         self.prompt_seen = False
 
     def end(self) -> None:
@@ -324,13 +331,53 @@ class _TokenQueueStreamer(BaseStreamer):
 
     def finish(self) -> None:
         """The engine is done with the row: ends the consumer's iteration."""
-        self.queue.put(None)
+        self._queue(None)
+
+
+class _Deltas:
+    """Turns the token chunks of one streamed row into text deltas. It holds back what may still become a stop
+    string, half of a multi-byte character, and a guided row's opening until the refusal look-ahead has passed it
+    (a guided opening is only shown once it is known not to be a refusal guidance wrote: ``_OpeningCheck``)."""
+
+    def __init__(self, engine: CLIPerEngine, row: _PreparedRow) -> None:
+        self.engine = engine
+        self.max_new_tokens = row.request.max_new_tokens
+        self.stops = row.request.stop_strings()
+        self.holdback = max((len(stop) for stop in self.stops), default=1) - 1
+        self.opening = (engine.refusal_lookahead or 0) if row.guided else 0
+        self.eos = set(engine.eos_token_ids)
+        self.tokens: list[int] = []
+        self.emitted = ""
+
+    def feed(self, chunk: list[int] | object) -> str:
+        """The text this chunk adds that is safe to show now ("" if none)."""
+        if chunk is RESTART:
+            self.tokens = []
+            return ""
+        assert isinstance(chunk, list)
+        self.tokens.extend(token for token in chunk if token not in self.eos)
+        del self.tokens[self.max_new_tokens :]  # a draft shown as it is made may run past the answer's end
+        if len(self.tokens) <= self.opening:
+            return ""
+        text = self.engine.decode(self.tokens)
+        cut = first_stop(text, self.stops)
+        safe = text[:cut] if cut >= 0 else text[: max(len(text) - self.holdback, 0)]
+        if safe.endswith("\ufffd") or len(safe) <= len(self.emitted):  # half of a multi-byte character
+            return ""
+        delta, self.emitted = safe[len(self.emitted) :], safe
+        return delta
+
+    def rest(self, result: GenerationResult) -> str:
+        """What the finished answer holds beyond what was shown."""
+        return result.text[len(self.emitted) :] if result.text.startswith(self.emitted) else ""
 
 
 class TextStream:
-    """Iterates text deltas as they are produced; ``result`` is set once iteration has finished.
+    """Iterates text deltas as they are produced, from sync code (``for``) or async code (``async for``, which
+    waits on the event loop, holding no thread); ``result`` is set once iteration has finished.
 
-    The concatenated deltas always equal ``result.text``, stop strings and end tokens included.
+    The concatenated deltas always equal ``result.text``, stop strings and end tokens included. The answer is
+    prepared and decoded on a thread of its own; a bad request raises its error at the first step.
     """
 
     def __init__(self, engine: CLIPerEngine, request: GenerationRequest) -> None:
@@ -338,54 +385,69 @@ class TextStream:
         self._request = request
         self.result: GenerationResult | None = None
 
-    def __iter__(self) -> Iterator[str]:
-        row = self._engine._prepare(self._request)
-        if row.result.error is not None:
-            raise row.result.error
-        streamer = _TokenQueueStreamer()
-        outcome: dict[str, Any] = {}
+    def _start(self, on_put: Callable[[], None] | None = None) -> tuple[_TokenQueueStreamer, dict[str, Any]]:
+        """Start answering on a thread of its own; the returned state gets ``row`` before any chunk is queued,
+        and ``error`` if answering raised."""
+        streamer = _TokenQueueStreamer(on_put)
+        state: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                self._engine._run_group([row], streamer=streamer)
-            except BaseException as error:  # re-raised in the consuming thread
-                outcome["error"] = error
+                row = state["row"] = self._engine._prepare(self._request)
+                if row.result.error is None:
+                    self._engine._run_group([row], streamer=streamer)
+            except BaseException as error:  # re-raised in the consumer
+                state["error"] = error
             finally:
                 streamer.finish()
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        tokens: list[int] = []
-        emitted = ""
-        stops = self._request.stop_strings()
-        holdback = max((len(s) for s in stops), default=1) - 1
-        # a guided opening is only shown once it is known not to be a refusal guidance wrote (_OpeningCheck)
-        opening = (self._engine.refusal_lookahead or 0) if row.guided else 0
-        eos = set(self._engine.eos_token_ids)
-        while (chunk := streamer.queue.get()) is not None:
-            if chunk is RESTART:
-                tokens = []
-                continue
-            tokens.extend(token for token in chunk if token not in eos)
-            del tokens[self._request.max_new_tokens :]  # a draft shown as it is made may run past the answer's end
-            if len(tokens) <= opening:
-                continue
-            text = self._engine.decode(tokens)
-            cut = first_stop(text, stops)
-            safe = text[:cut] if cut >= 0 else text[: max(len(text) - holdback, 0)]
-            if safe.endswith("\ufffd"):  # half of a multi-byte character
-                continue
-            if len(safe) > len(emitted):
-                yield safe[len(emitted) :]
-                emitted = safe
-        worker.join()
-        if "error" in outcome:
-            raise outcome["error"]
+        threading.Thread(target=run, daemon=True).start()
+        return streamer, state
+
+    def _finish(self, state: dict[str, Any], deltas: _Deltas | None) -> str:
+        """Raise what answering raised, or set ``result`` and return the text not yet shown."""
+        if "error" in state:
+            raise state["error"]
+        row = state["row"]
         self.result = row.result
         if row.result.error is not None:
             raise row.result.error
-        if row.result.text.startswith(emitted) and len(row.result.text) > len(emitted):
-            yield row.result.text[len(emitted) :]
+        return (deltas or _Deltas(self._engine, row)).rest(row.result)
+
+    def __iter__(self) -> Iterator[str]:
+        streamer, state = self._start()
+        deltas = None
+        while (chunk := streamer.queue.get()) is not None:
+            deltas = deltas or _Deltas(self._engine, state["row"])
+            if delta := deltas.feed(chunk):
+                yield delta
+        if rest := self._finish(state, deltas):
+            yield rest
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queued = asyncio.Event()
+
+        def wake() -> None:
+            with suppress(RuntimeError):  # the loop has closed: no one is waiting any more
+                loop.call_soon_threadsafe(queued.set)
+
+        streamer, state = self._start(on_put=wake)
+        deltas = None
+        while True:
+            queued.clear()
+            try:
+                chunk = streamer.queue.get_nowait()
+            except queue.Empty:
+                await queued.wait()
+                continue
+            if chunk is None:
+                break
+            deltas = deltas or _Deltas(self._engine, state["row"])
+            if delta := deltas.feed(chunk):
+                yield delta
+        if rest := self._finish(state, deltas):
+            yield rest
 
 
 class CLIPerEngine:
@@ -544,16 +606,8 @@ class CLIPerEngine:
         return (await self.batcher.aanswer(request)).raise_for_error()
 
     async def astream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> AsyncIterator[str]:
-        """``stream`` whose blocking steps run in a worker thread."""
-        async for delta in self.aiterate(self.stream(prompt, **options)):
-            yield delta
-
-    @staticmethod
-    async def aiterate(stream: TextStream) -> AsyncIterator[str]:
-        """Iterate a ``TextStream`` from async code without blocking the event loop."""
-        iterator = iter(stream)
-        done = object()
-        while (delta := await asyncio.to_thread(next, iterator, done)) is not done:
+        """``stream`` for async code: the deltas are awaited on the event loop, holding no thread."""
+        async for delta in self.stream(prompt, **options):
             yield delta
 
     def resolve_weights(

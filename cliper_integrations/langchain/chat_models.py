@@ -265,7 +265,7 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         stream = engine.stream(request)
         if request.response_prefix:
             yield ChatGenerationChunk(message=AIMessageChunk(content=request.response_prefix))
-        async for delta in engine.aiterate(stream):
+        async for delta in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)

@@ -116,7 +116,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
     ) -> AsyncIterator[GenerationChunk]:
         engine, request = self._text_request(prompt, stop, run_manager, kwargs)
         stream = engine.stream(request)
-        async for delta in engine.aiterate(stream):
+        async for delta in stream:
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)

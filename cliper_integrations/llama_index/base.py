@@ -189,7 +189,7 @@ class CLIPerLLM(GenerationSettings, FunctionCallingLLM):
                 return
             stream = engine.stream(request)
             text = ""
-            async for delta in engine.aiterate(stream):
+            async for delta in stream:
                 text += delta
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
             yield self._chat_response(engine, request, stream.result, delta="", text=text)
@@ -218,7 +218,7 @@ class CLIPerLLM(GenerationSettings, FunctionCallingLLM):
         async def generator() -> CompletionResponseAsyncGen:
             stream = engine.stream(request)
             text = ""
-            async for delta in engine.aiterate(stream):
+            async for delta in stream:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
             metadata = self.result_metadata(engine, stream.result)
