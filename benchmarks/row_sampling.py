@@ -20,9 +20,9 @@ import time
 import torch
 
 from cliper_integrations.core.engine import left_padded
-from cliper_integrations.core.logits_processor import RowSamplingLogitsProcessor
 from cliper_integrations.core.models import load_model
 from cliper_integrations.core.prompting import render_chat
+from cliper_integrations.core.sampling import RowSamplingLogitsProcessor
 from cliper_integrations.evaluation.bench import BENCH_PROMPTS
 
 TEMPERATURE, TOP_P = 0.7, 0.9

@@ -35,7 +35,7 @@ from cliper_integrations.core.errors import (
     NoClassifierError,
     PromptTooLongError,
 )
-from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor, RowSamplingLogitsProcessor
+from cliper_integrations.core.logits_processor import ClassifierGuidedLogitsProcessor
 from cliper_integrations.core.models import EMBEDDED_SPEC, LoadedModel, ModelDType, load_model
 from cliper_integrations.core.preferences import (
     AXES,
@@ -53,6 +53,7 @@ from cliper_integrations.core.prompting import (
     tool_results_as_question,
     with_preference_request,
 )
+from cliper_integrations.core.sampling import RowSamplingLogitsProcessor
 from cliper_integrations.core.tools import TOOL_CALL_SPAN, check_tools_supported
 
 logger = logging.getLogger(__name__)
