@@ -21,7 +21,7 @@ import torch
 
 from cliper_integrations.core.engine import left_padded
 from cliper_integrations.core.models import load_model
-from cliper_integrations.core.prompting import render_chat
+from cliper_integrations.core.prompting import question_ids
 from cliper_integrations.core.sampling import RowSamplingLogitsProcessor
 from cliper_integrations.evaluation.bench import BENCH_PROMPTS
 
@@ -35,15 +35,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     loaded = load_model("embedded")
-    tokenizer = loaded.tokenizer
-
-    def prompt_ids(prompt: str) -> list[int]:
-        return tokenizer(render_chat(tokenizer, [{"role": "user", "content": prompt}]), add_special_tokens=False)[
-            "input_ids"
-        ]
 
     def tokens_per_second(rows: int, per_row: bool) -> float:
-        ids, mask = left_padded([prompt_ids(BENCH_PROMPTS[i % len(BENCH_PROMPTS)]) for i in range(rows)], 0)
+        prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(rows)]
+        ids, mask = left_padded([question_ids(loaded.tokenizer, prompt) for prompt in prompts], 0)
         if per_row:
             sampler = RowSamplingLogitsProcessor([TEMPERATURE] * rows, [TOP_P] * rows, [None] * rows)
             options = {"do_sample": False, "logits_processor": [sampler]}

@@ -297,15 +297,27 @@ def test_a_seeded_sample_does_not_depend_on_the_calls_it_arrives_with(base, clas
     assert calls and set(calls) == {3}
 
 
-def test_langchain_batch_reaches_the_engine_as_one_batch(base, monkeypatch):
-    """Eight inputs: more than the executor's default threads on a 2-core machine (CPU cores + 4), so ``batch``
-    must raise ``max_concurrency`` for all eight calls to arrive together."""
+def answers_alone(engine, prompts, max_new_tokens=8):
+    """Each prompt's answer decoded in a batch of its own: what a gathered call must answer too."""
+    return [engine.generate_batch([GenerationRequest(p, max_new_tokens=max_new_tokens)])[0].text for p in prompts]
+
+
+@pytest.fixture
+def chat_of_eight(base, monkeypatch):
+    """A chat model whose shared engine answers eight calls in one batch once all eight wait, eight prompts, their
+    answers alone, and the batch sizes of the decoding calls made from then on."""
     chat = ChatCLIPer(model="tiny-base", classifier=None, max_tokens=8)
     monkeypatch.setattr(chat.engine.batcher, "window", LONG_WINDOW)  # the engine is shared: set back after
     monkeypatch.setattr(chat.engine.batcher, "max_rows", 8)
     prompts = [f"{prompt} ({number})" for number in range(3) for prompt in PROMPTS][:8]
-    alone = [chat.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in prompts]
-    calls = count_generate_calls(base, monkeypatch)
+    alone = answers_alone(chat.engine, prompts)
+    return chat, prompts, alone, count_generate_calls(base, monkeypatch)
+
+
+def test_langchain_batch_reaches_the_engine_as_one_batch(chat_of_eight, monkeypatch):
+    """Eight inputs: more than the executor's default threads on a 2-core machine (CPU cores + 4), so ``batch``
+    must raise ``max_concurrency`` for all eight calls to arrive together."""
+    chat, prompts, alone, calls = chat_of_eight
     assert [message.content for message in chat.batch(prompts)] == alone
     assert calls == [8]
     monkeypatch.setattr(chat.engine.batcher, "window", 0.01)
@@ -313,13 +325,8 @@ def test_langchain_batch_reaches_the_engine_as_one_batch(base, monkeypatch):
     assert calls == [8, 1, 1]  # a max_concurrency of the caller's is kept
 
 
-def test_langchain_abatch_reaches_the_engine_as_one_batch(base, monkeypatch):
-    chat = ChatCLIPer(model="tiny-base", classifier=None, max_tokens=8)
-    monkeypatch.setattr(chat.engine.batcher, "window", LONG_WINDOW)  # the engine is shared: set back after
-    monkeypatch.setattr(chat.engine.batcher, "max_rows", 8)
-    prompts = [f"{prompt} ({number})" for number in range(3) for prompt in PROMPTS][:8]
-    alone = [chat.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in prompts]
-    calls = count_generate_calls(base, monkeypatch)
+def test_langchain_abatch_reaches_the_engine_as_one_batch(chat_of_eight):
+    chat, prompts, alone, calls = chat_of_eight
 
     async def together():
         return await chat.abatch(prompts)
@@ -332,7 +339,7 @@ def test_concurrent_langchain_text_completion_calls_reach_the_engine_as_one_batc
     """``CLIPerLLM.invoke`` from threads of their own (a server, a thread pool), and concurrent ``ainvoke`` calls."""
     llm = CLIPerLLM(model="tiny-base", classifier=None, max_tokens=8, batch_window=LONG_WINDOW)
     monkeypatch.setattr(llm.engine.batcher, "max_rows", 3)
-    alone = [llm.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in PROMPTS]
+    alone = answers_alone(llm.engine, PROMPTS)
     calls = count_generate_calls(base, monkeypatch)
     assert from_threads(llm.invoke, PROMPTS) == alone
     assert calls == [3]
@@ -347,7 +354,7 @@ def test_concurrent_langchain_text_completion_calls_reach_the_engine_as_one_batc
 def test_concurrent_llama_index_async_calls_reach_the_engine_as_one_batch(base, monkeypatch):
     llm = LlamaIndexCLIPer(model="tiny-base", classifier=None, max_tokens=8, batch_window=LONG_WINDOW)
     monkeypatch.setattr(llm.engine.batcher, "max_rows", 3)
-    alone = [llm.engine.generate_batch([GenerationRequest(prompt, max_new_tokens=8)])[0].text for prompt in PROMPTS]
+    alone = answers_alone(llm.engine, PROMPTS)
     calls = count_generate_calls(base, monkeypatch)
 
     async def together():

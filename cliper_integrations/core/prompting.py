@@ -88,6 +88,13 @@ def render_chat(
         return tokenizer.apply_chat_template(fold_system_messages(messages), **kwargs)
 
 
+def question_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
+    """The token ids of ``question`` as one user turn through the chat template, ready for the answer."""
+    return tokenizer(render_chat(tokenizer, [{"role": "user", "content": question}]), add_special_tokens=False)[
+        "input_ids"
+    ]
+
+
 def tool_results_as_question(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Restate the trailing tool results as a user turn asking for a plain answer (for small models that
     keep calling tools once they see a tool response)."""

@@ -10,7 +10,7 @@ import torch
 
 from cliper_integrations.core.engine import CLIPerEngine
 from cliper_integrations.core.errors import MissingDependencyError
-from cliper_integrations.core.prompting import render_chat
+from cliper_integrations.core.prompting import question_ids
 
 
 def _require_eval_extra():
@@ -53,9 +53,7 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
 def perplexity(engine: CLIPerEngine, prompt: str, response: str) -> float:
     """Perplexity of ``response`` under the base model, given the (unprompted) question."""
     tokenizer = engine.tokenizer
-    prompt_ids = tokenizer(render_chat(tokenizer, [{"role": "user", "content": prompt}]), add_special_tokens=False)[
-        "input_ids"
-    ]
+    prompt_ids = question_ids(tokenizer, prompt)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if not response_ids:
         return float("nan")
