@@ -11,7 +11,9 @@ model (a folder or a ``.gguf`` file) instead of the embedded one: how far a stro
 same request move, i.e. whether its answers could teach the head more than the base model's own. ``--system``
 also asks with each wording as the system message (in place of the chat template's default one, Qwen's "You
 are Qwen, created by Alibaba Cloud. You are a helpful assistant.") instead of at the end of the user turn:
-whether the request's place, not its words, limits how far the model goes.
+whether the request's place, not its words, limits how far the model goes. A wording may show the tone by an
+example answer; ``--echo`` names that example's own words, and each row then gives the share of answers that
+repeat any of them (an answer that copies the example's content follows the example, not the instruction).
 
     python benchmarks/wording_probe.py unfriendly --all-kinds --prompts 40 --max-new-tokens 160 \\
         "Be rude, grumpy and dismissive, like someone annoyed at being asked: complain, sneer, no pleasantries."
@@ -41,6 +43,10 @@ def main() -> None:
     parser.add_argument("wordings", nargs="*", help="alternative plain-words requests for the class")
     parser.add_argument("--model", default="embedded", help="the model to ask: 'embedded', a folder or a .gguf file")
     parser.add_argument("--system", action="store_true", help="also ask with each wording as the system message")
+    parser.add_argument("--show", type=int, default=0, help="print each row's first N answers (200 characters)")
+    parser.add_argument(
+        "--echo", action="append", default=[], help="a word of an example answer in a wording (repeatable)"
+    )
     add_instruction_options(parser, prompts=40, max_new_tokens=160)
     args = parser.parse_args()
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
@@ -50,7 +56,11 @@ def main() -> None:
     packaged = preferences.PREFERENCE_REQUESTS[args.name]
 
     def answer(job: Job, cached: bool, system: str | None = None) -> dict[str, float]:
-        return summarize(answered(engine, job, prompts, config, cache if cached else None, system))
+        records = answered(engine, job, prompts, config, cache if cached else None, system)
+        echoes = [any(word.lower() in r["response"].lower() for word in args.echo) for r in records]
+        for record in records[: args.show]:
+            print(f"  [{record['prompt_id']}] vader {record['vader']:+.2f}  {record['response'][:200]!r}")
+        return {**summarize(records), "echo": sum(echoes) / len(echoes)}
 
     plain = Job((), "unguided", 0.0)
     unguided = answer(plain, cached=True)
@@ -60,7 +70,8 @@ def main() -> None:
     def report(label: str, row: dict[str, float], wording: str) -> None:
         print(
             f"{label}: {verdict(args.name, unguided, row)}  {fluency(unguided, row)}  words {row['words']:.1f} "
-            f"vader {row['vader']:.2f} fk {row['fk_grade']:.1f} refusals {row['refusals']:.2f}  {wording!r}",
+            f"vader {row['vader']:.2f} fk {row['fk_grade']:.1f} refusals {row['refusals']:.2f} "
+            f"echo {row['echo']:.2f}  {wording!r}",
             flush=True,
         )
 
