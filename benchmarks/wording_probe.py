@@ -48,7 +48,7 @@ def main() -> None:
         "--echo", action="append", default=[], help="a word of an example answer in a wording (repeatable)"
     )
     add_instruction_options(parser, prompts=40, max_new_tokens=160)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # the wordings may follow the options
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
     engine = CLIPerEngine(args.model, dtype=args.dtype)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
