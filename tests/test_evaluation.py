@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("textstat") is None, reason="needs the eval extra")
@@ -64,6 +65,12 @@ def test_eval_command_writes_a_report(tmp_path, base, shared_classifier, sweep):
     assert "concise+friendly" in numbers["table"] and "| concise | guidance |" in report
     assert "| unfriendly |" in report.split("## Targets")[1]
     assert 0.0 <= numbers["table"]["friendly"]["guidance"]["refusals"] <= 1.0
+    concise = numbers["intervals"]["concise"]  # ratios of the words, each holding its figure
+    for setting, reference in (("guidance", "unguided"), ("prompt+guidance", "unguided")):
+        low, high = concise[setting]
+        figure = numbers["table"]["concise"][setting]["words"] / numbers[reference]["words"]
+        assert low <= figure + 1e-9 and figure - 1e-9 <= high
+    assert "In brackets, a 95% interval" in report and f"[{concise['guidance'][0]:.2f}×, " in report
     plot = tmp_path / "out" / "results_alpha_sweep.png"
     if not sweep:  # no sweep answered, so none plotted or named in the report
         assert numbers["sweep"] == {} and not plot.exists() and "α sweep" not in report
@@ -150,6 +157,48 @@ def test_target_verdicts_read_the_direction_of_each_class():
         assert moves_further("unfriendly", unguided, {**unguided, "vader": 0.5 + nudge}) == "±0.00 ✘ (tie)"
     assert fluency(unguided, shorter_simpler_sadder) == "ppl 1.67× ✘, distinct-2 0.87× ✘"
     assert fluency(unguided, unguided) == "ppl 1.00× ✔, distinct-2 1.00× ✔"
+
+
+def _answers(metric: str, values: list[float], first_id: int = 0) -> list[dict]:
+    return [{"prompt_id": first_id + i, metric: value} for i, value in enumerate(values)]
+
+
+def test_a_target_interval_pairs_each_answer_with_the_reference_answer_to_its_prompt():
+    from cliper_integrations.evaluation.steering import paired_interval
+
+    # prompts as different as a one-word fact and a long list: halving every answer is exactly 0.5× on any
+    # draw of them, and one grade more is exactly +1, however much the prompts themselves differ
+    lengths = [3.0, 180.0, 40.0, 7.0, 120.0, 65.0, 12.0, 150.0]
+    unguided, halved = _answers("words", lengths), _answers("words", [n / 2 for n in lengths])
+    assert paired_interval("words", halved, unguided, ratio=True) == pytest.approx((0.5, 0.5))
+    grades = _answers("fk_grade", [g + 1 for g in lengths])
+    assert paired_interval("fk_grade", grades, _answers("fk_grade", lengths), ratio=False) == pytest.approx((1, 1))
+
+
+def test_a_target_interval_holds_its_figure_narrows_with_more_prompts_and_is_the_same_each_run():
+    from cliper_integrations.evaluation.steering import paired_interval
+
+    rng = np.random.default_rng(1)
+    widths = []
+    for count in (25, 400):
+        base = rng.uniform(-1, 1, count)
+        moved = np.clip(base - 0.2 + rng.normal(0, 0.3, count), -1, 1)
+        unguided, guided = _answers("vader", list(base)), _answers("vader", list(moved))
+        low, high = paired_interval("vader", guided, unguided, ratio=False)
+        assert low < float(np.mean(moved) - np.mean(base)) < high
+        assert (low, high) == paired_interval("vader", guided, unguided, ratio=False)  # seeded: a page rewrites alike
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+
+
+def test_a_target_interval_refuses_answers_to_other_prompts_and_needs_two_prompts():
+    from cliper_integrations.core.errors import EvalStoreError
+    from cliper_integrations.evaluation.steering import paired_interval
+
+    with pytest.raises(EvalStoreError, match="same prompts"):
+        paired_interval("words", _answers("words", [1.0, 2.0]), _answers("words", [1.0, 2.0], first_id=5), True)
+    one = paired_interval("words", _answers("words", [1.0]), _answers("words", [2.0]), ratio=True)
+    assert all(math.isnan(end) for end in one)
 
 
 def _eval_config(tmp_path, prompts, **options):

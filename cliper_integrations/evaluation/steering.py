@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
 from cliper_integrations.core import logits_processor
@@ -44,6 +46,10 @@ TARGETS = {
     "friendly": ("vader", "diff>=", 0.2),
     "unfriendly": ("vader", "diff<=", -0.2),
 }
+# How each target metric is read over a setting's answers: lengths and sentiment by their mean, the grade by its
+# median (a table or a list without full stops reads as one sentence of 150 words: grade 50).
+CENTRES = {"words": np.mean, "fk_grade": np.median, "vader": np.mean}
+CONFIDENCE = 0.95
 RESPONSES_FILE = "results_responses.jsonl"
 COMBINATIONS = [("concise", "friendly"), ("elementary", "friendly"), ("expert", "informative", "unfriendly")]
 # Answers the model itself ends in fewer words than this are counted as stopped short: perplexity (a
@@ -350,15 +356,14 @@ def summarize(records: list[dict]) -> dict[str, float]:
     """A setting's metrics over its responses: means, distinct-2 over all of them, and medians for the two
     metrics without an upper bound, where a few answers would dominate a mean: perplexity (run-on answers;
     empty answers have none and are left out) and Flesch-Kincaid grade (a table or a list without full
-    stops reads as one sentence of 150 words: grade 50). ``cut_off``: the share of answers that ran out of
+    stops reads as one sentence of 150 words: grade 50; ``CENTRES``). ``cut_off``: the share of answers that ran out of
     new tokens (NaN when a record predates it): a length ratio means little where answers were cut off.
     ``stopped_short``: the share the model ended itself in fewer than ``SHORT_ANSWER_WORDS`` words (NaN likewise)."""
     perplexities = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
     known = all("finish_reason" in r for r in records)
+    centred = {metric: float(centre([r[metric] for r in records])) for metric, centre in CENTRES.items()}
     return {
-        "words": statistics.mean(r["words"] for r in records),
-        "fk_grade": statistics.median(r["fk_grade"] for r in records),
-        "vader": statistics.mean(r["vader"] for r in records),
+        **centred,
         "distinct2": distinct_n([r["response"] for r in records], 2),
         "perplexity": statistics.median(perplexities) if perplexities else float("nan"),
         "refusals": statistics.mean(r["refusal"] for r in records),
@@ -406,6 +411,49 @@ def verdict(name: str, base: dict[str, float], row: dict[str, float]) -> str:
     value = row[metric] - base[metric]
     met = value <= target if rule == "diff<=" else value >= target
     return f"{value:+.2f} {'✔' if met else '✘'}"
+
+
+def paired_interval(metric: str, records: list[dict], reference: list[dict], ratio: bool) -> tuple[float, float]:
+    """A ``CONFIDENCE`` interval for ``metric``'s centre over ``records`` against ``reference`` (their ratio,
+    or else their difference), by a seeded percentile bootstrap over prompts.
+
+    Resampling prompts, each answer beside the reference's answer to the same prompt, shows how far the
+    figure depends on which prompts the set happens to hold; the prompts' own spread (a list against a
+    one-word fact) cancels in the pairing. NaNs where fewer than two prompts were answered."""
+    if [r["prompt_id"] for r in records] != [r["prompt_id"] for r in reference]:
+        raise EvalStoreError("A paired interval needs answers to the same prompts, in the same order")
+    if len(records) < 2:
+        return float("nan"), float("nan")
+    centre = CENTRES[metric]
+
+    def statistic(values: np.ndarray, against: np.ndarray, axis: int = -1) -> np.ndarray:
+        mine, theirs = centre(values, axis=axis), centre(against, axis=axis)
+        return mine / theirs if ratio else mine - theirs
+
+    samples = tuple(np.array([r[metric] for r in answers], dtype=float) for answers in (records, reference))
+    interval = bootstrap(
+        samples,
+        statistic,
+        paired=True,
+        vectorized=True,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    ).confidence_interval
+    return float(interval.low), float(interval.high)
+
+
+def target_intervals(name: str, answers: dict[str, list[dict]]) -> dict[str, tuple[float, float]]:
+    """``paired_interval`` for each figure the targets table gives a class: guidance alone and prompting
+    plus guidance against unguided (as ``verdict`` reads it), and prompting plus guidance against prompting
+    alone (a difference, as ``moves_further`` reads it). ``answers`` holds each setting's answers."""
+    metric, rule, _ = TARGETS[name]
+    ratio = rule.startswith("ratio")
+    return {
+        "guidance": paired_interval(metric, answers["guidance"], answers["unguided"], ratio),
+        "prompt+guidance": paired_interval(metric, answers["prompt+guidance"], answers["unguided"], ratio),
+        "prompt+guidance vs prompt": paired_interval(metric, answers["prompt+guidance"], answers["prompt"], False),
+    }
 
 
 def moves_further(name: str, prompt_only: dict[str, float], combined: dict[str, float]) -> str:
@@ -459,6 +507,15 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     for job, row in measured.items():
         if job.setting != "unguided":
             table.setdefault("+".join(job.classes), {})[job.setting] = row
+    intervals = {
+        name: target_intervals(
+            name,
+            {"unguided": store.responses(jobs[0], prompts)}
+            | {setting: store.responses(config.job((name,), setting), prompts) for setting in table[name]},
+        )
+        for name in TARGETS
+        if name in table
+    }
     sweep: dict[str, dict[str, dict[str, float]]] = {}
     if config.sweep:  # without one (``--no-sweep``) there is no plot and no sweep line in the report
         unguided = summarize(store.responses(jobs[0], sweep_prompts))
@@ -494,6 +551,7 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
         },
         "unguided": measured[jobs[0]],
         "table": table,
+        "intervals": intervals,
         "sweep": sweep,
     }
     if sweep:
@@ -532,6 +590,14 @@ def write_report(path: Path, text: str) -> None:
     if path.exists() and NOTES_MARKER in (previous := path.read_text()):
         notes = previous[previous.index(NOTES_MARKER) :]
     path.write_text(text + "\n" + notes)
+
+
+def _bracket(interval: Sequence[float], ratio: bool = False) -> str:
+    """An interval as the targets table prints it (nothing where too few prompts were answered for one)."""
+    low, high = interval
+    if math.isnan(low):
+        return ""
+    return f"[{low:.2f}×, {high:.2f}×]" if ratio else f"[{low:+.2f}, {high:+.2f}]"
 
 
 def _other_alphas(results: dict) -> str:
@@ -604,18 +670,28 @@ def report(results: dict, config: EvalConfig) -> str:
         "",
         "## Targets (guided vs unguided; prompting plus guidance vs prompting alone)",
         "",
+        f"In brackets, a {CONFIDENCE:.0%} interval for each figure: a paired bootstrap over the prompts "
+        "(percentile, seeded), i.e. how far the figure would move on another draw of as many prompts like these. "
+        "✔ and ✘ read the figure itself; where the interval holds the target, this set cannot tell a miss from a "
+        "pass.",
+        "",
         "| class | guidance | prompt+guidance | prompt+guidance vs prompt | fluency (guidance) "
         "| fluency (prompt+guidance) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in TARGETS:
         if name in results["table"]:
-            row = results["table"][name]
-            lines.append(
-                f"| {name} | {verdict(name, base, row['guidance'])} | {verdict(name, base, row['prompt+guidance'])} | "
-                f"{moves_further(name, row['prompt'], row['prompt+guidance'])} | {fluency(base, row['guidance'])} | "
-                f"{fluency(base, row['prompt+guidance'])} |"
-            )
+            row, interval = results["table"][name], results["intervals"][name]
+            ratio = TARGETS[name][1].startswith("ratio")
+            figures = [
+                f"{verdict(name, base, row['guidance'])} {_bracket(interval['guidance'], ratio)}",
+                f"{verdict(name, base, row['prompt+guidance'])} {_bracket(interval['prompt+guidance'], ratio)}",
+                f"{moves_further(name, row['prompt'], row['prompt+guidance'])} "
+                f"{_bracket(interval['prompt+guidance vs prompt'])}",
+                fluency(base, row["guidance"]),
+                fluency(base, row["prompt+guidance"]),
+            ]
+            lines.append(f"| {name} | {' | '.join(figures)} |")
     if results["sweep"]:
         lines += [
             "",
