@@ -49,7 +49,7 @@ TARGETS = {
 # How each target metric is read over a setting's answers: lengths and sentiment by their mean, the grade by its
 # median (a table or a list without full stops reads as one sentence of 150 words: grade 50).
 CENTRES = {"words": np.mean, "fk_grade": np.median, "vader": np.mean}
-CONFIDENCE = 0.95
+CONFIDENCE, RESAMPLES = 0.95, 9_999
 RESPONSES_FILE = "results_responses.jsonl"
 COMBINATIONS = [("concise", "friendly"), ("elementary", "friendly"), ("expert", "informative", "unfriendly")]
 # Answers the model itself ends in fewer words than this are counted as stopped short: perplexity (a
@@ -415,7 +415,7 @@ def verdict(name: str, base: dict[str, float], row: dict[str, float]) -> str:
 
 def paired_interval(metric: str, records: list[dict], reference: list[dict], ratio: bool) -> tuple[float, float]:
     """A ``CONFIDENCE`` interval for ``metric``'s centre over ``records`` against ``reference`` (their ratio,
-    or else their difference), by a seeded percentile bootstrap over prompts.
+    or else their difference), by a seeded percentile bootstrap of ``RESAMPLES`` draws of the prompts.
 
     Resampling prompts, each answer beside the reference's answer to the same prompt, shows how far the
     figure depends on which prompts the set happens to hold; the prompts' own spread (a list against a
@@ -437,6 +437,7 @@ def paired_interval(metric: str, records: list[dict], reference: list[dict], rat
         paired=True,
         vectorized=True,
         confidence_level=CONFIDENCE,
+        n_resamples=RESAMPLES,
         method="percentile",
         rng=np.random.default_rng(0),
     ).confidence_interval
