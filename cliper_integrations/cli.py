@@ -399,7 +399,10 @@ def evaluate(
         ),
     ] = None,
     max_new_tokens: int = 160,
-    batch_size: Annotated[int, typer.Option(help="prompts decoded together per setting")] = 8,
+    batch_size: Annotated[
+        int,
+        typer.Option(help="answers decoded together (settings share a batch where one has fewer prompts)"),
+    ] = 8,
     sweep: Annotated[
         bool, typer.Option(help="also guide at α = 2, 4, 16 for the α plot (skip for a quick check)")
     ] = True,

@@ -357,16 +357,19 @@ def test_a_store_from_before_the_disclaimer_lookahead_answers_again_only_guided_
     kept.update(response="lent as is")
     path.write_text("".join(json.dumps(line) + "\n" for line in [{"run": run}, *records]))
 
-    asked: list[tuple[str, list[str]]] = []
-    generate = steering.generate
-    monkeypatch.setattr(
-        steering, "generate", lambda e, texts, job, c: asked.append((job.key, texts)) or generate(e, texts, job, c)
-    )
+    asked: list[tuple[str, str]] = []
+    generate_rows = steering.generate_rows
+
+    def counted(engine, rows, config):
+        asked.extend((job.key, prompt) for job, prompt in rows)
+        return generate_rows(engine, rows, config)
+
+    monkeypatch.setattr(steering, "generate_rows", counted)
     steering.run_eval(engine, _eval_config(tmp_path, prompts, reuse_from=(before / "out",)))
     ours = _stored(tmp_path / "out")
     guided_there = {r["job"] for r in records if r["prompt_id"] == 10 and r["guidance"]}
     assert guided_there and {job for job, _ in asked} == guided_there
-    assert all(texts == [prompts[0]] for _, texts in asked)  # the hedged prompt only
+    assert all(prompt == prompts[0] for _, prompt in asked)  # the hedged prompt only
     assert ours[(10, "-|unguided|0")]["response"] == hedged and ours[(11, kept["job"])]["response"] == "lent as is"
 
 
@@ -565,17 +568,18 @@ def test_a_job_is_read_back_from_its_key():
 
 
 def _answered_jobs(monkeypatch) -> list:
-    """Have ``cliper eval`` record the job of every batch it answers (rather than takes from a store)."""
+    """Have ``cliper eval`` record, for every batch it answers (rather than takes from a store), each job
+    with rows in it."""
     from cliper_integrations.evaluation import steering
 
     answered = []
-    generate = steering.generate
+    generate_rows = steering.generate_rows
 
-    def counted(engine, texts, job, config):
-        answered.append(job)
-        return generate(engine, texts, job, config)
+    def counted(engine, rows, config):
+        answered.extend(dict.fromkeys(job for job, _ in rows))
+        return generate_rows(engine, rows, config)
 
-    monkeypatch.setattr(steering, "generate", counted)
+    monkeypatch.setattr(steering, "generate_rows", counted)
     return answered
 
 
@@ -584,6 +588,39 @@ def _stored(output) -> dict[tuple[int, str], dict]:
 
     lines = (output / RESPONSES_FILE).read_text().splitlines()[1:]
     return {(r["prompt_id"], r["job"]): r for r in map(json.loads, lines)}
+
+
+def test_a_quick_check_shares_batches_across_settings_and_a_full_chunk_decodes_job_by_job(
+    tmp_path, monkeypatch, base, shared_classifier
+):
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.evaluation import steering
+
+    engine = CLIPerEngine(base, classifier=shared_classifier)
+    sizes = []
+    generate_batch = engine.generate_batch
+
+    def counted(requests):
+        sizes.append(len(requests))
+        return generate_batch(requests)
+
+    monkeypatch.setattr(engine, "generate_batch", counted)
+    prompts, options = ["Explain rain.", "Paris?"], {"classes": ("concise", "friendly")}  # 9 jobs: unguided,
+    (tmp_path / "quick").mkdir()  # 3 settings per class and one α of the sweep per class
+    quick_config = _eval_config(tmp_path / "quick", prompts, batch_size=4, **options)
+    steering.run_eval(engine, quick_config)
+    assert sizes == [4, 4, 4, 4, 2]  # 18 answers in 5 calls, where one call per job made 9 of 2
+    quick = _stored(tmp_path / "quick" / "out")
+    for (prompt_id, key), record in quick.items():  # each row answered for its own job, as alone
+        job = steering.Job.from_key(key)
+        assert record["response"] == steering.generate(engine, [prompts[prompt_id - 10]], job, quick_config)[0].text
+        assert record["request"] == job.request
+
+    answered = _answered_jobs(monkeypatch)
+    (tmp_path / "full").mkdir()
+    steering.run_eval(engine, _eval_config(tmp_path / "full", prompts, **options))
+    assert len(answered) == len(set(answered)) == 9  # batches of 2 prompts: one call per job, as before
+    assert _stored(tmp_path / "full" / "out") == quick
 
 
 def test_a_sweep_limit_answers_the_other_alphas_on_the_first_prompts_and_plots_every_alpha_there(

@@ -376,21 +376,30 @@ def summarize(records: list[dict]) -> dict[str, float]:
     }
 
 
+def job_request(prompt: str | Sequence[Message], job: Job, config: EvalConfig) -> GenerationRequest:
+    """What the engine is asked for one prompt of a job: its weights, guided and prompted as its setting says."""
+    flags = SETTINGS[job.setting]
+    return GenerationRequest(
+        prompt,
+        weights=job.weights,
+        guidance=flags["guided"],
+        preference_prompt=flags["prompted"],
+        max_new_tokens=config.max_new_tokens,
+    )
+
+
+def generate_rows(
+    engine: CLIPerEngine, rows: Sequence[tuple[Job, str | Sequence[Message]]], config: EvalConfig
+) -> list[GenerationResult]:
+    """Answer (job, prompt) rows, of one job or several, in one ``generate_batch`` call."""
+    return engine.generate_batch([job_request(prompt, job, config) for job, prompt in rows])
+
+
 def generate(
     engine: CLIPerEngine, prompts: Sequence[str | Sequence[Message]], job: Job, config: EvalConfig
 ) -> list[GenerationResult]:
-    flags = SETTINGS[job.setting]
-    requests = [
-        GenerationRequest(
-            prompt,
-            weights=job.weights,
-            guidance=flags["guided"],
-            preference_prompt=flags["prompted"],
-            max_new_tokens=config.max_new_tokens,
-        )
-        for prompt in prompts
-    ]
-    return engine.generate_batch(requests)
+    """Answer one job's prompts."""
+    return generate_rows(engine, [(job, prompt) for prompt in prompts], config)
 
 
 def _share(value: float) -> str:
@@ -478,7 +487,10 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     """Answer what is not yet stored, then measure, plot and write the report; returns all numbers.
 
     Prompts are taken ``batch_size`` at a time through every job, so an interrupted run keeps whole
-    prompts and the next run (same command) goes on from there.
+    prompts and the next run (same command) goes on from there. Each ``generate`` call decodes
+    ``batch_size`` answers in job order: one job's prompts where a chunk holds that many, so a full set is
+    decoded in the same batches job by job; several jobs' where it holds fewer (``--limit``, or the last
+    prompts), so a quick check makes as few calls as a full batch allows.
     """
     prompts = load_prompts(config.prompts_file, config.limit)
     sweep_prompts = prompts[: config.sweep_limit]
@@ -492,16 +504,21 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     bar = tqdm(total=sum(len(store.missing(job, answered[job])) for job in jobs), desc="Evaluating", unit="response")
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start : start + config.batch_size]
-        for job in jobs:
-            if missing := store.missing(job, [prompt for prompt in chunk if prompt in answered[job]]):
-                results = generate(engine, [prompt for _, prompt in missing], job, config)
-                store.add(
-                    [
-                        response_record(engine, job, guidance[job], pid, prompt, result)
-                        for (pid, prompt), result in zip(missing, results, strict=True)
-                    ]
-                )
-                bar.update(len(missing))
+        wanted = [
+            (job, pid, prompt)
+            for job in jobs
+            for pid, prompt in store.missing(job, [prompt for prompt in chunk if prompt in answered[job]])
+        ]
+        for first in range(0, len(wanted), config.batch_size):
+            rows = wanted[first : first + config.batch_size]
+            results = generate_rows(engine, [(job, prompt) for job, _, prompt in rows], config)
+            store.add(
+                [
+                    response_record(engine, job, guidance[job], pid, prompt, result)
+                    for (job, pid, prompt), result in zip(rows, results, strict=True)
+                ]
+            )
+            bar.update(len(rows))
     bar.close()
     measured = {job: summarize(store.responses(job, prompts)) for job in jobs if job not in sweep_only}
     table: dict[str, dict[str, dict[str, float]]] = {}
