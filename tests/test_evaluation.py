@@ -128,6 +128,27 @@ def test_answers_the_model_ends_within_a_few_words_count_as_stopped_short():
     assert summarize(records)["stopped_short"] == pytest.approx(0.5)
 
 
+def test_a_hedge_that_goes_on_to_answer_is_not_counted_as_declining(base, monkeypatch):
+    from cliper_integrations.core.engine import CLIPerEngine
+    from cliper_integrations.evaluation.steering import declines, summarize
+
+    engine = CLIPerEngine(base, classifier=None)
+    hedge = "As an AI language model, I have no views, but here is how rain forms: " + "water vapour cools " * 8
+    short = "As an AI language model, I cannot discuss politics."
+    lookahead = sum(len(engine.tokenizer(text)["input_ids"]) for text in (hedge, short)) // 2  # between the two
+    monkeypatch.setattr(engine, "disclaimer_lookahead", lookahead)
+    assert declines(engine, "I'm sorry, but I can't assist with that.") and declines(engine, short)
+    assert not declines(engine, hedge) and not declines(engine, "Rain falls from clouds.")
+    monkeypatch.setattr(engine, "disclaimer_lookahead", None)  # an engine that drafts no further judges by opening
+    assert declines(engine, hedge)
+
+    monkeypatch.setattr(engine, "disclaimer_lookahead", lookahead)
+    fields = {"words": 5, "fk_grade": 5.0, "vader": 0.0, "perplexity": 2.0, "finish_reason": "stop"}
+    records = [{"response": text, "refusal": True, **fields} for text in (hedge, short)]
+    assert summarize(records)["refusals"] == 1.0  # what each answer recorded: is_refusal
+    assert summarize(records, lambda record: declines(engine, record["response"]))["refusals"] == 0.5
+
+
 def test_rewriting_the_report_keeps_the_hand_written_notes(tmp_path):
     from cliper_integrations.evaluation.steering import NOTES_MARKER, write_report
 

@@ -15,8 +15,9 @@ import inspect
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from types import ModuleType
 
@@ -352,13 +353,25 @@ def response_record(
     }
 
 
-def summarize(records: list[dict]) -> dict[str, float]:
+def declines(engine: CLIPerEngine, response: str) -> bool:
+    """Whether an answer declines the task, as the engine judges its base model's drafts: an answer its
+    ``declines`` flags, except one that opens with a disclaimer (``disclaims``: "As an AI …") and goes on
+    past ``disclaimer_lookahead`` tokens, which hedges and then answers."""
+    if not engine.declines(response):
+        return False
+    if engine.disclaimer_lookahead is None or not engine.disclaims(response):
+        return True
+    return len(engine.tokenizer(response, add_special_tokens=False)["input_ids"]) < engine.disclaimer_lookahead
+
+
+def summarize(records: list[dict], declined: Callable[[dict], bool] = itemgetter("refusal")) -> dict[str, float]:
     """A setting's metrics over its responses: means, distinct-2 over all of them, and medians for the two
     metrics without an upper bound, where a few answers would dominate a mean: perplexity (run-on answers;
     empty answers have none and are left out) and Flesch-Kincaid grade (a table or a list without full
     stops reads as one sentence of 150 words: grade 50; ``CENTRES``). ``cut_off``: the share of answers that ran out of
     new tokens (NaN when a record predates it): a length ratio means little where answers were cut off.
-    ``stopped_short``: the share the model ended itself in fewer than ``SHORT_ANSWER_WORDS`` words (NaN likewise)."""
+    ``stopped_short``: the share the model ended itself in fewer than ``SHORT_ANSWER_WORDS`` words (NaN likewise).
+    ``refusals``: the share ``declined`` (by default the ``refusal`` each answer records: ``is_refusal``)."""
     perplexities = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
     known = all("finish_reason" in r for r in records)
     centred = {metric: float(centre([r[metric] for r in records])) for metric, centre in CENTRES.items()}
@@ -366,7 +379,7 @@ def summarize(records: list[dict]) -> dict[str, float]:
         **centred,
         "distinct2": distinct_n([r["response"] for r in records], 2),
         "perplexity": statistics.median(perplexities) if perplexities else float("nan"),
-        "refusals": statistics.mean(r["refusal"] for r in records),
+        "refusals": statistics.mean(declined(r) for r in records),
         "cut_off": statistics.mean(r["finish_reason"] == "length" for r in records) if known else float("nan"),
         "stopped_short": (
             statistics.mean(r["finish_reason"] == "stop" and r["words"] < SHORT_ANSWER_WORDS for r in records)
@@ -520,7 +533,11 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
             )
             bar.update(len(rows))
     bar.close()
-    measured = {job: summarize(store.responses(job, prompts)) for job in jobs if job not in sweep_only}
+
+    def declined(record: dict) -> bool:
+        return declines(engine, record["response"])
+
+    measured = {job: summarize(store.responses(job, prompts), declined) for job in jobs if job not in sweep_only}
     table: dict[str, dict[str, dict[str, float]]] = {}
     for job, row in measured.items():
         if job.setting != "unguided":
@@ -536,11 +553,11 @@ def run_eval(engine: CLIPerEngine, config: EvalConfig) -> dict:
     }
     sweep: dict[str, dict[str, dict[str, float]]] = {}
     if config.sweep:  # without one (``--no-sweep``) there is no plot and no sweep line in the report
-        unguided = summarize(store.responses(jobs[0], sweep_prompts))
+        unguided = summarize(store.responses(jobs[0], sweep_prompts), declined)
         sweep = {name: {"0.0": unguided} for name in config.classes}
         for job in jobs:
             if job.setting == "guidance" and len(job.classes) == 1:
-                sweep[job.classes[0]][str(float(job.alpha))] = summarize(store.responses(job, sweep_prompts))
+                sweep[job.classes[0]][str(float(job.alpha))] = summarize(store.responses(job, sweep_prompts), declined)
     results = {
         "prompts": len(prompts),
         "sweep_prompts": len(sweep_prompts),
@@ -668,7 +685,9 @@ def report(results: dict, config: EvalConfig) -> str:
         f"{_other_alphas(results)}, {_floors(results)}, {_loop_guard(results)}. "
         "FK grade and perplexity are medians over the prompts, the other metrics means; cut off: answers "
         f"that ran out of new tokens; stopped short: answers the model ended in fewer than {SHORT_ANSWER_WORDS} "
-        "words (– where the stored answers predate the record of how they ended).",
+        "words (– where the stored answers predate the record of how they ended); refusals: answers that decline "
+        'the task, not counting those that open "As an AI …" and go on past the engine\'s disclaimer look-ahead '
+        "(a hedge, then an answer).",
         "",
         "Unguided: " + ", ".join(f"{k} {v:.2f}" for k, v in base.items() if not math.isnan(v)),
         "",
