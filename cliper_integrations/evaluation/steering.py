@@ -423,10 +423,15 @@ def _ratio(value: float, reference: float) -> float:
     return value / reference if reference else float("nan")
 
 
+def is_ratio(name: str) -> bool:
+    """Whether the class's target is read as a ratio to unguided (else as a difference)."""
+    return TARGETS[name][1].startswith("ratio")
+
+
 def verdict(name: str, base: dict[str, float], row: dict[str, float]) -> str:
     """The class's target metric against ``base`` (ratio or difference) and whether the target is met."""
     metric, rule, target = TARGETS[name]
-    if rule.startswith("ratio"):
+    if is_ratio(name):
         value = _ratio(row[metric], base[metric])
         met = value <= target if rule == "ratio<=" else value >= target
         return f"{value:.2f}× {'✔' if met else '✘'}"
@@ -470,8 +475,7 @@ def target_intervals(name: str, answers: dict[str, list[dict]]) -> dict[str, tup
     """``paired_interval`` for each figure the targets table gives a class: guidance alone and prompting
     plus guidance against unguided (as ``verdict`` reads it), and prompting plus guidance against prompting
     alone (a difference, as ``moves_further`` reads it). ``answers`` holds each setting's answers."""
-    metric, rule, _ = TARGETS[name]
-    ratio = rule.startswith("ratio")
+    metric, ratio = TARGETS[name][0], is_ratio(name)
     return {
         "guidance": paired_interval(metric, answers["guidance"], answers["unguided"], ratio),
         "prompt+guidance": paired_interval(metric, answers["prompt+guidance"], answers["unguided"], ratio),
@@ -719,7 +723,7 @@ def report(results: dict, config: EvalConfig) -> str:
     for name in TARGETS:
         if name in results["table"]:
             row, interval = results["table"][name], results["intervals"][name]
-            ratio = TARGETS[name][1].startswith("ratio")
+            ratio = is_ratio(name)
             figures = [
                 f"{verdict(name, base, row['guidance'])} {_bracket(interval['guidance'], ratio)}",
                 f"{verdict(name, base, row['prompt+guidance'])} {_bracket(interval['prompt+guidance'], ratio)}",
