@@ -147,6 +147,56 @@ def test_a_setting_s_own_floor_binds_only_that_setting_s_rows(base, shared_class
     assert floored.config.setting_floors(False) == {"expert": 1.0} and floored.config.setting_floors(True) == {}
 
 
+def test_an_opposite_factor_weighs_the_other_pole_on_its_class_s_rows_in_its_setting_only(
+    base, shared_classifier, monkeypatch
+):
+    """``unprompted_opposite_factors``: expert rows guided alone also weigh elementary at −factor·α, while
+    prompted expert rows, concise rows and rows that ask for both poles decode as without it; the digests
+    tell the changed guidance apart."""
+    from cliper_integrations.core import engine as engine_module
+    from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
+
+    settings = {**shared_classifier.config.model_dump(), "unprompted_opposite_factors": {"expert": 0.5}}
+    opposed = PreferenceClassifier(ClassifierConfig.model_validate(settings), base.model, shared_classifier.head)
+    matrices = []
+
+    class Recording(engine_module.ClassifierGuidedLogitsProcessor):
+        def __init__(self, classifier, weights, *args, **kwargs):
+            matrices.append(weights.clone())
+            super().__init__(classifier, weights, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "ClassifierGuidedLogitsProcessor", Recording)
+    asks = [
+        ({"expert": 40}, False),
+        ({"expert": 40}, True),
+        ({"concise": 40}, False),
+        ({"expert": 40, "elementary": 4}, False),
+    ]
+    requests = [
+        GenerationRequest(p, weights=w, preference_prompt=prompted, max_new_tokens=12)
+        for p in PROMPTS
+        for w, prompted in asks
+    ]
+    engine = CLIPerEngine(base, classifier=opposed, top_k=8)
+    results = engine.generate_batch(requests)
+    plain = CLIPerEngine(base, classifier=shared_classifier, top_k=8).generate_batch(requests)
+    elementary, expert = (shared_classifier.classes.index(name) for name in ("elementary", "expert"))
+    decoded = matrices[0]  # the opposed engine's one decoding call, every row in it
+    assert decoded.shape[0] == len(requests)
+    for row, (request, result, reference) in enumerate(zip(requests, results, plain, strict=True)):
+        opposite_alone = request.weights == {"expert": 40} and not request.preference_prompt
+        assert decoded[row, elementary] == (-20 if opposite_alone else request.weights.get("elementary", 0))
+        assert decoded[row, expert] == request.weights.get("expert", 0)
+        assert result.weights == request.weights  # the request's own weights, as asked
+        if not opposite_alone:
+            assert result.text == reference.text
+    assert [r.text for r in results[::4]] != [r.text for r in plain[::4]]
+    digest = shared_classifier.guidance_digest
+    assert opposed.guidance_digest(["expert"], prompted=False) != digest(["expert"], prompted=False)
+    assert opposed.guidance_digest(["expert"], prompted=True) == digest(["expert"], prompted=True)
+    assert opposed.guidance_digest(["concise"]) == digest(["concise"])
+
+
 def test_a_class_that_spares_the_favourite_lets_only_its_rows_repeat_as_the_base_model_does(base, shared_classifier):
     """``unprompted_favourite_ngrams`` null: at a floor of 1 (only the base model's greedy token or the end may
     be written), a row guided towards a sparing class writes the unguided answer however often it

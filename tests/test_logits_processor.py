@@ -87,6 +87,29 @@ def test_guidance_follows_the_formula(base, classifier):
     assert torch.allclose(out.exp().sum(-1), torch.ones(1))
 
 
+def test_a_negative_weight_steers_away_and_two_opposed_poles_read_their_likelihood_ratio(base, bayes_classifier):
+    """α_c < 0 is the same formula with its sign; at ±α on two classes the bayes form's bonus is α times the
+    log-ratio of their likelihoods (the posteriors' normaliser cancels), and the row counts as guided though
+    its weights sum to zero."""
+    from cliper_integrations.core.classifier import BackboneState
+
+    input_ids, mask = prompt_batch(base, ["Explain rain"])
+    scores = next_scores(base, input_ids, mask)
+    alpha = weights([0, 0, 0, 0, 3, -3])
+    out = ClassifierGuidedLogitsProcessor(bayes_classifier, alpha, mask, top_k=None, incremental=False)(
+        input_ids, scores
+    )
+    hidden = bayes_classifier.prefix_hidden(BackboneState(incremental=False), input_ids, mask)
+    log_lm = torch.log_softmax(scores, -1)
+    log_cls = bayes_classifier.log_probs(hidden, None, log_lm)[:, : scores.shape[-1]]
+    torch.testing.assert_close(out, torch.log_softmax(log_lm + 3 * (log_cls[..., 4] - log_cls[..., 5]), -1))
+    likelihood_ratio = bayes_classifier.candidate_log_likelihoods(hidden, torch.arange(scores.shape[-1])[None], log_lm)
+    ratio = likelihood_ratio[..., 4] - likelihood_ratio[..., 5]
+    torch.testing.assert_close(out, torch.log_softmax(log_lm + 3 * ratio, -1), rtol=1e-4, atol=1e-4)
+    away = (log_cls[..., 5] - log_cls[..., 4])[0]
+    assert (out - log_lm)[0, away.argmax()] < (out - log_lm)[0, away.argmin()]
+
+
 @pytest.mark.parametrize("top_k", [None, 8])
 def test_incremental_state_matches_recomputing_from_scratch(base, classifier, top_k):
     input_ids, mask = prompt_batch(base, ["Explain rain to a child", "Hi"])
@@ -159,7 +182,7 @@ def test_no_row_becomes_all_inf_or_nan(base, classifier, alpha):
 
 def test_rejects_malformed_weights(base, shared_classifier):
     _, mask = prompt_batch(base, ["Hi"])
-    for bad in (torch.zeros(1, 5), torch.tensor([[float("nan")] * 6]), -torch.ones(1, 6)):
+    for bad in (torch.zeros(1, 5), torch.tensor([[float("nan")] * 6]), torch.tensor([[-float("inf")] + [0] * 5])):
         with pytest.raises(ValueError):
             ClassifierGuidedLogitsProcessor(shared_classifier, bad, mask)
 

@@ -656,6 +656,8 @@ def _scores_alike_by_vocabulary_and_after_saving(classifier, base, hidden, candi
         ("unprompted_plausibility_floors", {"sarcastic": 0.2}, "'sarcastic', which is not one of the classes"),
         ("plausibility_floors", {"concise": float("nan")}, r"plausibility_floors\['concise'\]"),
         ("unprompted_weight_factors", {"concise": -1.0}, r"unprompted_weight_factors\['concise'\]"),
+        ("prompted_opposite_factors", {"expert": -0.5}, r"prompted_opposite_factors\['expert'\]"),
+        ("unprompted_opposite_factors", {"sarcastic": 1.0}, "'sarcastic', which is not one of the classes"),
     ],
 )
 def test_per_class_settings_out_of_range_or_naming_no_class_are_refused(shared_classifier, field, values, match):
@@ -680,3 +682,19 @@ def test_a_class_s_floor_in_a_setting_is_the_larger_of_its_shared_and_own(shared
     assert config.plausibility_floor(["concise", "friendly"], 0.1, prompted=False) == 0.5
     assert config.plausibility_floor(["concise"], 0.4, prompted=True) == 0.4
     assert config.plausibility_floor(["expert"], None, prompted=False) is None
+
+
+def test_a_class_s_opposite_factor_weighs_against_its_other_pole_in_its_setting_only(shared_classifier):
+    from cliper_integrations.core.classifier import ClassifierConfig
+
+    settings = {"unprompted_opposite_factors": {"unfriendly": 0.5, "informative": 1.0}}
+    config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
+    assert config.opposite_weights({"unfriendly": 16.0}, prompted=False) == {"unfriendly": 16.0, "friendly": -8.0}
+    assert config.opposite_weights({"unfriendly": 16.0}, prompted=True) == {"unfriendly": 16.0}
+    both = {"informative": 8.0, "concise": 2.0, "friendly": 4.0}  # a pole asked for keeps its own weight
+    assert config.opposite_weights(both, prompted=False) == both
+    assert config.opposite_weights({"informative": 8.0, "unfriendly": 0.0}, prompted=False) == {
+        "informative": 8.0,
+        "unfriendly": 0.0,
+        "concise": -8.0,
+    }

@@ -60,7 +60,7 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +154,15 @@ class ClassifierConfig(BaseModel):
     Where both name a class, the larger holds."""
     prompted_plausibility_floors: dict[str, float] = Field(default_factory=dict)
     """The same, with the request also in the prompt (``preference_prompt``) only."""
+    unprompted_opposite_factors: dict[str, float] = Field(default_factory=dict)
+    """Per class, with guidance alone, how much guidance towards it also steers away from the other pole of
+    its axis: at weight α and factor γ the other pole is weighed −γ·α, so a candidate scores
+    α·log p_cls(c | x) − γα·log p_cls(c̄ | x); at γ = 1 that is α times the log-ratio of the two poles'
+    likelihoods, whose normaliser cancels. The joint posterior alone penalises a candidate the other pole
+    favours only through its normaliser, by about p_cls(c̄ | x) per unit of the other pole's score. A row
+    that weighs both poles itself keeps its own weights. Measured per classifier on training-side prompts."""
+    prompted_opposite_factors: dict[str, float] = Field(default_factory=dict)
+    """The same, with the request also in the prompt (``preference_prompt``)."""
     format_version: int = 1
 
     @model_validator(mode="after")
@@ -210,6 +219,8 @@ class ClassifierConfig(BaseModel):
             "unprompted_plausibility_floors": (self.unprompted_plausibility_floors, *floor),
             "prompted_plausibility_floors": (self.prompted_plausibility_floors, *floor),
             "unprompted_weight_factors": (self.unprompted_weight_factors, *factor),
+            "unprompted_opposite_factors": (self.unprompted_opposite_factors, *factor),
+            "prompted_opposite_factors": (self.prompted_opposite_factors, *factor),
         }
         named = {field_name: list(values) for field_name, (values, _, _) in per_class.items()}
         guards = {
@@ -243,6 +254,19 @@ class ClassifierConfig(BaseModel):
         floors = [own[name] for name in classes if name in own]
         floors += [engine_floor] if engine_floor is not None else []
         return max(floors, default=None)
+
+    def opposite_weights(self, weights: Mapping[str, float], prompted: bool) -> dict[str, float]:
+        """``weights`` with each weighted class's other pole weighed −factor·α, by the setting's
+        ``unprompted_opposite_factors`` or ``prompted_opposite_factors``; a pole the weights name already,
+        or one of another classifier's axes, is left as it is. Opposing poles of one axis both asked for
+        would otherwise take each other's weight away."""
+        factors = self.prompted_opposite_factors if prompted else self.unprompted_opposite_factors
+        opposed = dict(weights)
+        for name, value in weights.items():
+            other = opposite(name)
+            if value and name in factors and other in self.classes and not weights.get(other):
+                opposed[other] = opposed.get(other, 0.0) - factors[name] * value
+        return opposed
 
     def favourite_rule(self, classes: Sequence[str], prompted: bool) -> tuple[bool, int | None]:
         """Whether guidance towards ``classes`` holds the base model's favourite to a rule of its own (only
@@ -889,9 +913,18 @@ class PreferenceClassifier(nn.Module):
         classes are guided exactly as by the main head alone, whose digest they then share, and a part's
         classes by the head parts their posteriors read (``_parts_read``). Per-class
         plausibility floors count for the classes they name (all of them without ``classes``), as does the
-        loop guard's rule for the favourite where the classes decide it (``favourite_rule``): both in the
-        setting ``prompted`` names (both settings without it)."""
-        if classes is not None and (main := self._main_head_alone(classes)) is not None:
+        loop guard's rule for the favourite where the classes decide it (``favourite_rule``), and the factors
+        that weigh their other poles (``opposite_weights``), whose posteriors guidance then reads too: all in
+        the setting ``prompted`` names (both settings without it)."""
+        per_setting = {False: "unprompted_", True: "prompted_"}
+        settings_named = [prefix for p, prefix in per_setting.items() if prompted in (None, p)]
+        opposed = {name for prefix in settings_named for name in getattr(self.config, f"{prefix}opposite_factors")}
+        read_classes = (
+            None
+            if classes is None
+            else [*classes, *(o for n in classes if n in opposed and (o := opposite(n)) in self.classes)]
+        )
+        if read_classes is not None and (main := self._main_head_alone(read_classes)) is not None:
             return main.guidance_digest(classes, prompted)
         settings = {
             "classes": self.classes,
@@ -899,13 +932,14 @@ class PreferenceClassifier(nn.Module):
             "posterior": self.config.posterior,
             "prior": "learned" if self.guides_with_prior else "uniform",
         }
-        per_setting = {False: "unprompted_plausibility_floors", True: "prompted_plausibility_floors"}
-        for floors_name in ("plausibility_floors", *(f for p, f in per_setting.items() if prompted in (None, p))):
-            own = getattr(self.config, floors_name)
-            if floors := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
-                settings[floors_name] = floors  # absent when none: digests from before floors hold
+        per_class_names = ("plausibility_floors", *(f"{prefix}plausibility_floors" for prefix in settings_named))
+        per_class_names += tuple(f"{prefix}opposite_factors" for prefix in settings_named)
+        for field_name in per_class_names:
+            own = getattr(self.config, field_name)
+            if named := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
+                settings[field_name] = named  # absent when none: digests from before the field hold
         settings.update(self._favourite_settings(classes, prompted))
-        read = self._parts_read(classes)
+        read = self._parts_read(read_classes)
         if by_main := self._main_guided_told_apart(classes, read):
             settings["main_guided_classes"] = by_main  # absent when none: digests from before it hold
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())

@@ -1078,12 +1078,15 @@ class CLIPerEngine:
         return [n if holds else self.guided_no_repeat_ngram for holds, n in rules]
 
     def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
+        """[rows, classes] guidance weights: each row's own, with the other poles the classifier weighs
+        against them in its setting (``ClassifierConfig.opposite_weights``)."""
         if self.classifier is None or not any(row.guided for row in rows):
             return None
+        config = self.classifier.config
         order = {name: index for index, name in enumerate(self.classifier.classes)}
         matrix = torch.zeros((len(rows), len(order)))
         for index, row in enumerate(rows):
-            for name, value in row.result.weights.items():
+            for name, value in config.opposite_weights(row.result.weights, row.request.preference_prompt).items():
                 matrix[index, order[name]] = value
         return matrix
 

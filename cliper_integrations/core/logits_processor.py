@@ -21,6 +21,9 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
 
     which samples from p_LM(x) · Π_c p_cls(c | prefix, x)^α_c, renormalized.
 
+    * A negative α_c steers away from class c: with α_c = −α_d for the two poles c, d of one axis the
+      bonus is α_d · log [p(x | prefix, d) / p(x | prefix, c)] in the bayes form, the posteriors'
+      normaliser cancelling.
     * Rows whose weights are all zero are returned unchanged, bit for bit: α = 0 is exactly unguided.
     * ``top_k``: only the base model's k most likely tokens (plus ``always_include``, e.g. the
       end-of-turn tokens) are scored by the classifier; every other token is **masked** (-inf), as in
@@ -53,7 +56,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
 
     Args:
         classifier: the preference classifier.
-        weights: [batch, num_classes] non-negative guidance weights, in ``classifier.classes`` order.
+        weights: [batch, num_classes] guidance weights, in ``classifier.classes`` order.
         prompt_attention_mask: [batch, prompt_len] mask of the (left-padded) prompt batch.
     """
 
@@ -72,11 +75,11 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
             raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
-        if not torch.isfinite(weights).all() or (weights < 0).any():
-            raise ValueError("weights must be finite and non-negative")
+        if not torch.isfinite(weights).all():
+            raise ValueError("weights must be finite")
         self.classifier = classifier
         self.weights = weights.float()
-        self.guided_rows = self.weights.sum(dim=-1) > 0
+        self.guided_rows = (self.weights != 0).any(dim=-1)
         self.prompt_attention_mask = prompt_attention_mask
         self.top_k = top_k
         self.always_include = torch.tensor(sorted(set(always_include)), dtype=torch.long)
