@@ -42,7 +42,8 @@ def main() -> None:
             f"{key} (guidance {str(guidance)[:8]}) over {len(by_prompt)} instructions: {verdicts}  "
             f"{fluency(base, row)}  words {row['words']:.1f} "
             f"(unguided {base['words']:.1f}) ppl {row['perplexity']:.2f} (unguided {base['perplexity']:.2f}) "
-            f"stopped short {row['stopped_short']:.2f}"
+            f"fk {row['fk_grade']:.2f} (unguided {base['fk_grade']:.2f}) "
+            f"stopped short {row['stopped_short']:.2f} refusals {row['refusals']:.2f}"
         )
 
 
