@@ -212,6 +212,9 @@ def test_rejects_malformed_weights(base, shared_classifier):
     for bad in (torch.zeros(1, 5), torch.tensor([[float("nan")] * 6]), torch.tensor([[-float("inf")] + [0] * 5])):
         with pytest.raises(ValueError):
             ClassifierGuidedLogitsProcessor(shared_classifier, bad, mask)
+    for bad_end in (torch.zeros(2, 6), torch.tensor([[float("inf")] * 6])):
+        with pytest.raises(ValueError, match="end_weights"):
+            ClassifierGuidedLogitsProcessor(shared_classifier, torch.ones(1, 6), mask, end_weights=bad_end)
 
 
 def test_guided_rows_never_repeat_an_ngram_of_their_generated_text(base, classifier):

@@ -929,7 +929,8 @@ class PreferenceClassifier(nn.Module):
         plausibility floors count for the classes they name (all of them without ``classes``), as does the
         loop guard's rule for the favourite where the classes decide it (``favourite_rule``), and the factors
         that weigh their other poles (``opposite_weights``), whose posteriors guidance then reads too: all in
-        the setting ``prompted`` names (both settings without it)."""
+        the setting ``prompted`` names (both settings without it; ``opposite_pole_tokens``, like
+        ``plausibility_floors``, in both)."""
         per_setting = {False: "unprompted_", True: "prompted_"}
         settings_named = [prefix for p, prefix in per_setting.items() if prompted in (None, p)]
         opposed = {name for prefix in settings_named for name in getattr(self.config, f"{prefix}opposite_factors")}
@@ -947,14 +948,11 @@ class PreferenceClassifier(nn.Module):
             "prior": "learned" if self.guides_with_prior else "uniform",
         }
         per_class_names = ("plausibility_floors", *(f"{prefix}plausibility_floors" for prefix in settings_named))
-        per_class_names += tuple(f"{prefix}opposite_factors" for prefix in settings_named)
+        per_class_names += (*(f"{prefix}opposite_factors" for prefix in settings_named), "opposite_pole_tokens")
         for field_name in per_class_names:
             own = getattr(self.config, field_name)
             if named := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
                 settings[field_name] = named  # absent when none: digests from before the field hold
-        where = self.config.opposite_pole_tokens
-        if tokens := {name: where[name] for name in (self.classes if classes is None else classes) if name in where}:
-            settings["opposite_pole_tokens"] = tokens  # absent when none: digests from before the field hold
         settings.update(self._favourite_settings(classes, prompted))
         read = self._parts_read(read_classes)
         if by_main := self._main_guided_told_apart(classes, read):

@@ -78,10 +78,14 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         favourite_ngrams: Sequence[int | None] | None = None,
         end_weights: torch.Tensor | None = None,
     ) -> None:
-        for name, given in (("weights", weights), ("end_weights", weights if end_weights is None else end_weights)):
-            if given.shape != (weights.shape[0], len(classifier.classes)) or weights.ndim != 2:
-                raise ValueError(f"{name} must be [batch, {len(classifier.classes)}], got {tuple(given.shape)}")
-            if not torch.isfinite(given).all():
+        if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
+            raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
+        if end_weights is not None and end_weights.shape != weights.shape:
+            raise ValueError(
+                f"end_weights must be shaped as weights, {tuple(weights.shape)}, got {tuple(end_weights.shape)}"
+            )
+        for name, given in (("weights", weights), ("end_weights", end_weights)):
+            if given is not None and not torch.isfinite(given).all():
                 raise ValueError(f"{name} must be finite")
         self.classifier = classifier
         self.weights = weights.float()
@@ -168,14 +172,19 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             banned[rows, favourite[rows]] = held[rows, favourite[rows]]
         return banned
 
-    def _bonus(self, log_cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Σ_c α_c · log p_cls(c | prefix, x) for the scored ``tokens`` [B, N] (log_cls [B, N, K]), the
-        ``always_include`` tokens by ``end_weights`` where given."""
+    def _bonus(self, log_cls: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        """Σ_c α_c · log p_cls(c | prefix, x) for the scored tokens (log_cls [B, N, K]: the ``candidates``
+        [B, N], or the whole vocabulary in id order for None), the ``always_include`` tokens by
+        ``end_weights`` where given."""
         weights = self.weights.to(log_cls.device)
         bonus = (log_cls * weights[:, None, :]).sum(-1)
         if self.end_weights is None or not len(self.always_include):
             return bonus
-        at_end = torch.isin(tokens, self.always_include.to(tokens.device))
+        ends = self.always_include.to(log_cls.device)
+        if candidates is None:
+            at_end = torch.zeros(log_cls.shape[1], dtype=torch.bool, device=log_cls.device).index_fill(0, ends, True)
+        else:
+            at_end = torch.isin(candidates, ends)
         end_bonus = (log_cls * self.end_weights.to(log_cls.device)[:, None, :]).sum(-1)
         return torch.where(at_end, end_bonus, bonus)
 
@@ -190,8 +199,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         log_lm = torch.log_softmax(scores.float(), dim=-1)
         if self.top_k is None:
             log_cls = self.classifier.log_probs(prefix, None, log_lm)[:, : log_lm.shape[-1]]
-            tokens = torch.arange(log_lm.shape[-1], device=log_lm.device).expand_as(log_lm)
-            guided = log_lm + self._bonus(log_cls, tokens)
+            guided = log_lm + self._bonus(log_cls, None)
         else:
             candidates = self._candidates(log_lm)
             candidate_log_lm = log_lm.gather(1, candidates)
