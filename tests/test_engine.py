@@ -150,24 +150,20 @@ def test_a_setting_s_own_floor_binds_only_that_setting_s_rows(base, shared_class
 def test_an_opposite_factor_weighs_the_other_pole_on_its_class_s_rows_in_its_setting_only(
     base, shared_classifier, monkeypatch
 ):
-    """``unprompted_opposite_factors``: expert rows guided alone also weigh elementary at −factor·α (on the
-    end-of-turn tokens only, by ``opposite_pole_tokens``), while prompted expert rows, concise rows and rows
-    that ask for both poles decode as without it; the digests tell the changed guidance apart."""
+    """``unprompted_opposite_factors``: expert rows guided alone also weigh elementary at −factor·α, while
+    prompted expert rows, concise rows and rows that ask for both poles decode as without it; the digests
+    tell the changed guidance apart."""
     from cliper_integrations.core import engine as engine_module
     from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
 
-    def with_settings(**settings):
-        config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
-        return PreferenceClassifier(config, base.model, shared_classifier.head)
-
-    opposed = with_settings(unprompted_opposite_factors={"expert": 0.5})
-    at_end = with_settings(unprompted_opposite_factors={"expert": 0.5}, opposite_pole_tokens={"expert": "end"})
-    recorded = []
+    settings = {**shared_classifier.config.model_dump(), "unprompted_opposite_factors": {"expert": 0.5}}
+    opposed = PreferenceClassifier(ClassifierConfig.model_validate(settings), base.model, shared_classifier.head)
+    matrices = []
 
     class Recording(engine_module.ClassifierGuidedLogitsProcessor):
-        def __init__(self, classifier, weights, *args, end_weights=None, **kwargs):
-            recorded.append((weights.clone(), end_weights))
-            super().__init__(classifier, weights, *args, end_weights=end_weights, **kwargs)
+        def __init__(self, classifier, weights, *args, **kwargs):
+            matrices.append(weights.clone())
+            super().__init__(classifier, weights, *args, **kwargs)
 
     monkeypatch.setattr(engine_module, "ClassifierGuidedLogitsProcessor", Recording)
     asks = [
@@ -181,28 +177,21 @@ def test_an_opposite_factor_weighs_the_other_pole_on_its_class_s_rows_in_its_set
         for p in PROMPTS
         for w, prompted in asks
     ]
+    results = CLIPerEngine(base, classifier=opposed, top_k=8).generate_batch(requests)
+    decoded = matrices[0]  # the opposed engine's one decoding call, every row in it
     plain = CLIPerEngine(base, classifier=shared_classifier, top_k=8).generate_batch(requests)
+    assert decoded.shape[0] == len(requests)
     elementary, expert = (shared_classifier.classes.index(name) for name in ("elementary", "expert"))
-    for classifier, scored in ((opposed, "all"), (at_end, "end")):
-        recorded.clear()
-        results = CLIPerEngine(base, classifier=classifier, top_k=8).generate_batch(requests)
-        written, end = recorded[0]  # the one decoding call, every row in it
-        assert written.shape[0] == len(requests) and (end is None) == (scored == "all")
-        for row, (request, result, reference) in enumerate(zip(requests, results, plain, strict=True)):
-            opposite_alone = request.weights == {"expert": 40} and not request.preference_prompt
-            own = request.weights.get("elementary", 0)
-            assert written[row, elementary] == (-20 if opposite_alone and scored == "all" else own)
-            if end is not None:
-                assert end[row, elementary] == (-20 if opposite_alone else own)
-                assert end[row, expert] == written[row, expert]
-            assert written[row, expert] == request.weights.get("expert", 0)
-            assert result.weights == request.weights  # the request's own weights, as asked
-            if not opposite_alone:
-                assert result.text == reference.text
-        assert [r.text for r in results[::4]] != [r.text for r in plain[::4]]
+    for row, (request, result, reference) in enumerate(zip(requests, results, plain, strict=True)):
+        opposite_alone = request.weights == {"expert": 40} and not request.preference_prompt
+        assert decoded[row, elementary] == (-20 if opposite_alone else request.weights.get("elementary", 0))
+        assert decoded[row, expert] == request.weights.get("expert", 0)
+        assert result.weights == request.weights  # the request's own weights, as asked
+        if not opposite_alone:
+            assert result.text == reference.text
+    assert [r.text for r in results[::4]] != [r.text for r in plain[::4]]
     digest = shared_classifier.guidance_digest
     assert opposed.guidance_digest(["expert"], prompted=False) != digest(["expert"], prompted=False)
-    assert at_end.guidance_digest(["expert"], prompted=False) != opposed.guidance_digest(["expert"], prompted=False)
     assert opposed.guidance_digest(["expert"], prompted=True) == digest(["expert"], prompted=True)
     assert opposed.guidance_digest(["concise"]) == digest(["concise"])
 

@@ -684,27 +684,17 @@ def test_a_class_s_floor_in_a_setting_is_the_larger_of_its_shared_and_own(shared
     assert config.plausibility_floor(["expert"], None, prompted=False) is None
 
 
-def test_a_class_s_opposite_factor_weighs_against_its_other_pole_in_its_setting_and_on_its_tokens(
-    shared_classifier,
-):
+def test_a_class_s_opposite_factor_weighs_against_its_other_pole_in_its_setting_only(shared_classifier):
     from cliper_integrations.core.classifier import ClassifierConfig
 
-    settings = {
-        "unprompted_opposite_factors": {"unfriendly": 0.5, "informative": 1.0, "expert": 2.0},
-        "opposite_pole_tokens": {"unfriendly": "written", "informative": "end"},
-    }
+    settings = {"unprompted_opposite_factors": {"unfriendly": 0.5, "informative": 1.0}}
     config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
-    assert config.opposite_weights({"unfriendly": 16.0}, prompted=False) == (
-        {"unfriendly": 16.0, "friendly": -8.0},
-        {"unfriendly": 16.0},
-    )
-    assert config.opposite_weights({"informative": 8.0}, prompted=False) == (
-        {"informative": 8.0},
-        {"informative": 8.0, "concise": -8.0},
-    )
-    assert config.opposite_weights({"expert": 3.0}, prompted=False) == ({"expert": 3.0, "elementary": -6.0},) * 2
-    assert config.opposite_weights({"unfriendly": 16.0}, prompted=True) == ({"unfriendly": 16.0},) * 2
+    assert config.opposite_weights({"unfriendly": 16.0}, prompted=False) == {"unfriendly": 16.0, "friendly": -8.0}
+    assert config.opposite_weights({"unfriendly": 16.0}, prompted=True) == {"unfriendly": 16.0}
     both = {"informative": 8.0, "concise": 2.0, "friendly": 4.0}  # a pole asked for keeps its own weight
-    assert config.opposite_weights(both, prompted=False) == (both, both)
-    with pytest.raises(ValueError, match="'concise', which has no opposite factor"):
-        ClassifierConfig.model_validate({**config.model_dump(), "opposite_pole_tokens": {"concise": "end"}})
+    assert config.opposite_weights(both, prompted=False) == both
+    assert config.opposite_weights({"informative": 8.0, "unfriendly": 0.0}, prompted=False) == {
+        "informative": 8.0,
+        "unfriendly": 0.0,
+        "concise": -8.0,
+    }

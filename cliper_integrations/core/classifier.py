@@ -163,12 +163,6 @@ class ClassifierConfig(BaseModel):
     that weighs both poles itself keeps its own weights. Measured per classifier on training-side prompts."""
     prompted_opposite_factors: dict[str, float] = Field(default_factory=dict)
     """The same, with the request also in the prompt (``preference_prompt``)."""
-    opposite_pole_tokens: dict[str, Literal["all", "written", "end"]] = Field(default_factory=dict)
-    """Per class with an opposite factor, which candidates the other pole's weight scores (both settings):
-    every one (``all``, the default), the tokens an answer is written with (``written``), or only the
-    end-of-turn tokens (``end``). The other pole of an axis can hold what a class's own head misses about
-    one decision alone: concise's score of ending knows that answers stop, where informative's barely
-    weighs it, and a tone's score of ending is really one of length."""
     format_version: int = 1
 
     @model_validator(mode="after")
@@ -243,9 +237,6 @@ class ClassifierConfig(BaseModel):
         for field_name, values in guards.items():
             if short := {name: n for name, n in values.items() if n is not None and n < 2}:
                 raise ValueError(f"{field_name} must be null or at least 2, got {short}")
-        opposed = {*self.unprompted_opposite_factors, *self.prompted_opposite_factors}
-        if stray := [name for name in self.opposite_pole_tokens if name not in opposed]:
-            raise ValueError(f"opposite_pole_tokens names {stray[0]!r}, which has no opposite factor")
         return self
 
     def setting_floors(self, prompted: bool) -> dict[str, float]:
@@ -264,23 +255,18 @@ class ClassifierConfig(BaseModel):
         floors += [engine_floor] if engine_floor is not None else []
         return max(floors, default=None)
 
-    def opposite_weights(
-        self, weights: Mapping[str, float], prompted: bool
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """The weights the written tokens and the end-of-turn tokens are scored with: ``weights``, and each
-        weighted class's other pole at −factor·α (the setting's ``unprompted_opposite_factors`` or
-        ``prompted_opposite_factors``) on the tokens ``opposite_pole_tokens`` names. A pole the weights name
-        already, or one of another classifier's axes, is left as it is: opposing poles of one axis both asked
-        for would otherwise take each other's weight away."""
+    def opposite_weights(self, weights: Mapping[str, float], prompted: bool) -> dict[str, float]:
+        """``weights`` with each weighted class's other pole weighed −factor·α, by the setting's
+        ``unprompted_opposite_factors`` or ``prompted_opposite_factors``; a pole the weights name already,
+        or one of another classifier's axes, is left as it is. Opposing poles of one axis both asked for
+        would otherwise take each other's weight away."""
         factors = self.prompted_opposite_factors if prompted else self.unprompted_opposite_factors
-        written, end = dict(weights), dict(weights)
+        opposed = dict(weights)
         for name, value in weights.items():
             other = opposite(name)
             if value and name in factors and other in self.classes and not weights.get(other):
-                scored = {"all": (written, end), "written": (written,), "end": (end,)}
-                for pole_weights in scored[self.opposite_pole_tokens.get(name, "all")]:
-                    pole_weights[other] = pole_weights.get(other, 0.0) - factors[name] * value
-        return written, end
+                opposed[other] = opposed.get(other, 0.0) - factors[name] * value
+        return opposed
 
     def favourite_rule(self, classes: Sequence[str], prompted: bool) -> tuple[bool, int | None]:
         """Whether guidance towards ``classes`` holds the base model's favourite to a rule of its own (only
@@ -929,8 +915,7 @@ class PreferenceClassifier(nn.Module):
         plausibility floors count for the classes they name (all of them without ``classes``), as does the
         loop guard's rule for the favourite where the classes decide it (``favourite_rule``), and the factors
         that weigh their other poles (``opposite_weights``), whose posteriors guidance then reads too: all in
-        the setting ``prompted`` names (both settings without it; ``opposite_pole_tokens``, like
-        ``plausibility_floors``, in both)."""
+        the setting ``prompted`` names (both settings without it)."""
         per_setting = {False: "unprompted_", True: "prompted_"}
         settings_named = [prefix for p, prefix in per_setting.items() if prompted in (None, p)]
         opposed = {name for prefix in settings_named for name in getattr(self.config, f"{prefix}opposite_factors")}
@@ -948,7 +933,7 @@ class PreferenceClassifier(nn.Module):
             "prior": "learned" if self.guides_with_prior else "uniform",
         }
         per_class_names = ("plausibility_floors", *(f"{prefix}plausibility_floors" for prefix in settings_named))
-        per_class_names += (*(f"{prefix}opposite_factors" for prefix in settings_named), "opposite_pole_tokens")
+        per_class_names += tuple(f"{prefix}opposite_factors" for prefix in settings_named)
         for field_name in per_class_names:
             own = getattr(self.config, field_name)
             if named := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:

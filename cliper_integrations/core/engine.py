@@ -808,13 +808,13 @@ class CLIPerEngine:
         if openings is not None:
             checked = [i for i, row in enumerate(rows) if row.guided and not row.opening]
             opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked)
-        weights = self._weight_matrices(rows)
+        weights = self._weight_matrix(rows)
         if weights is not None:
             assert self.classifier is not None
             processors.append(
                 ClassifierGuidedLogitsProcessor(
                     self.classifier,
-                    weights[0],
+                    weights,
                     attention_mask,
                     top_k=self.top_k,
                     always_include=self.eos_token_ids,
@@ -822,7 +822,6 @@ class CLIPerEngine:
                     no_repeat_ngram=self.guided_no_repeat_ngram,
                     plausibility=[self._plausibility_floor(row) for row in rows],
                     favourite_ngrams=self._favourite_ngrams(rows),
-                    end_weights=weights[1],
                 )
             )
         requests = [row.request for row in rows]
@@ -1078,22 +1077,18 @@ class CLIPerEngine:
             return None
         return [n if holds else self.guided_no_repeat_ngram for holds, n in rules]
 
-    def _weight_matrices(self, rows: list[_PreparedRow]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """[rows, classes] guidance weights for the written tokens and, where they differ, for the end-of-turn
-        tokens: each row's own, with the other poles the classifier weighs against them in its setting
-        (``ClassifierConfig.opposite_weights``)."""
+    def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
+        """[rows, classes] guidance weights: each row's own, with the other poles the classifier weighs
+        against them in its setting (``ClassifierConfig.opposite_weights``)."""
         if self.classifier is None or not any(row.guided for row in rows):
             return None
         config = self.classifier.config
         order = {name: index for index, name in enumerate(self.classifier.classes)}
-        written, end = torch.zeros((len(rows), len(order))), torch.zeros((len(rows), len(order)))
+        matrix = torch.zeros((len(rows), len(order)))
         for index, row in enumerate(rows):
-            for matrix, weights in zip(
-                (written, end), config.opposite_weights(row.result.weights, row.request.preference_prompt), strict=True
-            ):
-                for name, value in weights.items():
-                    matrix[index, order[name]] = value
-        return written, None if torch.equal(written, end) else end
+            for name, value in config.opposite_weights(row.result.weights, row.request.preference_prompt).items():
+                matrix[index, order[name]] = value
+        return matrix
 
     def _finish(self, row: _PreparedRow, generated: list[int], stopped_at: int | None, seconds: float) -> None:
         """Cut the row at its end token, stop point or stop string, and fill in its result (``seconds``
