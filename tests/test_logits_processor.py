@@ -111,33 +111,6 @@ def test_a_negative_weight_steers_away_and_two_opposed_poles_read_their_likeliho
 
 
 @pytest.mark.parametrize("top_k", [None, 8])
-def test_end_weights_score_the_end_tokens_and_weights_every_other_token(base, bayes_classifier, top_k):
-    """Where ``end_weights`` are given, the ``always_include`` tokens are scored as under those weights and
-    every other token as under ``weights``: each part of the output agrees with the processor given one set."""
-    input_ids, mask = prompt_batch(base, ["Explain rain", "Hi"])
-    scores = next_scores(base, input_ids, mask)
-    ends = sorted({base.tokenizer.eos_token_id, 3})
-    written, end = weights([0, 0, 0, 4, 0, 0], [0, 2, 0, 0, 0, 0]), weights([0, 0, -4, 4, 0, 0], [0, 2, 0, 0, 0, 0])
-
-    def run(first, end_weights=None):
-        processor = ClassifierGuidedLogitsProcessor(
-            bayes_classifier, first, mask, top_k=top_k, always_include=ends, incremental=False, end_weights=end_weights
-        )
-        return processor(input_ids, scores)
-
-    split, by_written, by_end = run(written, end), run(written), run(end)
-    others = torch.ones(scores.shape[-1], dtype=torch.bool)
-    others[ends] = False
-    for part, reference in ((others, by_written), (~others, by_end)):
-        finite = torch.isfinite(reference[0, part])
-        assert torch.equal(finite, torch.isfinite(split[0, part]))
-        shift = (split[0, part] - reference[0, part])[finite]  # equal up to the row's normaliser
-        torch.testing.assert_close(shift, shift[:1].expand_as(shift), rtol=0, atol=1e-4)
-    torch.testing.assert_close(split[1], by_written[1], rtol=0, atol=1e-6)  # a row with equal weights: unchanged
-    assert not torch.allclose(split[0], by_written[0])
-
-
-@pytest.mark.parametrize("top_k", [None, 8])
 def test_incremental_state_matches_recomputing_from_scratch(base, classifier, top_k):
     input_ids, mask = prompt_batch(base, ["Explain rain to a child", "Hi"])
     alpha = weights([1, 0, 2, 0, 0, 0], [0, 3, 0, 0, 0, 1])
@@ -212,9 +185,6 @@ def test_rejects_malformed_weights(base, shared_classifier):
     for bad in (torch.zeros(1, 5), torch.tensor([[float("nan")] * 6]), torch.tensor([[-float("inf")] + [0] * 5])):
         with pytest.raises(ValueError):
             ClassifierGuidedLogitsProcessor(shared_classifier, bad, mask)
-    for bad_end in (torch.zeros(2, 6), torch.tensor([[float("inf")] * 6])):
-        with pytest.raises(ValueError, match="end_weights"):
-            ClassifierGuidedLogitsProcessor(shared_classifier, torch.ones(1, 6), mask, end_weights=bad_end)
 
 
 def test_guided_rows_never_repeat_an_ngram_of_their_generated_text(base, classifier):

@@ -24,9 +24,6 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
     * A negative α_c steers away from class c: with α_c = −α_d for the two poles c, d of one axis the
       bonus is α_d · log [p(x | prefix, d) / p(x | prefix, c)] in the bayes form, the posteriors'
       normaliser cancelling.
-    * ``end_weights``: the weights the ``always_include`` tokens (the end-of-turn tokens) are scored with,
-      where they differ from ``weights``: whether to end an answer and what to write in it can be weighed
-      apart (``None``: by ``weights`` too).
     * Rows whose weights are all zero are returned unchanged, bit for bit: α = 0 is exactly unguided.
     * ``top_k``: only the base model's k most likely tokens (plus ``always_include``, e.g. the
       end-of-turn tokens) are scored by the classifier; every other token is **masked** (-inf), as in
@@ -61,7 +58,6 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         classifier: the preference classifier.
         weights: [batch, num_classes] guidance weights, in ``classifier.classes`` order.
         prompt_attention_mask: [batch, prompt_len] mask of the (left-padded) prompt batch.
-        end_weights: [batch, num_classes] weights for the ``always_include`` tokens; None: ``weights``.
     """
 
     def __init__(
@@ -76,23 +72,14 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         no_repeat_ngram: int | None = None,
         plausibility: float | Sequence[float | None] | None = None,
         favourite_ngrams: Sequence[int | None] | None = None,
-        end_weights: torch.Tensor | None = None,
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
             raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
-        if end_weights is not None and end_weights.shape != weights.shape:
-            raise ValueError(
-                f"end_weights must be shaped as weights, {tuple(weights.shape)}, got {tuple(end_weights.shape)}"
-            )
-        for name, given in (("weights", weights), ("end_weights", end_weights)):
-            if given is not None and not torch.isfinite(given).all():
-                raise ValueError(f"{name} must be finite")
+        if not torch.isfinite(weights).all():
+            raise ValueError("weights must be finite")
         self.classifier = classifier
         self.weights = weights.float()
-        self.end_weights = None if end_weights is None else end_weights.float()
         self.guided_rows = (self.weights != 0).any(dim=-1)
-        if self.end_weights is not None:
-            self.guided_rows |= (self.end_weights != 0).any(dim=-1)
         self.prompt_attention_mask = prompt_attention_mask
         self.top_k = top_k
         self.always_include = torch.tensor(sorted(set(always_include)), dtype=torch.long)
@@ -172,22 +159,6 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             banned[rows, favourite[rows]] = held[rows, favourite[rows]]
         return banned
 
-    def _bonus(self, log_cls: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
-        """Σ_c α_c · log p_cls(c | prefix, x) for the scored tokens (log_cls [B, N, K]: the ``candidates``
-        [B, N], or the whole vocabulary in id order for None), the ``always_include`` tokens by
-        ``end_weights`` where given."""
-        weights = self.weights.to(log_cls.device)
-        bonus = (log_cls * weights[:, None, :]).sum(-1)
-        if self.end_weights is None or not len(self.always_include):
-            return bonus
-        ends = self.always_include.to(log_cls.device)
-        if candidates is None:
-            at_end = torch.zeros(log_cls.shape[1], dtype=torch.bool, device=log_cls.device).index_fill(0, ends, True)
-        else:
-            at_end = torch.isin(candidates, ends)
-        end_bonus = (log_cls * self.end_weights.to(log_cls.device)[:, None, :]).sum(-1)
-        return torch.where(at_end, end_bonus, bonus)
-
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         active = self.guided_rows.to(scores.device)
@@ -195,17 +166,20 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             active = active & ~self.suspend(input_ids).to(scores.device)
         if not active.any():
             return scores
+        weights = self.weights.to(scores.device)
         prefix = self.classifier.prefix_hidden(self.state, input_ids, self._attention_mask(input_ids))
         log_lm = torch.log_softmax(scores.float(), dim=-1)
         if self.top_k is None:
             log_cls = self.classifier.log_probs(prefix, None, log_lm)[:, : log_lm.shape[-1]]
-            guided = log_lm + self._bonus(log_cls, None)
+            bonus = (log_cls * weights[:, None, :]).sum(-1)
+            guided = log_lm + bonus
         else:
             candidates = self._candidates(log_lm)
             candidate_log_lm = log_lm.gather(1, candidates)
             log_cls = self.classifier.log_probs(prefix, candidates, candidate_log_lm)
+            bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = torch.full_like(log_lm, float("-inf"))
-            guided.scatter_(1, candidates, candidate_log_lm + self._bonus(log_cls, candidates))
+            guided.scatter_(1, candidates, candidate_log_lm + bonus)
         banned = self._repeats(input_ids, active, log_lm.shape[-1], self.no_repeat_ngram)
         if self.favourite_ngrams is not None and self.no_repeat_ngram is not None:
             banned = self._hold_favourite(banned, input_ids, active, log_lm)
