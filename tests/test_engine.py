@@ -147,26 +147,23 @@ def test_a_setting_s_own_floor_binds_only_that_setting_s_rows(base, shared_class
     assert floored.config.setting_floors(False) == {"expert": 1.0} and floored.config.setting_floors(True) == {}
 
 
-@pytest.mark.parametrize("field", ["unprompted_opposite_factors", "unprompted_written_opposite_factors"])
 def test_an_opposite_factor_weighs_the_other_pole_on_its_class_s_rows_in_its_setting_only(
-    base, shared_classifier, monkeypatch, field
+    base, shared_classifier, monkeypatch
 ):
-    """``unprompted_opposite_factors``: expert rows guided alone also weigh elementary at −factor·α (on every
-    token; with ``unprompted_written_opposite_factors`` the ending weights take it back off the end-of-turn
-    tokens), while prompted expert rows, concise rows and rows that ask for both poles decode as without it;
-    the digests tell the changed guidance apart."""
+    """``unprompted_opposite_factors``: expert rows guided alone also weigh elementary at −factor·α, while
+    prompted expert rows, concise rows and rows that ask for both poles decode as without it; the digests
+    tell the changed guidance apart."""
     from cliper_integrations.core import engine as engine_module
     from cliper_integrations.core.classifier import ClassifierConfig, PreferenceClassifier
 
-    settings = {**shared_classifier.config.model_dump(), field: {"expert": 0.5}}
+    settings = {**shared_classifier.config.model_dump(), "unprompted_opposite_factors": {"expert": 0.5}}
     opposed = PreferenceClassifier(ClassifierConfig.model_validate(settings), base.model, shared_classifier.head)
     matrices = []
-    on_written = field == "unprompted_written_opposite_factors"
 
     class Recording(engine_module.ClassifierGuidedLogitsProcessor):
-        def __init__(self, classifier, weights, *args, ending_weights=None, **kwargs):
-            matrices.append((weights, ending_weights))
-            super().__init__(classifier, weights, *args, ending_weights=ending_weights, **kwargs)
+        def __init__(self, classifier, weights, *args, **kwargs):
+            matrices.append(weights.clone())
+            super().__init__(classifier, weights, *args, **kwargs)
 
     monkeypatch.setattr(engine_module, "ClassifierGuidedLogitsProcessor", Recording)
     asks = [
@@ -181,17 +178,14 @@ def test_an_opposite_factor_weighs_the_other_pole_on_its_class_s_rows_in_its_set
         for w, prompted in asks
     ]
     results = CLIPerEngine(base, classifier=opposed, top_k=8).generate_batch(requests)
-    decoded, ending = matrices[0]  # the opposed engine's one decoding call, every row in it
+    decoded = matrices[0]  # the opposed engine's one decoding call, every row in it
     plain = CLIPerEngine(base, classifier=shared_classifier, top_k=8).generate_batch(requests)
     assert decoded.shape[0] == len(requests)
-    assert (ending is not None) == on_written
     elementary, expert = (shared_classifier.classes.index(name) for name in ("elementary", "expert"))
     for row, (request, result, reference) in enumerate(zip(requests, results, plain, strict=True)):
         opposite_alone = request.weights == {"expert": 40} and not request.preference_prompt
         assert decoded[row, elementary] == (-20 if opposite_alone else request.weights.get("elementary", 0))
         assert decoded[row, expert] == request.weights.get("expert", 0)
-        if on_written:  # the other pole's term, taken back off the end-of-turn tokens
-            assert ending[row].tolist() == [20.0 if opposite_alone and i == elementary else 0.0 for i in range(6)]
         assert result.weights == request.weights  # the request's own weights, as asked
         if not opposite_alone:
             assert result.text == reference.text

@@ -658,8 +658,6 @@ def _scores_alike_by_vocabulary_and_after_saving(classifier, base, hidden, candi
         ("unprompted_weight_factors", {"concise": -1.0}, r"unprompted_weight_factors\['concise'\]"),
         ("prompted_opposite_factors", {"expert": -0.5}, r"prompted_opposite_factors\['expert'\]"),
         ("unprompted_opposite_factors", {"sarcastic": 1.0}, "'sarcastic', which is not one of the classes"),
-        ("unprompted_written_opposite_factors", {"informative": -1.0}, r"written_opposite_factors\['informative'\]"),
-        ("prompted_written_opposite_factors", {"sarcastic": 1.0}, "'sarcastic', which is not one of the classes"),
     ],
 )
 def test_per_class_settings_out_of_range_or_naming_no_class_are_refused(shared_classifier, field, values, match):
@@ -700,21 +698,3 @@ def test_a_class_s_opposite_factor_weighs_against_its_other_pole_in_its_setting_
         "unfriendly": 0.0,
         "concise": -8.0,
     }
-    assert config.ending_weights({"informative": 8.0}, prompted=False) == {}
-
-
-def test_a_class_s_written_opposite_factor_weighs_the_other_pole_and_takes_it_back_off_ending(shared_classifier):
-    """On every token as ``*_opposite_factors`` do, and back off the decision to end (``ending_weights``, +γα),
-    by the same rules; with both kinds set, the two terms add up."""
-    from cliper_integrations.core.classifier import ClassifierConfig
-
-    settings = {
-        "prompted_written_opposite_factors": {"unfriendly": 0.5},
-        "prompted_opposite_factors": {"unfriendly": 1.0},
-    }
-    config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
-    asked = {"unfriendly": 8.0, "concise": 2.0}
-    assert config.opposite_weights(asked, prompted=True) == {**asked, "friendly": -12.0}
-    assert config.ending_weights(asked, prompted=True) == {"friendly": 4.0}
-    assert config.ending_weights({"unfriendly": 8.0}, prompted=False) == {}
-    assert config.ending_weights({"unfriendly": 8.0, "friendly": 1.0}, prompted=True) == {}

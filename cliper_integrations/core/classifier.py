@@ -163,15 +163,6 @@ class ClassifierConfig(BaseModel):
     that weighs both poles itself keeps its own weights. Measured per classifier on training-side prompts."""
     prompted_opposite_factors: dict[str, float] = Field(default_factory=dict)
     """The same, with the request also in the prompt (``preference_prompt``)."""
-    unprompted_written_opposite_factors: dict[str, float] = Field(default_factory=dict)
-    """Per class, with guidance alone, as ``unprompted_opposite_factors`` on the written tokens only: at weight
-    α and factor γ each written candidate scores −γα · log p_cls(c̄ | x) and the end-of-turn tokens score the
-    written candidates' expected term under the base model (``ending_weights`` of
-    ``ClassifierGuidedLogitsProcessor``), so the other pole's view of ending drops out. For a class whose other
-    pole's score of ending is about length, not about that class (friendly's, low, ends unfriendly's answers
-    sooner). Measured per classifier on training-side prompts."""
-    prompted_written_opposite_factors: dict[str, float] = Field(default_factory=dict)
-    """The same, with the request also in the prompt (``preference_prompt``)."""
     format_version: int = 1
 
     @model_validator(mode="after")
@@ -230,8 +221,6 @@ class ClassifierConfig(BaseModel):
             "unprompted_weight_factors": (self.unprompted_weight_factors, *factor),
             "unprompted_opposite_factors": (self.unprompted_opposite_factors, *factor),
             "prompted_opposite_factors": (self.prompted_opposite_factors, *factor),
-            "unprompted_written_opposite_factors": (self.unprompted_written_opposite_factors, *factor),
-            "prompted_written_opposite_factors": (self.prompted_written_opposite_factors, *factor),
         }
         named = {field_name: list(values) for field_name, (values, _, _) in per_class.items()}
         guards = {
@@ -267,38 +256,17 @@ class ClassifierConfig(BaseModel):
         return max(floors, default=None)
 
     def opposite_weights(self, weights: Mapping[str, float], prompted: bool) -> dict[str, float]:
-        """``weights`` with each weighted class's other pole weighed −factor·α on every token, by the setting's
-        ``unprompted_opposite_factors`` or ``prompted_opposite_factors`` and its ``*_written_opposite_factors``
-        (whose term ``ending_weights`` takes back off the end-of-turn tokens; ``_against_other_poles``)."""
+        """``weights`` with each weighted class's other pole weighed −factor·α, by the setting's
+        ``unprompted_opposite_factors`` or ``prompted_opposite_factors``; a pole the weights name already,
+        or one of another classifier's axes, is left as it is. Opposing poles of one axis both asked for
+        would otherwise take each other's weight away."""
+        factors = self.prompted_opposite_factors if prompted else self.unprompted_opposite_factors
         opposed = dict(weights)
-        for factors in self._opposite_factors(prompted):
-            for name, value in self._against_other_poles(weights, factors).items():
-                opposed[name] = opposed.get(name, 0.0) + value
+        for name, value in weights.items():
+            other = opposite(name)
+            if value and name in factors and other in self.classes and not weights.get(other):
+                opposed[other] = opposed.get(other, 0.0) - factors[name] * value
         return opposed
-
-    def ending_weights(self, weights: Mapping[str, float], prompted: bool) -> dict[str, float]:
-        """The weights of the decision to end (``ending_weights`` of ``ClassifierGuidedLogitsProcessor``): +factor·α
-        on each weighted class's other pole by the setting's ``*_written_opposite_factors``, cancelling the
-        term ``opposite_weights`` gives the end-of-turn tokens, which then score the written tokens' expected
-        one; empty when none applies."""
-        factors = self._opposite_factors(prompted)[1]
-        return {name: -value for name, value in self._against_other_poles(weights, factors).items()}
-
-    def _opposite_factors(self, prompted: bool) -> tuple[dict[str, float], dict[str, float]]:
-        """The setting's opposite factors on every token, and on the written tokens only."""
-        if prompted:
-            return self.prompted_opposite_factors, self.prompted_written_opposite_factors
-        return self.unprompted_opposite_factors, self.unprompted_written_opposite_factors
-
-    def _against_other_poles(self, weights: Mapping[str, float], factors: Mapping[str, float]) -> dict[str, float]:
-        """−factor·α on the other pole of each class ``weights`` weigh at α that ``factors`` names; a pole the
-        weights name already, or one of another classifier's axes, gets none. Opposing poles of one axis both
-        asked for would otherwise take each other's weight away."""
-        return {
-            other: -factors[name] * value
-            for name, value in weights.items()
-            if value and name in factors and (other := opposite(name)) in self.classes and not weights.get(other)
-        }
 
     def favourite_rule(self, classes: Sequence[str], prompted: bool) -> tuple[bool, int | None]:
         """Whether guidance towards ``classes`` holds the base model's favourite to a rule of its own (only
@@ -950,8 +918,7 @@ class PreferenceClassifier(nn.Module):
         the setting ``prompted`` names (both settings without it)."""
         per_setting = {False: "unprompted_", True: "prompted_"}
         settings_named = [prefix for p, prefix in per_setting.items() if prompted in (None, p)]
-        opposite_fields = [f"{prefix}{kind}opposite_factors" for prefix in settings_named for kind in ("", "written_")]
-        opposed = {name for field_name in opposite_fields for name in getattr(self.config, field_name)}
+        opposed = {name for prefix in settings_named for name in getattr(self.config, f"{prefix}opposite_factors")}
         read_classes = (
             None
             if classes is None
@@ -966,7 +933,7 @@ class PreferenceClassifier(nn.Module):
             "prior": "learned" if self.guides_with_prior else "uniform",
         }
         per_class_names = ("plausibility_floors", *(f"{prefix}plausibility_floors" for prefix in settings_named))
-        per_class_names += tuple(opposite_fields)
+        per_class_names += tuple(f"{prefix}opposite_factors" for prefix in settings_named)
         for field_name in per_class_names:
             own = getattr(self.config, field_name)
             if named := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:
