@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -108,6 +109,83 @@ def test_a_negative_weight_steers_away_and_two_opposed_poles_read_their_likeliho
     torch.testing.assert_close(out, torch.log_softmax(log_lm + 3 * ratio, -1), rtol=1e-4, atol=1e-4)
     away = (log_cls[..., 5] - log_cls[..., 4])[0]
     assert (out - log_lm)[0, away.argmax()] < (out - log_lm)[0, away.argmin()]
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_ending_weights_move_only_the_end_tokens_by_their_term_against_the_written_tokens_expected_term(
+    base, bayes_classifier, top_k
+):
+    """The end-of-turn tokens gain e(end) − Σ_y q(y) e(y) (e: the ending weights' term, q: the base model
+    over the scored written tokens); the written tokens keep ``weights``' scores, so only the odds of ending
+    move, and a row without ending weights is as without the option."""
+    from cliper_integrations.core.classifier import BackboneState
+
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Hi there"])
+    scores = next_scores(base, input_ids, mask)
+    ends = [3, 5]
+    alpha, ending = weights([0, 0, 0, 0, 2, 0], [0, 0, 0, 0, 2, 0]), weights([0, 0, 0, 0, 0, -4], [0] * 6)
+    make = functools.partial(
+        ClassifierGuidedLogitsProcessor,
+        bayes_classifier,
+        alpha,
+        mask,
+        top_k=top_k,
+        always_include=ends,
+        incremental=False,
+    )
+    plain, out = make()(input_ids, scores), make(ending_weights=ending)(input_ids, scores)
+    scored = torch.isfinite(plain[0]).nonzero().squeeze(-1)
+    written = scored[~torch.isin(scored, torch.tensor(ends))]
+    hidden = bayes_classifier.prefix_hidden(BackboneState(incremental=False), input_ids[:1], mask[:1])
+    log_lm = torch.log_softmax(scores[:1], -1)
+    log_cls = bayes_classifier.log_probs(hidden, scored[None], log_lm[:, scored])[0]
+    term = dict(zip(scored.tolist(), (-4 * log_cls[:, 5]).tolist(), strict=True))
+    q = torch.softmax(log_lm[0, written], -1)
+    expected_term = float((q * torch.tensor([term[t] for t in written.tolist()])).sum())
+    shift = out[0] - plain[0]  # log-softmax moves every token by the same constant, ends aside
+    constant = shift[written]
+    torch.testing.assert_close(constant, constant[:1].expand_as(constant), rtol=0, atol=1e-5)
+    for end in ends:
+        torch.testing.assert_close(shift[end] - constant[0], torch.tensor(term[end] - expected_term), atol=1e-4, rtol=0)
+    assert any(abs(term[end] - expected_term) > 1e-3 for end in ends)  # the term moved something
+    assert torch.equal(out[1], plain[1])
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_a_row_that_weighs_ending_measures_its_floor_from_its_best_written_token(base, bayes_classifier, top_k):
+    """Where the base model is sure of ending, the floor measured from the end-of-turn token leaves it alone;
+    a row with ending weights keeps the written tokens within the floor of its best written one, and a row
+    without them in the same batch keeps the usual floor."""
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Hi there"])
+    scores = next_scores(base, input_ids, mask)
+    end = 3
+    scores[:, end] = scores.max() + 30.0  # the base model all but certain of ending
+    ending = weights([0, 0, 0, 0, 0, -4], [0] * 6)
+    make = functools.partial(
+        ClassifierGuidedLogitsProcessor,
+        bayes_classifier,
+        weights([0, 0, 0, 0, 2, 0], [0, 0, 0, 0, 2, 0]),
+        mask,
+        top_k=top_k,
+        always_include=[end],
+        incremental=False,
+        plausibility=0.1,
+    )
+    plain, out = make()(input_ids, scores), make(ending_weights=ending)(input_ids, scores)
+    assert torch.isfinite(plain[0]).nonzero().squeeze(-1).tolist() == [end]
+    log_lm = torch.log_softmax(scores[0], -1)
+    written = torch.cat([log_lm[:end], log_lm[end + 1 :]])
+    kept = torch.isfinite(out[0]).nonzero().squeeze(-1).tolist()
+    assert end in kept and len(kept) > 1
+    assert all(log_lm[token] >= written.max() + math.log(0.1) - 1e-5 for token in kept if token != end)
+    assert torch.equal(out[1], plain[1])
+
+
+def test_rejects_malformed_ending_weights(base, shared_classifier):
+    _, mask = prompt_batch(base, ["Hi"])
+    for bad in (torch.zeros(1, 5), torch.zeros(2, 6), torch.tensor([[float("nan")] * 6])):
+        with pytest.raises(ValueError, match="ending_weights"):
+            ClassifierGuidedLogitsProcessor(shared_classifier, torch.zeros(1, 6), mask, ending_weights=bad)
 
 
 @pytest.mark.parametrize("top_k", [None, 8])

@@ -658,6 +658,8 @@ def _scores_alike_by_vocabulary_and_after_saving(classifier, base, hidden, candi
         ("unprompted_weight_factors", {"concise": -1.0}, r"unprompted_weight_factors\['concise'\]"),
         ("prompted_opposite_factors", {"expert": -0.5}, r"prompted_opposite_factors\['expert'\]"),
         ("unprompted_opposite_factors", {"sarcastic": 1.0}, "'sarcastic', which is not one of the classes"),
+        ("unprompted_ending_opposite_factors", {"informative": -1.0}, r"ending_opposite_factors\['informative'\]"),
+        ("prompted_ending_opposite_factors", {"sarcastic": 1.0}, "'sarcastic', which is not one of the classes"),
     ],
 )
 def test_per_class_settings_out_of_range_or_naming_no_class_are_refused(shared_classifier, field, values, match):
@@ -698,3 +700,17 @@ def test_a_class_s_opposite_factor_weighs_against_its_other_pole_in_its_setting_
         "unfriendly": 0.0,
         "concise": -8.0,
     }
+    assert config.ending_weights({"informative": 8.0}, prompted=False) == {}
+
+
+def test_a_class_s_ending_opposite_factor_weighs_only_the_other_pole_in_its_setting(shared_classifier):
+    """The decision to end gets the other pole's weight alone (the class's own weight stays with every
+    token), by the same rules as the factors on every token."""
+    from cliper_integrations.core.classifier import ClassifierConfig
+
+    settings = {"prompted_ending_opposite_factors": {"informative": 0.5}}
+    config = ClassifierConfig.model_validate({**shared_classifier.config.model_dump(), **settings})
+    assert config.ending_weights({"informative": 8.0, "friendly": 2.0}, prompted=True) == {"concise": -4.0}
+    assert config.ending_weights({"informative": 8.0}, prompted=False) == {}
+    assert config.ending_weights({"informative": 8.0, "concise": 1.0}, prompted=True) == {}
+    assert config.opposite_weights({"informative": 8.0}, prompted=True) == {"informative": 8.0}

@@ -163,6 +163,15 @@ class ClassifierConfig(BaseModel):
     that weighs both poles itself keeps its own weights. Measured per classifier on training-side prompts."""
     prompted_opposite_factors: dict[str, float] = Field(default_factory=dict)
     """The same, with the request also in the prompt (``preference_prompt``)."""
+    unprompted_ending_opposite_factors: dict[str, float] = Field(default_factory=dict)
+    """Per class, with guidance alone, how much guidance towards it weighs the other pole of its axis against
+    ending the answer only: at weight α and factor γ the end-of-turn tokens score −γα · log p_cls(c̄ | end)
+    against the written tokens' expected −γα · log p_cls(c̄ | x) (``ending_weights`` of
+    ``ClassifierGuidedLogitsProcessor``), and the written tokens keep the order guidance gives them. For a
+    class whose other pole knows when answers end better than it does. Measured per classifier on
+    training-side prompts."""
+    prompted_ending_opposite_factors: dict[str, float] = Field(default_factory=dict)
+    """The same, with the request also in the prompt (``preference_prompt``)."""
     format_version: int = 1
 
     @model_validator(mode="after")
@@ -221,6 +230,8 @@ class ClassifierConfig(BaseModel):
             "unprompted_weight_factors": (self.unprompted_weight_factors, *factor),
             "unprompted_opposite_factors": (self.unprompted_opposite_factors, *factor),
             "prompted_opposite_factors": (self.prompted_opposite_factors, *factor),
+            "unprompted_ending_opposite_factors": (self.unprompted_ending_opposite_factors, *factor),
+            "prompted_ending_opposite_factors": (self.prompted_ending_opposite_factors, *factor),
         }
         named = {field_name: list(values) for field_name, (values, _, _) in per_class.items()}
         guards = {
@@ -257,16 +268,26 @@ class ClassifierConfig(BaseModel):
 
     def opposite_weights(self, weights: Mapping[str, float], prompted: bool) -> dict[str, float]:
         """``weights`` with each weighted class's other pole weighed −factor·α, by the setting's
-        ``unprompted_opposite_factors`` or ``prompted_opposite_factors``; a pole the weights name already,
-        or one of another classifier's axes, is left as it is. Opposing poles of one axis both asked for
-        would otherwise take each other's weight away."""
+        ``unprompted_opposite_factors`` or ``prompted_opposite_factors`` (``_against_other_poles``)."""
         factors = self.prompted_opposite_factors if prompted else self.unprompted_opposite_factors
-        opposed = dict(weights)
-        for name, value in weights.items():
-            other = opposite(name)
-            if value and name in factors and other in self.classes and not weights.get(other):
-                opposed[other] = opposed.get(other, 0.0) - factors[name] * value
-        return opposed
+        return {**weights, **self._against_other_poles(weights, factors)}
+
+    def ending_weights(self, weights: Mapping[str, float], prompted: bool) -> dict[str, float]:
+        """The weights of the decision to end (``ending_weights`` of ``ClassifierGuidedLogitsProcessor``):
+        each weighted class's other pole at −factor·α, by the setting's ``unprompted_ending_opposite_factors``
+        or ``prompted_ending_opposite_factors`` (``_against_other_poles``); empty when none applies."""
+        factors = self.prompted_ending_opposite_factors if prompted else self.unprompted_ending_opposite_factors
+        return self._against_other_poles(weights, factors)
+
+    def _against_other_poles(self, weights: Mapping[str, float], factors: Mapping[str, float]) -> dict[str, float]:
+        """−factor·α on the other pole of each class ``weights`` weigh at α that ``factors`` names; a pole the
+        weights name already, or one of another classifier's axes, gets none. Opposing poles of one axis both
+        asked for would otherwise take each other's weight away."""
+        return {
+            other: -factors[name] * value
+            for name, value in weights.items()
+            if value and name in factors and (other := opposite(name)) in self.classes and not weights.get(other)
+        }
 
     def favourite_rule(self, classes: Sequence[str], prompted: bool) -> tuple[bool, int | None]:
         """Whether guidance towards ``classes`` holds the base model's favourite to a rule of its own (only
@@ -918,7 +939,8 @@ class PreferenceClassifier(nn.Module):
         the setting ``prompted`` names (both settings without it)."""
         per_setting = {False: "unprompted_", True: "prompted_"}
         settings_named = [prefix for p, prefix in per_setting.items() if prompted in (None, p)]
-        opposed = {name for prefix in settings_named for name in getattr(self.config, f"{prefix}opposite_factors")}
+        opposite_fields = [f"{prefix}{kind}opposite_factors" for prefix in settings_named for kind in ("", "ending_")]
+        opposed = {name for field_name in opposite_fields for name in getattr(self.config, field_name)}
         read_classes = (
             None
             if classes is None
@@ -933,7 +955,7 @@ class PreferenceClassifier(nn.Module):
             "prior": "learned" if self.guides_with_prior else "uniform",
         }
         per_class_names = ("plausibility_floors", *(f"{prefix}plausibility_floors" for prefix in settings_named))
-        per_class_names += tuple(f"{prefix}opposite_factors" for prefix in settings_named)
+        per_class_names += tuple(opposite_fields)
         for field_name in per_class_names:
             own = getattr(self.config, field_name)
             if named := {name: own[name] for name in (self.classes if classes is None else classes) if name in own}:

@@ -808,13 +808,13 @@ class CLIPerEngine:
         if openings is not None:
             checked = [i for i, row in enumerate(rows) if row.guided and not row.opening]
             opening_check = _OpeningCheck(self.decode, self.declines, width, self.refusal_lookahead, checked)
-        weights = self._weight_matrix(rows)
+        weights = self._weight_matrices(rows)
         if weights is not None:
             assert self.classifier is not None
             processors.append(
                 ClassifierGuidedLogitsProcessor(
                     self.classifier,
-                    weights,
+                    weights[0],
                     attention_mask,
                     top_k=self.top_k,
                     always_include=self.eos_token_ids,
@@ -822,6 +822,7 @@ class CLIPerEngine:
                     no_repeat_ngram=self.guided_no_repeat_ngram,
                     plausibility=[self._plausibility_floor(row) for row in rows],
                     favourite_ngrams=self._favourite_ngrams(rows),
+                    ending_weights=weights[1],
                 )
             )
         requests = [row.request for row in rows]
@@ -1077,18 +1078,24 @@ class CLIPerEngine:
             return None
         return [n if holds else self.guided_no_repeat_ngram for holds, n in rules]
 
-    def _weight_matrix(self, rows: list[_PreparedRow]) -> torch.Tensor | None:
-        """[rows, classes] guidance weights: each row's own, with the other poles the classifier weighs
-        against them in its setting (``ClassifierConfig.opposite_weights``)."""
+    def _weight_matrices(self, rows: list[_PreparedRow]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """[rows, classes] guidance weights, each row's own with the other poles the classifier weighs against
+        them in its setting (``ClassifierConfig.opposite_weights``), and the weights of the decision to end
+        (``ClassifierConfig.ending_weights``; None where no row has any)."""
         if self.classifier is None or not any(row.guided for row in rows):
             return None
         config = self.classifier.config
         order = {name: index for index, name in enumerate(self.classifier.classes)}
-        matrix = torch.zeros((len(rows), len(order)))
-        for index, row in enumerate(rows):
-            for name, value in config.opposite_weights(row.result.weights, row.request.preference_prompt).items():
-                matrix[index, order[name]] = value
-        return matrix
+
+        def matrix(weigh: Callable[[Mapping[str, float], bool], dict[str, float]]) -> torch.Tensor:
+            filled = torch.zeros((len(rows), len(order)))
+            for index, row in enumerate(rows):
+                for name, value in weigh(row.result.weights, row.request.preference_prompt).items():
+                    filled[index, order[name]] = value
+            return filled
+
+        ending = matrix(config.ending_weights)
+        return matrix(config.opposite_weights), ending if ending.any() else None
 
     def _finish(self, row: _PreparedRow, generated: list[int], stopped_at: int | None, seconds: float) -> None:
         """Cut the row at its end token, stop point or stop string, and fill in its result (``seconds``

@@ -24,6 +24,16 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
     * A negative α_c steers away from class c: with α_c = −α_d for the two poles c, d of one axis the
       bonus is α_d · log [p(x | prefix, d) / p(x | prefix, c)] in the bayes form, the posteriors'
       normaliser cancelling.
+    * ``ending_weights`` (β, [batch, classes]) weigh the decision to end alone. With
+      e(x) = Σ_c β_{b,c} · log p_cls(c | prefix, x), each ``always_include`` (end-of-turn) token gains
+
+          e(end) − Σ_y q(y) · e(y),   q = p_LM renormalized over the scored tokens that are not ``always_include``
+
+      and the written tokens gain nothing, so they keep the order ``weights`` give them. A class's other
+      pole weighed so (β < 0) asks whether ending reads more like that pole than writing on does, without
+      the push between written tokens that weighing it on every candidate brings, at a cost in fluency.
+      Such rows measure the ``plausibility`` floor from their best written token, not from an end-of-turn
+      token the base model is sure of, which would leave nothing to weigh ending against.
     * Rows whose weights are all zero are returned unchanged, bit for bit: α = 0 is exactly unguided.
     * ``top_k``: only the base model's k most likely tokens (plus ``always_include``, e.g. the
       end-of-turn tokens) are scored by the classifier; every other token is **masked** (-inf), as in
@@ -58,6 +68,7 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         classifier: the preference classifier.
         weights: [batch, num_classes] guidance weights, in ``classifier.classes`` order.
         prompt_attention_mask: [batch, prompt_len] mask of the (left-padded) prompt batch.
+        ending_weights: [batch, num_classes] weights of the decision to end; None: no such term.
     """
 
     def __init__(
@@ -72,14 +83,23 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         no_repeat_ngram: int | None = None,
         plausibility: float | Sequence[float | None] | None = None,
         favourite_ngrams: Sequence[int | None] | None = None,
+        ending_weights: torch.Tensor | None = None,
     ) -> None:
         if weights.ndim != 2 or weights.shape[1] != len(classifier.classes):
             raise ValueError(f"weights must be [batch, {len(classifier.classes)}], got {tuple(weights.shape)}")
-        if not torch.isfinite(weights).all():
-            raise ValueError("weights must be finite")
+        if ending_weights is not None and ending_weights.shape != weights.shape:
+            raise ValueError(
+                f"ending_weights must be shaped as weights, {tuple(weights.shape)}, got {tuple(ending_weights.shape)}"
+            )
+        for name, given in (("weights", weights), ("ending_weights", ending_weights)):
+            if given is not None and not torch.isfinite(given).all():
+                raise ValueError(f"{name} must be finite")
         self.classifier = classifier
         self.weights = weights.float()
+        self.ending_weights = None if ending_weights is None else ending_weights.float()
         self.guided_rows = (self.weights != 0).any(dim=-1)
+        if self.ending_weights is not None:
+            self.guided_rows |= (self.ending_weights != 0).any(dim=-1)
         self.prompt_attention_mask = prompt_attention_mask
         self.top_k = top_k
         self.always_include = torch.tensor(sorted(set(always_include)), dtype=torch.long)
@@ -124,8 +144,15 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
     def _implausible(self, log_lm: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
         """Tokens below the row's ``plausibility`` times its most likely token that is not ``banned``,
         ``always_include`` excepted. Measured from the best token still allowed: were it measured from a
-        banned favourite, the exempt end-of-turn token could be all that is left, ending the answer."""
+        banned favourite, the exempt end-of-turn token could be all that is left, ending the answer. On rows
+        that weigh the decision to end (``ending_weights``) it is measured from the best written token, so
+        that where the base model is sure of ending there are still written candidates to weigh it against."""
         assert self.log_plausibility is not None
+        if self.ending_weights is not None and len(self.always_include):
+            ends = self.always_include.to(log_lm.device)
+            weighs_ending = (self.ending_weights != 0).any(dim=-1).to(log_lm.device)
+            banned = banned.clone()
+            banned[:, ends] |= weighs_ending[:, None]
         best = log_lm.masked_fill(banned, float("-inf")).max(dim=-1, keepdim=True).values
         floor = best + self.log_plausibility.to(log_lm.device)
         implausible = log_lm < floor
@@ -159,6 +186,26 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             banned[rows, favourite[rows]] = held[rows, favourite[rows]]
         return banned
 
+    def _bonus(
+        self, log_cls: torch.Tensor, candidates: torch.Tensor | None, candidate_log_lm: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, N] what guidance adds to the scored tokens (log_cls [B, N, K] and candidate_log_lm [B, N] of the
+        ``candidates`` [B, N], or of the whole vocabulary in id order for None): Σ_c α_c · log p_cls(c | x),
+        and on the end-of-turn tokens the ``ending_weights``' term against the written tokens' expected one."""
+        bonus = (log_cls * self.weights.to(log_cls.device)[:, None, :]).sum(-1)
+        if self.ending_weights is None or not len(self.always_include):
+            return bonus
+        ends = self.always_include.to(log_cls.device)
+        if candidates is None:
+            at_end = torch.zeros(log_cls.shape[1], dtype=torch.bool, device=log_cls.device).index_fill(0, ends, True)
+            at_end = at_end.expand(log_cls.shape[0], -1)
+        else:
+            at_end = torch.isin(candidates, ends)
+        term = (log_cls * self.ending_weights.to(log_cls.device)[:, None, :]).sum(-1)
+        written = torch.softmax(candidate_log_lm.masked_fill(at_end, float("-inf")), dim=-1)
+        expected = (written * term.masked_fill(written == 0, 0.0)).sum(-1, keepdim=True)
+        return bonus + torch.where(at_end, term - expected, 0.0)
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         active = self.guided_rows.to(scores.device)
@@ -166,20 +213,17 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
             active = active & ~self.suspend(input_ids).to(scores.device)
         if not active.any():
             return scores
-        weights = self.weights.to(scores.device)
         prefix = self.classifier.prefix_hidden(self.state, input_ids, self._attention_mask(input_ids))
         log_lm = torch.log_softmax(scores.float(), dim=-1)
         if self.top_k is None:
             log_cls = self.classifier.log_probs(prefix, None, log_lm)[:, : log_lm.shape[-1]]
-            bonus = (log_cls * weights[:, None, :]).sum(-1)
-            guided = log_lm + bonus
+            guided = log_lm + self._bonus(log_cls, None, log_lm)
         else:
             candidates = self._candidates(log_lm)
             candidate_log_lm = log_lm.gather(1, candidates)
             log_cls = self.classifier.log_probs(prefix, candidates, candidate_log_lm)
-            bonus = (log_cls * weights[:, None, :]).sum(-1)
             guided = torch.full_like(log_lm, float("-inf"))
-            guided.scatter_(1, candidates, candidate_log_lm + bonus)
+            guided.scatter_(1, candidates, candidate_log_lm + self._bonus(log_cls, candidates, candidate_log_lm))
         banned = self._repeats(input_ids, active, log_lm.shape[-1], self.no_repeat_ngram)
         if self.favourite_ngrams is not None and self.no_repeat_ngram is not None:
             banned = self._hold_favourite(banned, input_ids, active, log_lm)
