@@ -97,9 +97,12 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         self.classifier = classifier
         self.weights = weights.float()
         self.ending_weights = None if ending_weights is None else ending_weights.float()
-        self.guided_rows = (self.weights != 0).any(dim=-1)
-        if self.ending_weights is not None:
-            self.guided_rows |= (self.ending_weights != 0).any(dim=-1)
+        self.ending_rows = (
+            torch.zeros(weights.shape[0], dtype=torch.bool)
+            if self.ending_weights is None
+            else (self.ending_weights != 0).any(dim=-1)
+        )
+        self.guided_rows = (self.weights != 0).any(dim=-1) | self.ending_rows
         self.prompt_attention_mask = prompt_attention_mask
         self.top_k = top_k
         self.always_include = torch.tensor(sorted(set(always_include)), dtype=torch.long)
@@ -148,11 +151,9 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         that weigh the decision to end (``ending_weights``) it is measured from the best written token, so
         that where the base model is sure of ending there are still written candidates to weigh it against."""
         assert self.log_plausibility is not None
-        if self.ending_weights is not None and len(self.always_include):
-            ends = self.always_include.to(log_lm.device)
-            weighs_ending = (self.ending_weights != 0).any(dim=-1).to(log_lm.device)
+        if self.ending_rows.any() and len(self.always_include):
             banned = banned.clone()
-            banned[:, ends] |= weighs_ending[:, None]
+            banned[:, self.always_include.to(log_lm.device)] |= self.ending_rows.to(log_lm.device)[:, None]
         best = log_lm.masked_fill(banned, float("-inf")).max(dim=-1, keepdim=True).values
         floor = best + self.log_plausibility.to(log_lm.device)
         implausible = log_lm < floor
