@@ -43,7 +43,8 @@ def main() -> None:
             f"{fluency(base, row)}  words {row['words']:.1f} "
             f"(unguided {base['words']:.1f}) ppl {row['perplexity']:.2f} (unguided {base['perplexity']:.2f}) "
             f"fk {row['fk_grade']:.2f} (unguided {base['fk_grade']:.2f}) "
-            f"stopped short {row['stopped_short']:.2f} refusals {row['refusals']:.2f}"
+            f"stopped short {row['stopped_short']:.2f} unfinished {row['unfinished']:.2f} "
+            f"refusals {row['refusals']:.2f}"
         )
 
 

@@ -18,6 +18,10 @@ then get it the same way: where a prompted job's first batch comes out the same 
 its request is written onto every answer of that job that lacks one (nothing else on the line changes).
 
     python benchmarks/resign_store.py docs --jobs 'expert|guidance|8' 'elementary+friendly|prompt+guidance|1,2'
+
+Where the new code is meant to decode some jobs differently (a fix on the rows one option reaches), ``--drop``
+takes those jobs' answers out of the store as it is re-signed, so that ``cliper eval --reuse-from`` answers
+them again instead of lending answers the new code would not make.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a `cliper eval` output folder")
     parser.add_argument("--jobs", nargs="+", required=True, help="job keys to answer again (as the store names them)")
+    parser.add_argument(
+        "--drop", nargs="*", default=[], help="job keys the new code answers differently: their answers are taken out"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="the run's --batch-size")
     parser.add_argument("--prompts-dir", type=Path, default=Path("../shared/data/eval"))
     parser.add_argument("--model", default=EMBEDDED_SPEC)
@@ -68,6 +75,10 @@ def main() -> None:
     if differs - {"classifier", "decoding_rule"}:
         raise SystemExit(f"{path} differs in more than the decoding rule's code: {sorted(differs)}")
     jobs = [Job.from_key(key) for key in args.jobs]
+    if vouching_and_dropped := set(args.jobs) & set(args.drop):
+        raise SystemExit(f"{sorted(vouching_and_dropped)}: a job cannot vouch for the code and be dropped")
+    if missing := set(args.drop) - {r["job"] for r in records}:
+        raise SystemExit(f"{path} holds no answers of {sorted(missing)} to drop")
     unstamped = {job.key: job.request for job in jobs if job.request and any(unrequested(r, job) for r in records)}
     if "decoding_rule" not in differs and not unstamped:
         raise SystemExit(f"{path} is already signed for this code")
@@ -91,7 +102,10 @@ def main() -> None:
         written = json.loads(header)
         header = json.dumps({**written, "run": {**written["run"], "decoding_rule": current["decoding_rule"]}})
         print(f"{path}: decoding_rule {stored['decoding_rule']} -> {current['decoding_rule']}")
-    path.write_text("".join(f"{line}\n" for line in [header, *(stamped(line, unstamped) for line in lines)]))
+    kept = [line for line in lines if json.loads(line)["job"] not in args.drop]
+    path.write_text("".join(f"{line}\n" for line in [header, *(stamped(line, unstamped) for line in kept)]))
+    if args.drop:
+        print(f"{path}: {len(lines) - len(kept)} answers of {', '.join(args.drop)} taken out")
     for key, request in unstamped.items():
         print(f"{key}: request {request} recorded on its answers")
 

@@ -186,7 +186,7 @@ def main() -> None:
                 f"{label}: {verdicts}  {further}  {fluency(unguided, row)}  words {row['words']:.1f} "
                 f"fk {row['fk_grade']:.1f} vader {row['vader']:.2f} ppl {row['perplexity']:.2f} "
                 f"distinct-2 {row['distinct2']:.2f} refusals {row['refusals']:.2f} "
-                f"stopped short {row['stopped_short']:.2f}",
+                f"stopped short {row['stopped_short']:.2f} unfinished {row['unfinished']:.2f}",
                 flush=True,
             )
 

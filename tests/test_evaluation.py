@@ -108,7 +108,7 @@ def test_eval_measures_the_classes_asked_for_and_counts_answers_cut_off(tmp_path
     unguided = [r for r in records[1:] if r["job"] == "-|unguided|0"]
     cut = [r["finish_reason"] == "length" for r in unguided]
     assert numbers["unguided"]["cut_off"] == pytest.approx(sum(cut) / len(cut))
-    assert "| cut off | stopped short |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| cut off | stopped short | unfinished |" in (tmp_path / "out" / "results.md").read_text()
     older = [{key: value for key, value in r.items() if key != "finish_reason"} for r in unguided]
     assert math.isnan(summarize(older)["cut_off"]) and math.isnan(summarize(older)["stopped_short"])
 
@@ -126,6 +126,28 @@ def test_answers_the_model_ends_within_a_few_words_count_as_stopped_short():
     # ended by the model after a few words: counted; as many words but out of tokens, or one more: not
     records = [record(few, "stop"), record("The", "stop"), record(few, "length"), record(enough, "stop")]
     assert summarize(records)["stopped_short"] == pytest.approx(0.5)
+
+
+def test_answers_the_model_ends_mid_sentence_count_as_unfinished():
+    """Ended by the model on a word, a digit or a comma: unfinished; on closing punctuation, a table's bar or
+    code's brace, cut off by the token cap, or declining: not."""
+    from cliper_integrations.evaluation.steering import summarize
+
+    def record(response: str, finish_reason: str = "stop", refusal: bool = False) -> dict:
+        fields = {"words": len(response.split()), "fk_grade": 5.0, "vader": 0.0, "perplexity": 2.0}
+        return {"response": response, "finish_reason": finish_reason, "refusal": refusal, **fields}
+
+    unfinished = [record("Subject"), record("To estimate the cost of supplies required \n"), record("about 3,")]
+    finished = [
+        record("It rains."),
+        record("| a | b |"),
+        record("```python\nprint(1)\n```"),
+        record("Cut off by the cap at", "length"),
+        record("I can't help with that", refusal=True),
+    ]
+    assert summarize(unfinished + finished)["unfinished"] == pytest.approx(3 / 8)
+    older = [{key: value for key, value in r.items() if key != "finish_reason"} for r in unfinished]
+    assert math.isnan(summarize(older)["unfinished"])
 
 
 def test_a_hedge_that_goes_on_to_answer_is_not_counted_as_declining(base, monkeypatch):

@@ -397,3 +397,28 @@ def test_each_row_holds_the_base_models_favourite_to_its_own_ngram_and_nothing_e
     for bad, match in (([None, None], "rows"), ([1], "at least 2")):
         with pytest.raises(ValueError, match=match):
             ClassifierGuidedLogitsProcessor(classifier, torch.zeros(1, 6), mask, favourite_ngrams=bad)
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_a_row_that_weighs_ending_holds_its_end_tokens_to_the_floor(base, bayes_classifier, top_k):
+    """Mid-sentence, where the base model finds ending implausible, a row with ending weights cannot end
+    however strongly it weighs ending (a large β once cut answers off mid-word); a row without them in the
+    same batch keeps the end-of-turn token exempt, so guidance can still end an answer early."""
+    input_ids, mask = prompt_batch(base, ["Explain rain", "Explain rain"])
+    scores = next_scores(base, input_ids, mask)
+    end = 3
+    scores[:, end] = scores.min() - 30.0  # the base model all but sure it does not end here
+    processor = ClassifierGuidedLogitsProcessor(
+        bayes_classifier,
+        weights([0, 0, 0, 0, 2, 0], [0, 0, 0, 0, 2, 0]),
+        mask,
+        top_k=top_k,
+        always_include=[end],
+        incremental=False,
+        plausibility=0.1,
+        ending_weights=weights([0, 0, 0, 0, 0, -64], [0] * 6),
+    )
+    out = processor(input_ids, scores)
+    assert out[0, end] == float("-inf")
+    assert torch.isfinite(out[1, end])
+    assert torch.isfinite(out[0]).sum() > 0

@@ -33,7 +33,9 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       pole weighed so (β < 0) asks whether ending reads more like that pole than writing on does, without
       the push between written tokens that weighing it on every candidate brings, at a cost in fluency.
       Such rows measure the ``plausibility`` floor from their best written token, not from an end-of-turn
-      token the base model is sure of, which would leave nothing to weigh ending against.
+      token the base model is sure of, which would leave nothing to weigh ending against, and hold their
+      end-of-turn tokens to it too: exempt, a large β could lift an end the base model finds implausible
+      (mid-sentence, p ≈ 1e-6) over every written token and cut the answer off mid-word.
     * Rows whose weights are all zero are returned unchanged, bit for bit: α = 0 is exactly unguided.
     * ``top_k``: only the base model's k most likely tokens (plus ``always_include``, e.g. the
       end-of-turn tokens) are scored by the classifier; every other token is **masked** (-inf), as in
@@ -58,7 +60,8 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
       need different floors share a batch): on guided rows, a token whose base probability is below β
       times that of the most likely token the loop guard allows is left out, whatever the classifier says
       (the adaptive plausibility constraint of contrastive decoding, Li et al. 2023);
-      ``always_include`` tokens are exempt, so an answer can still be ended early. Guidance then
+      ``always_include`` tokens are exempt (except on rows that weigh ending, above), so an answer can still
+      be ended early. Guidance then
       reorders only what the base model finds plausible: a large α can no longer lift a token of
       probability 0.001 over one of 0.5, which is what breaks fluency (near-loops, digit strings).
     * A row can never become all -inf or NaN: if guidance yields no finite score, the row falls back
@@ -149,16 +152,19 @@ class ClassifierGuidedLogitsProcessor(LogitsProcessor):
         ``always_include`` excepted. Measured from the best token still allowed: were it measured from a
         banned favourite, the exempt end-of-turn token could be all that is left, ending the answer. On rows
         that weigh the decision to end (``ending_weights``) it is measured from the best written token, so
-        that where the base model is sure of ending there are still written candidates to weigh it against."""
+        that where the base model is sure of ending there are still written candidates to weigh it against,
+        and it holds the end-of-turn tokens too, so that weighing ending never lifts an implausible end."""
         assert self.log_plausibility is not None
-        if self.ending_rows.any() and len(self.always_include):
+        ends = self.always_include.to(log_lm.device)
+        ending_rows = self.ending_rows.to(log_lm.device)[:, None]
+        if self.ending_rows.any():
             banned = banned.clone()
-            banned[:, self.always_include.to(log_lm.device)] |= self.ending_rows.to(log_lm.device)[:, None]
+            banned[:, ends] |= ending_rows
         best = log_lm.masked_fill(banned, float("-inf")).max(dim=-1, keepdim=True).values
         floor = best + self.log_plausibility.to(log_lm.device)
         implausible = log_lm < floor
-        if len(self.always_include):
-            implausible[:, self.always_include.to(log_lm.device)] = False
+        if len(ends):
+            implausible[:, ends] &= ending_rows
         return implausible
 
     def _repeats(self, input_ids: torch.Tensor, active: torch.Tensor, vocab_size: int, n: int | None) -> torch.Tensor:

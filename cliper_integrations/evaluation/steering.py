@@ -57,6 +57,10 @@ COMBINATIONS = [("concise", "friendly"), ("elementary", "friendly"), ("expert", 
 # mean per token) and distinct-2 (which rises as answers shrink) do not see guidance that ends an answer
 # after a word or two (docs/classifier.md, "Unfriendly alone at α 40 or 48?").
 SHORT_ANSWER_WORDS = 5
+# An answer the model ended itself on one of these (or on a letter or digit) stops mid-sentence, unless it
+# declines: guidance that lifts an implausible end cuts answers off so (docs/classifier.md, "End-of-turn tokens
+# held to the floor on rows that weigh ending"). A list's last item counts too; the unguided rate is the reference.
+MID_SENTENCE_ENDINGS = ",;:(-"
 
 
 @dataclass
@@ -371,6 +375,7 @@ def summarize(records: list[dict], declined: Callable[[dict], bool] = itemgetter
     stops reads as one sentence of 150 words: grade 50; ``CENTRES``). ``cut_off``: the share of answers that ran out of
     new tokens (NaN when a record predates it): a length ratio means little where answers were cut off.
     ``stopped_short``: the share the model ended itself in fewer than ``SHORT_ANSWER_WORDS`` words (NaN likewise).
+    ``unfinished``: the share the model ended itself mid-sentence, not declining (``ends_mid_sentence``; NaN likewise).
     ``refusals``: the share ``declined`` (by default the ``refusal`` each answer records: ``is_refusal``)."""
     perplexities = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
     known = all("finish_reason" in r for r in records)
@@ -386,7 +391,16 @@ def summarize(records: list[dict], declined: Callable[[dict], bool] = itemgetter
             if known
             else float("nan")
         ),
+        "unfinished": (
+            statistics.mean(ends_mid_sentence(r) and not declined(r) for r in records) if known else float("nan")
+        ),
     }
+
+
+def ends_mid_sentence(record: dict) -> bool:
+    """Whether the model itself ended an answer on a letter, a digit or ``MID_SENTENCE_ENDINGS``."""
+    text = record["response"].rstrip()
+    return record["finish_reason"] == "stop" and bool(text) and (text[-1].isalnum() or text[-1] in MID_SENTENCE_ENDINGS)
 
 
 def job_request(prompt: str | Sequence[Message], job: Job, config: EvalConfig) -> GenerationRequest:
@@ -689,15 +703,17 @@ def report(results: dict, config: EvalConfig) -> str:
         f"{_other_alphas(results)}, {_floors(results)}, {_loop_guard(results)}. "
         "FK grade and perplexity are medians over the prompts, the other metrics means; cut off: answers "
         f"that ran out of new tokens; stopped short: answers the model ended in fewer than {SHORT_ANSWER_WORDS} "
-        "words (– where the stored answers predate the record of how they ended); refusals: answers that decline "
+        "words; unfinished: answers the model ended on a word, a digit or one of , ; : ( -, not declining (a "
+        "list's last item counts too: compare with the unguided rate) (– where the stored answers predate the "
+        "record of how they ended); refusals: answers that decline "
         'the task, not counting those that open "As an AI …" and go on past the engine\'s disclaimer look-ahead '
         "(a hedge, then an answer).",
         "",
         "Unguided: " + ", ".join(f"{k} {v:.2f}" for k, v in base.items() if not math.isnan(v)),
         "",
         "| classes | setting | words | FK grade | VADER | distinct-2 | perplexity | refusals | cut off "
-        "| stopped short | target vs unguided |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stopped short | unfinished | target vs unguided |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for classes, settings in results["table"].items():
         for setting, row in settings.items():
@@ -705,7 +721,7 @@ def report(results: dict, config: EvalConfig) -> str:
             lines.append(
                 f"| {classes} | {setting} | {row['words']:.1f} | {row['fk_grade']:.2f} | {row['vader']:.3f} | "
                 f"{row['distinct2']:.3f} | {row['perplexity']:.2f} | {row['refusals']:.0%} | {_share(row['cut_off'])} "
-                f"| {_share(row['stopped_short'])} | {target} |"
+                f"| {_share(row['stopped_short'])} | {_share(row['unfinished'])} | {target} |"
             )
     lines += [
         "",
