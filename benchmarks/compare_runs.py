@@ -33,7 +33,7 @@ from pathlib import Path
 from cliper_integrations.core.preferences import is_disclaimer
 from cliper_integrations.evaluation.steering import Job, read_store, summarize
 
-SHOWN = ("words", "fk_grade", "vader", "distinct2", "perplexity", "refusals")
+SHOWN = ("words", "fk_grade", "vader", "distinct2", "perplexity", "refusals", "unfinished")
 UNGUIDED = Job((), "unguided", 0.0).key
 
 
