@@ -35,6 +35,21 @@ def weights(*rows):
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def floored_friendly(classifier, mask, top_k, end, **options):
+    """Two rows guided towards friendly at α 2 under a plausibility floor of 0.1, ``end`` their one end-of-turn
+    token (the ending floor tests' processor; ``options`` add e.g. ``ending_weights``)."""
+    return ClassifierGuidedLogitsProcessor(
+        classifier,
+        weights([0, 0, 0, 0, 2, 0], [0, 0, 0, 0, 2, 0]),
+        mask,
+        top_k=top_k,
+        always_include=[end],
+        incremental=False,
+        plausibility=0.1,
+        **options,
+    )
+
+
 class Recorder:
     """Wraps a processor in ``generate`` and keeps each step's inputs and outputs."""
 
@@ -161,17 +176,8 @@ def test_a_row_that_weighs_ending_measures_its_floor_from_its_best_written_token
     end = 3
     scores[:, end] = scores.max() + 30.0  # the base model all but certain of ending
     ending = weights([0, 0, 0, 0, 0, -4], [0] * 6)
-    make = functools.partial(
-        ClassifierGuidedLogitsProcessor,
-        bayes_classifier,
-        weights([0, 0, 0, 0, 2, 0], [0, 0, 0, 0, 2, 0]),
-        mask,
-        top_k=top_k,
-        always_include=[end],
-        incremental=False,
-        plausibility=0.1,
-    )
-    plain, out = make()(input_ids, scores), make(ending_weights=ending)(input_ids, scores)
+    plain = floored_friendly(bayes_classifier, mask, top_k, end)(input_ids, scores)
+    out = floored_friendly(bayes_classifier, mask, top_k, end, ending_weights=ending)(input_ids, scores)
     assert torch.isfinite(plain[0]).nonzero().squeeze(-1).tolist() == [end]
     log_lm = torch.log_softmax(scores[0], -1)
     written = torch.cat([log_lm[:end], log_lm[end + 1 :]])
@@ -408,17 +414,8 @@ def test_a_row_that_weighs_ending_holds_its_end_tokens_to_the_floor(base, bayes_
     scores = next_scores(base, input_ids, mask)
     end = 3
     scores[:, end] = scores.min() - 30.0  # the base model all but sure it does not end here
-    processor = ClassifierGuidedLogitsProcessor(
-        bayes_classifier,
-        weights([0, 0, 0, 0, 2, 0], [0, 0, 0, 0, 2, 0]),
-        mask,
-        top_k=top_k,
-        always_include=[end],
-        incremental=False,
-        plausibility=0.1,
-        ending_weights=weights([0, 0, 0, 0, 0, -64], [0] * 6),
-    )
-    out = processor(input_ids, scores)
+    ending = weights([0, 0, 0, 0, 0, -64], [0] * 6)
+    out = floored_friendly(bayes_classifier, mask, top_k, end, ending_weights=ending)(input_ids, scores)
     assert out[0, end] == float("-inf")
     assert torch.isfinite(out[1, end])
     assert torch.isfinite(out[0]).sum() > 0

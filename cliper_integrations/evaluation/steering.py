@@ -378,13 +378,14 @@ def summarize(records: list[dict], declined: Callable[[dict], bool] = itemgetter
     ``unfinished``: the share the model ended itself mid-sentence, not declining (``ends_mid_sentence``; NaN likewise).
     ``refusals``: the share ``declined`` (by default the ``refusal`` each answer records: ``is_refusal``)."""
     perplexities = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
+    refused = [declined(r) for r in records]
     known = all("finish_reason" in r for r in records)
     centred = {metric: float(centre([r[metric] for r in records])) for metric, centre in CENTRES.items()}
     return {
         **centred,
         "distinct2": distinct_n([r["response"] for r in records], 2),
         "perplexity": statistics.median(perplexities) if perplexities else float("nan"),
-        "refusals": statistics.mean(declined(r) for r in records),
+        "refusals": statistics.mean(refused),
         "cut_off": statistics.mean(r["finish_reason"] == "length" for r in records) if known else float("nan"),
         "stopped_short": (
             statistics.mean(r["finish_reason"] == "stop" and r["words"] < SHORT_ANSWER_WORDS for r in records)
@@ -392,7 +393,9 @@ def summarize(records: list[dict], declined: Callable[[dict], bool] = itemgetter
             else float("nan")
         ),
         "unfinished": (
-            statistics.mean(ends_mid_sentence(r) and not declined(r) for r in records) if known else float("nan")
+            statistics.mean(ends_mid_sentence(r) and not refusal for r, refusal in zip(records, refused, strict=True))
+            if known
+            else float("nan")
         ),
     }
 
