@@ -130,14 +130,19 @@ def none_or(cast: Callable[[str], T]) -> Callable[[str], T | None]:
     return lambda text: None if text == "none" else cast(text)
 
 
-def _alphas(text: str) -> list[float]:
-    return [float(value) for value in text.split(",")]
+def _alphas(text: str) -> list[float | tuple[float, ...]]:
+    """Comma-separated α values; one of them may give each class of a combination its own, joined by '/'
+    in the combination's order (``4/16`` for ``concise+unfriendly``: concise 4, unfriendly 16)."""
+    values = [tuple(float(part) for part in value.split("/")) for value in text.split(",")]
+    return [value if len(value) > 1 else value[0] for value in values]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("classifier", help="a classifier folder, or 'default'")
-    parser.add_argument("--alphas", default="8", help="comma-separated α values")
+    parser.add_argument(
+        "--alphas", default="8", help="comma-separated α values; '/' gives each class of a combination its own"
+    )
     parser.add_argument("--classes", default=",".join(TARGETS), help="comma-separated classes; '+' joins a combination")
     parser.add_argument("--setting", choices=("guidance", "prompt+guidance"), default="guidance")
     add_instruction_options(parser, prompts=6, max_new_tokens=64)
@@ -177,7 +182,8 @@ def main() -> None:
         # the prompt job's weight only says which classes to ask for (guidance is off)
         prompted = answer(Job(names, "prompt", 1.0)) if args.setting == "prompt+guidance" else None
         rows = [(f"{spec:>11} prompt", prompted)] if prompted else []
-        rows += [(f"{spec:>11} α={alpha}", answer(Job(names, args.setting, alpha))) for alpha in _alphas(args.alphas)]
+        jobs = [Job(names, args.setting, alpha) for alpha in _alphas(args.alphas)]
+        rows += [(f"{spec:>11} α={job.key.rsplit('|', 1)[1]}", answer(job)) for job in jobs]
         for label, row in rows:
             verdicts = "  ".join(verdict(name, unguided, row) for name in names)
             compared = prompted is not None and row is not prompted
