@@ -22,6 +22,14 @@ its request is written onto every answer of that job that lacks one (nothing els
 Where the new code is meant to decode some jobs differently (a fix on the rows one option reaches), ``--drop``
 takes those jobs' answers out of the store as it is re-signed, so that ``cliper eval --reuse-from`` answers
 them again instead of lending answers the new code would not make.
+
+Answers made before the engine recorded how each ended (``finish_reason``, session 30) leave a page's cut-off,
+stopped-short and unfinished cells blank for their rows. ``--complete`` answers those again, in the batches
+``cliper eval`` made them in (each job's prompts ``--batch-size`` at a time, in prompt order), in a store signed
+for the current code, and writes the ending onto each one the current code answers the same, byte for byte; an
+answer that comes out different is reported and left as it was.
+
+    python benchmarks/resign_store.py docs --complete
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ from cliper_integrations.evaluation.steering import (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a `cliper eval` output folder")
-    parser.add_argument("--jobs", nargs="+", required=True, help="job keys to answer again (as the store names them)")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--jobs", nargs="+", help="job keys to answer again (as the store names them)")
+    task.add_argument("--complete", action="store_true", help="record how each answer that lacks it ended")
     parser.add_argument(
         "--drop", nargs="*", default=[], help="job keys the new code answers differently: their answers are taken out"
     )
@@ -74,6 +84,13 @@ def main() -> None:
         raise SystemExit(f"{path} holds answers that do not record their guidance; re-sign with --classifier as it was")
     if differs - {"classifier", "decoding_rule"}:
         raise SystemExit(f"{path} differs in more than the decoding rule's code: {sorted(differs)}")
+    if args.complete:
+        if args.drop:
+            raise SystemExit("--drop goes with --jobs: --complete changes no answer")
+        if differs:
+            raise SystemExit(f"{path} is not signed for this code ({sorted(differs)} differ): re-sign it first")
+        complete(path, records, engine, config)
+        return
     jobs = [Job.from_key(key) for key in args.jobs]
     if vouching_and_dropped := set(args.jobs) & set(args.drop):
         raise SystemExit(f"{sorted(vouching_and_dropped)}: a job cannot vouch for the code and be dropped")
@@ -110,6 +127,43 @@ def main() -> None:
         print(f"{key}: request {request} recorded on its answers")
 
 
+def complete(path: Path, records: list[dict], engine: CLIPerEngine, config: EvalConfig) -> None:
+    """Record ``finish_reason`` on every answer that lacks it and that the current code, answering its batch
+    again as ``cliper eval`` first did, makes the same; the store's other lines stay byte for byte."""
+    prompts = load_prompts(config.prompts_file, None)
+    answers = {(r["prompt_id"], r["job"]): r for r in records}
+    endings: dict[tuple[int, str], str] = {}
+    for key in dict.fromkeys(r["job"] for r in records if "finish_reason" not in r):
+        job = Job.from_key(key)
+        if {r["guidance"] for r in records if r["job"] == key} != {guidance_of(engine, job)}:
+            print(f"{key}: its classes are guided differently now; left as it was")
+            continue
+        answered = [(pid, prompt) for pid, prompt in prompts if (pid, key) in answers]
+        batches = [answered[start : start + config.batch_size] for start in range(0, len(answered), config.batch_size)]
+        for batch in batches:
+            lacking = [pid for pid, _ in batch if "finish_reason" not in answers[pid, key]]
+            if not lacking:
+                continue
+            results = generate(engine, [prompt for _, prompt in batch], job, config)
+            made = {pid: result for (pid, _), result in zip(batch, results, strict=True)}
+            same = [pid for pid in lacking if made[pid].text == answers[pid, key]["response"]]
+            endings |= {(pid, key): made[pid].finish_reason for pid in same}
+            different = sorted(set(lacking) - set(same))
+            print(f"{key}, prompts {batch[0][0]}–{batch[-1][0]}: {len(same)} of {len(lacking)} the same; {different=}")
+    header, *lines = path.read_text().splitlines()
+    path.write_text("".join(f"{line}\n" for line in [header, *(ended(line, endings) for line in lines)]))
+    print(f"{path}: finish_reason recorded on {len(endings)} answers")
+
+
+def ended(line: str, endings: dict[tuple[int, str], str]) -> str:
+    """A store's line with how its answer ended recorded after its response, where ``endings`` names it; any
+    other line unchanged, byte for byte."""
+    record = json.loads(line)
+    if (ending := endings.get((record["prompt_id"], record["job"]))) is None:
+        return line
+    return inserted(record, "finish_reason", ending, after="response")
+
+
 def unrequested(record: dict, job: Job) -> bool:
     """An answer of ``job`` made before answers recorded the request written into their prompts."""
     return record["job"] == job.key and "request" not in record
@@ -121,9 +175,14 @@ def stamped(line: str, requests: dict[str, str]) -> str:
     record = json.loads(line)
     if record["job"] not in requests or "request" in record:
         return line
+    return inserted(record, "request", requests[record["job"]], after="guidance")
+
+
+def inserted(record: dict, key: str, value: object, after: str) -> str:
+    """``record`` as a store line with ``key`` added after the field ``after`` (last where it has none)."""
     items = list(record.items())
-    at = list(record).index("guidance") + 1 if "guidance" in record else len(items)
-    return json.dumps(dict([*items[:at], ("request", requests[record["job"]]), *items[at:]]), ensure_ascii=False)
+    at = list(record).index(after) + 1 if after in record else len(items)
+    return json.dumps(dict([*items[:at], (key, value), *items[at:]]), ensure_ascii=False)
 
 
 if __name__ == "__main__":
