@@ -23,7 +23,7 @@ Where the new code is meant to decode some jobs differently (a fix on the rows o
 takes those jobs' answers out of the store as it is re-signed, so that ``cliper eval --reuse-from`` answers
 them again instead of lending answers the new code would not make.
 
-Answers made before the engine recorded how each ended (``finish_reason``, session 30) leave a page's cut-off,
+Answers made before the engine recorded how each ended (``finish_reason``) leave a page's cut-off,
 stopped-short and unfinished cells blank for their rows. ``--complete`` answers those again, in the batches
 ``cliper eval`` made them in (each job's prompts ``--batch-size`` at a time, in prompt order), in a store signed
 for the current code, and writes the ending onto each one the current code answers the same, byte for byte; an
