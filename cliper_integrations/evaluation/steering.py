@@ -379,23 +379,28 @@ def summarize(records: list[dict], declined: Callable[[dict], bool] = itemgetter
     ``refusals``: the share ``declined`` (by default the ``refusal`` each answer records: ``is_refusal``)."""
     perplexities = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
     refused = [declined(r) for r in records]
-    known = all("finish_reason" in r for r in records)
     centred = {metric: float(centre([r[metric] for r in records])) for metric, centre in CENTRES.items()}
     return {
         **centred,
         "distinct2": distinct_n([r["response"] for r in records], 2),
         "perplexity": statistics.median(perplexities) if perplexities else float("nan"),
         "refusals": statistics.mean(refused),
-        "cut_off": statistics.mean(r["finish_reason"] == "length" for r in records) if known else float("nan"),
-        "stopped_short": (
-            statistics.mean(r["finish_reason"] == "stop" and r["words"] < SHORT_ANSWER_WORDS for r in records)
-            if known
-            else float("nan")
+        **_ending_shares(records, refused),
+    }
+
+
+def _ending_shares(records: list[dict], refused: list[bool]) -> dict[str, float]:
+    """``summarize``'s shares of how answers ended (``cut_off``, ``stopped_short``, ``unfinished``), all NaN where
+    a record predates ``finish_reason``."""
+    if not all("finish_reason" in r for r in records):
+        return dict.fromkeys(("cut_off", "stopped_short", "unfinished"), float("nan"))
+    return {
+        "cut_off": statistics.mean(r["finish_reason"] == "length" for r in records),
+        "stopped_short": statistics.mean(
+            r["finish_reason"] == "stop" and r["words"] < SHORT_ANSWER_WORDS for r in records
         ),
-        "unfinished": (
-            statistics.mean(ends_mid_sentence(r) and not refusal for r, refusal in zip(records, refused, strict=True))
-            if known
-            else float("nan")
+        "unfinished": statistics.mean(
+            ends_mid_sentence(r) and not refusal for r, refusal in zip(records, refused, strict=True)
         ),
     }
 
@@ -706,7 +711,8 @@ def report(results: dict, config: EvalConfig) -> str:
         f"{_other_alphas(results)}, {_floors(results)}, {_loop_guard(results)}. "
         "FK grade and perplexity are medians over the prompts, the other metrics means; cut off: answers "
         f"that ran out of new tokens; stopped short: answers the model ended in fewer than {SHORT_ANSWER_WORDS} "
-        "words; unfinished: answers the model ended on a word, a digit or one of , ; : ( -, not declining (a "
+        f"words; unfinished: answers the model ended on a word, a digit or one of {' '.join(MID_SENTENCE_ENDINGS)}, "
+        "not declining (a "
         "list's last item counts too: compare with the unguided rate) (– where the stored answers predate the "
         "record of how they ended); refusals: answers that decline "
         'the task, not counting those that open "As an AI …" and go on past the engine\'s disclaimer look-ahead '
