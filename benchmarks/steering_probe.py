@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from teacher_guidance import TeacherGuidedClassifier
 from tqdm.auto import tqdm
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationResult
@@ -156,6 +157,12 @@ def main() -> None:
         default=None,
         help="guided_no_repeat_ngram: the loop guard's n, or 'none' for no guard (default: the engine's)",
     )
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="comma-separated classes whose posterior the prompted base model gives instead of the head "
+        "(guidance alone; teacher_guidance.py)",
+    )
     parser.add_argument("--show", type=int, default=0, help="print the first N characters of each first answer")
     parser.add_argument("--save", type=Path, help="append every answer with its metrics to this JSONL file")
     args = parser.parse_args()
@@ -163,6 +170,12 @@ def main() -> None:
     options = {"guided_plausibility": (args.plausibility, float), "guided_no_repeat_ngram": (args.no_repeat_ngram, int)}
     decoding = {name: none_or(cast)(text) for name, (text, cast) in options.items() if text is not None}
     engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype, **decoding)
+    if args.teacher:
+        if args.setting != "guidance":
+            parser.error("--teacher reads the plain question as the row decoded: --setting guidance only")
+        teacher = args.teacher.split(",")
+        questions = [prompt for _, prompt in prompts]
+        engine.classifier = TeacherGuidedClassifier(engine.classifier, engine.tokenizer, questions, teacher)
     config = EvalConfig(Path("unused"), max_new_tokens=args.max_new_tokens, batch_size=8)
     cache = unguided_cache(engine, args.max_new_tokens)
 
