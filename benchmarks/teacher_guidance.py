@@ -16,6 +16,7 @@ setting. Used by ``steering_probe.py --teacher``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,12 @@ class TeacherGuidedClassifier(PreferenceClassifier):
             for question in questions
         }
         self._teacher_log_lm: torch.Tensor | None = None
+
+    def guidance_digest(self, classes: Sequence[str] | None = None, prompted: bool | None = None) -> str:
+        """The packaged digest with the teacher classes mixed in: these rows steer otherwise, and a saved
+        answer must not pass for the packaged head's."""
+        packaged = super().guidance_digest(classes, prompted)
+        return hashlib.sha256(f"{packaged} teacher {','.join(self.teacher)}".encode()).hexdigest()
 
     def _requested_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
         """Each row's prompt with each teacher class's request, in row-major order ([row][class]); what the
