@@ -169,10 +169,10 @@ def main() -> None:
     prompts = probe_instructions(args.prompts, args.skip, args.all_kinds)
     options = {"guided_plausibility": (args.plausibility, float), "guided_no_repeat_ngram": (args.no_repeat_ngram, int)}
     decoding = {name: none_or(cast)(text) for name, (text, cast) in options.items() if text is not None}
+    if args.teacher and args.setting != "guidance":
+        parser.error("--teacher reads the plain question as the row decoded: --setting guidance only")
     engine = CLIPerEngine("embedded", classifier=args.classifier, dtype=args.dtype, **decoding)
     if args.teacher:
-        if args.setting != "guidance":
-            parser.error("--teacher reads the plain question as the row decoded: --setting guidance only")
         teacher = args.teacher.split(",")
         questions = [prompt for _, prompt in prompts]
         engine.classifier = TeacherGuidedClassifier(engine.classifier, engine.tokenizer, questions, teacher)
