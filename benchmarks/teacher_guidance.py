@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from cliper_integrations.core.classifier import BackboneState, PreferenceClassifier
+from cliper_integrations.core.engine import left_padded
 from cliper_integrations.core.prompting import as_messages, question_ids, render_chat, with_preference_request
 
 
@@ -73,10 +74,7 @@ class TeacherGuidedClassifier(PreferenceClassifier):
         their next-token log-probs [B, teacher, V]."""
         copies = len(self.teacher)
         if "teacher_cache" not in state.extra:
-            rows = self._requested_rows(input_ids, attention_mask)
-            width = max(map(len, rows))
-            new = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            new, mask = left_padded(self._requested_rows(input_ids, attention_mask), self.pad_token_id)
             state.extra.update(teacher_cache=DynamicCache(config=self.backbone.config), teacher_mask=mask)
         else:
             new = input_ids[:, state.extra["teacher_consumed"] :].repeat_interleave(copies, dim=0)
