@@ -14,7 +14,7 @@ from cliper_integrations.core.errors import InvalidRequestError
 from cliper_integrations.core.memory import PreferenceMemory
 from cliper_integrations.core.tools import ToolsNotSupportedError
 from cliper_integrations.langchain import ChatCLIPer, CLIPerLLM
-from tests.tiny import loop_turns_while, tiny_classifier, tools_model
+from tests.tiny import held_forwards, join_streams, loop_turns_while, tiny_classifier, tools_model
 
 QUESTION = "Explain rain to a child"
 JSON_RULE = "Respond only with one JSON object that follows this JSON schema: "
@@ -77,6 +77,16 @@ def test_explicit_weights_override_memory_and_unknown_users_are_unguided(chat):
 def test_default_weights_apply_without_a_user(base, classifier_folder):
     chat = ChatCLIPer(model="tiny-base", classifier=classifier_folder, weights={"P1B": 3}, max_tokens=6)
     assert chat.invoke(QUESTION).response_metadata["weights"] == {"expert": 3.0}
+
+
+def test_a_stream_left_early_stops_decoding(base, chat):
+    assert chat.invoke(QUESTION, max_tokens=60).usage_metadata["output_tokens"] == 60
+    with held_forwards(base.model, hold_at=20) as (calls, release):
+        for _ in chat.stream(QUESTION, max_tokens=60):
+            break
+        release.set()
+        join_streams()
+    assert len(calls) <= 21
 
 
 def test_stream_and_async_forms_match_invoke(chat):

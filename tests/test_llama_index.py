@@ -15,7 +15,7 @@ from cliper_integrations.core.errors import InvalidRequestError
 from cliper_integrations.core.memory import PreferenceMemory
 from cliper_integrations.langchain import ChatCLIPer
 from cliper_integrations.llama_index import CLIPerLLM
-from tests.tiny import loop_turns_while, tiny_classifier, tiny_loaded, tools_model
+from tests.tiny import held_forwards, join_streams, loop_turns_while, tiny_classifier, tiny_loaded, tools_model
 
 QUESTION = "Explain rain to a child"
 
@@ -36,6 +36,17 @@ def test_metadata(llm):
     metadata = llm.metadata
     assert metadata.context_window == 256 and metadata.num_output == 10 and metadata.model_name == "tiny-base"
     assert metadata.is_chat_model and metadata.is_function_calling_model
+
+
+def test_a_stream_left_early_stops_decoding(base, llm):
+    messages = [ChatMessage(role="user", content=QUESTION)]
+    assert llm.chat(messages, max_tokens=60).raw["usage"]["output_tokens"] == 60
+    with held_forwards(base.model, hold_at=20) as (calls, release):
+        for _ in llm.stream_chat(messages, max_tokens=60):
+            break
+        release.set()
+        join_streams()
+    assert len(calls) <= 21
 
 
 def test_complete_chat_stream_and_async_agree(llm):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import threading
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -176,3 +178,30 @@ async def loop_turns_while(work: Awaitable) -> int:
         await asyncio.sleep(0.001)
     await task
     return turns
+
+
+@contextmanager
+def held_forwards(model: torch.nn.Module, hold_at: int) -> Iterator[tuple[list[int], threading.Event]]:
+    """Counts ``model``'s forward passes; the ``hold_at``-th waits until the yielded event is set (at the latest
+    when the block ends), so a test can act while decoding is known to be under way and far from its end."""
+    calls: list[int] = []
+    release = threading.Event()
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        calls.append(len(calls))
+        if len(calls) == hold_at:
+            release.wait(timeout=60)
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        yield calls, release
+    finally:
+        release.set()
+        handle.remove()
+
+
+def join_streams(timeout: float = 60) -> None:
+    """Wait until every stream's decoding thread has ended."""
+    for thread in threading.enumerate():
+        if thread.name == "cliper-stream":
+            thread.join(timeout)
