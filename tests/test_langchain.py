@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage, trim_messages
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from pydantic import BaseModel, Field
 
@@ -87,6 +87,25 @@ def test_a_stream_left_early_stops_decoding(base, chat):
         release.set()
         join_streams()
     assert len(calls) <= 21
+
+
+def test_token_counts_are_the_models_own(base, chat):
+    """LangChain's fallback counts GPT-2's tokens, loading that tokenizer from the Hub (offline, it fails)."""
+    assert chat.get_token_ids(QUESTION) == base.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    assert CLIPerLLM(model="tiny-base").get_num_tokens(QUESTION) == len(chat.get_token_ids(QUESTION))
+    conversation = [
+        SystemMessage("Be brief."),
+        HumanMessage(QUESTION),
+        AIMessage("Rain is water."),
+        HumanMessage("Why?"),
+    ]
+    counted = chat.get_num_tokens_from_messages(conversation)
+    assert counted == chat.invoke(conversation, weights={}).usage_metadata["input_tokens"]
+    assert chat.get_num_tokens_from_messages([]) == 0
+    budget = chat.get_num_tokens_from_messages(conversation[-2:])
+    trimmed = trim_messages(conversation, max_tokens=budget, token_counter=chat, strategy="last")
+    assert trimmed == conversation[-2:]
+    assert ChatCLIPer(model="tiny-base", custom_get_token_ids=lambda text: [0]).get_num_tokens(QUESTION) == 1
 
 
 def test_stream_and_async_forms_match_invoke(chat):
@@ -194,6 +213,13 @@ def test_bind_tools_parses_tool_calls_under_strong_guidance(tools_chat):
     assert "answered again" in tools_chat.invoke("Thanks").response_metadata["warnings"][0]
     assert not tools_chat.invoke("Thanks", weights={}).response_metadata["warnings"]
     assert streamed[-1].tool_call_chunks[0]["name"] == "Add"
+
+
+def test_token_counts_include_tool_schemas(tools_chat):
+    with_tools = tools_chat.bind_tools([Add], tool_choice="auto").invoke("What is 2 plus 3?", weights={})
+    counted = tools_chat.get_num_tokens_from_messages([HumanMessage("What is 2 plus 3?")], tools=[Add])
+    assert counted == with_tools.usage_metadata["input_tokens"]
+    assert counted > tools_chat.get_num_tokens_from_messages([HumanMessage("What is 2 plus 3?")])
 
 
 def test_tool_messages_are_accepted_back(tools_chat):

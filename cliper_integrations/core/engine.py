@@ -49,6 +49,7 @@ from cliper_integrations.core.preferences import (
 from cliper_integrations.core.prompting import (
     Message,
     as_messages,
+    message_dicts,
     render_chat,
     tool_results_as_question,
     with_preference_request,
@@ -666,6 +667,20 @@ class CLIPerEngine:
             for name, value in weights.items()
         }
 
+    def token_ids(self, text: str) -> list[int]:
+        """``text`` in the model's own tokens, as it appears inside a prompt (no special tokens added)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_tokens(self, prompt: str | Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """How many tokens the model reads for ``prompt`` (with ``tools``, as OpenAI-style schemas): rendered by its
+        chat template as ``generate`` renders it, before any preference request the engine may add and before
+        truncation (what a framework counts to fit a conversation into ``context_window``)."""
+        if not (messages := message_dicts(prompt)):
+            return 0
+        if tools:
+            check_tools_supported(self.tokenizer)
+        return len(self.token_ids(self._render(messages, tools, "")))
+
     def measure_style(self, response: str, prompt: str | Sequence[Message] | None = None) -> dict[str, float]:
         """How strongly a response shows each class, by the classifier: per axis, the two poles'
         probabilities from the mean token-level log-probability (they sum to 1 on each axis)."""
@@ -725,10 +740,10 @@ class CLIPerEngine:
             if tools:
                 check_tools_supported(self.tokenizer)
             if request.raw_prompt and isinstance(request.prompt, str):
-                row.prompt_ids = self._fit_context(self._token_ids(request.prompt), row)
+                row.prompt_ids = self._fit_context(self.token_ids(request.prompt), row)
             else:
                 text = self._render(messages, tools, request.response_prefix)
-                row.prompt_ids = self._fit_context(self._token_ids(text), row)
+                row.prompt_ids = self._fit_context(self.token_ids(text), row)
                 if row.guided and messages != plain:
                     row.unrequested = plain, tools
         except CLIPerError as error:
@@ -737,9 +752,6 @@ class CLIPerEngine:
 
     def _render(self, messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None, prefix: str) -> str:
         return render_chat(self.tokenizer, messages, tools) + prefix
-
-    def _token_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _fit_context(self, ids: list[int], row: _PreparedRow) -> list[int]:
         limit = self.loaded.context_window - row.request.max_new_tokens
@@ -988,7 +1000,7 @@ class CLIPerEngine:
             assert row.unrequested is not None
             messages, tools = row.unrequested
             limit = self.loaded.context_window - row.request.max_new_tokens  # shorter: fits where the asked one does
-            prompts.append(self._token_ids(self._render(messages, tools, row.request.response_prefix))[-limit:])
+            prompts.append(self.token_ids(self._render(messages, tools, row.request.response_prefix))[-limit:])
         input_ids, attention_mask = left_padded(prompts, self.pad_token_id)
         draft = self._draft(input_ids, attention_mask)
         judged = self._judge_openings(draft, attention_mask, list(range(len(rows))))

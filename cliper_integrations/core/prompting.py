@@ -14,9 +14,14 @@ from cliper_integrations.core.preferences import preference_request
 Message = Mapping[str, Any]
 
 
+def message_dicts(prompt: str | Sequence[Message]) -> list[dict[str, Any]]:
+    """A plain prompt as one user message, or copies of chat messages."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
 def as_messages(prompt: str | Sequence[Message]) -> list[dict[str, Any]]:
     """Accept a plain prompt or chat messages; refuse an empty prompt."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    messages = message_dicts(prompt)
     if not messages or not any(str(m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
         raise EmptyPromptError("The prompt is empty")
     return messages

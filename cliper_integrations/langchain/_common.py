@@ -1,5 +1,5 @@
 """What ``ChatCLIPer`` and ``CLIPerLLM`` share beyond the core settings: LangChain's standard
-parameters, the run config's ``user_id``, and LangSmith parameters."""
+parameters, the run config's ``user_id``, token counting by the model's own tokenizer, and LangSmith parameters."""
 
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ class CLIPerParams(GenerationSettings):
 
     def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
         return super().astream(input, config, **_user_from_config(config, kwargs))
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """``text`` in the model's own tokens (``custom_get_token_ids`` still wins). LangChain's fallback loads
+        GPT-2's tokenizer from the Hugging Face Hub, which fails offline and counts another model's tokens."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return self.engine.token_ids(text)
 
     def lc_request(
         self, prompt: Any, stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any], **extra: Any

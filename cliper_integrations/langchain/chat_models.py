@@ -117,6 +117,15 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         return self.ls_params("chat", stop, kwargs)
 
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """The tokens the model reads for ``messages`` (and ``tools``): rendered by its chat template, as a call
+        renders them before any preference request is added, so ``trim_messages(token_counter=chat)`` fits a
+        conversation to ``max_tokens`` of the model's own tokens."""
+        if self.custom_get_token_ids is not None:
+            return super().get_num_tokens_from_messages(messages, tools)
+        schemas = [convert_to_openai_tool(tool) for tool in tools] if tools else None
+        return self.engine.prompt_tokens(to_chat_messages(messages), schemas)
+
     # --- requests --------------------------------------------------------------------------------
 
     def _chat_request(
