@@ -6,6 +6,8 @@ import asyncio
 import json
 
 import pytest
+from langchain_core.caches import InMemoryCache
+from langchain_core.globals import set_llm_cache
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage, trim_messages
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from pydantic import BaseModel, Field
@@ -179,6 +181,62 @@ def test_llm_batch_stream_and_user(base, classifier_folder, memory):
     assert asyncio.run(llm.ainvoke(QUESTION, user_id="ann")) == single
     result = llm.generate([QUESTION], user_id="ann")
     assert result.generations[0][0].generation_info["weights"] == {"concise": 8.0}
+
+
+def _text(answer) -> str:
+    return getattr(answer, "content", answer)
+
+
+@pytest.fixture(params=[ChatCLIPer, CLIPerLLM], ids=["chat", "llm"])
+def either(request, base, classifier_folder, memory):
+    return request.param(model="tiny-base", classifier=classifier_folder, memory=memory, max_tokens=10, top_k=8)
+
+
+@pytest.mark.parametrize("route", ["configurable", "metadata"])
+def test_batch_answers_each_input_for_its_configs_user(either, route):
+    """``BaseLLM.batch`` hands every input to one ``generate`` call, which answered them all for the first input's
+    user (and ignored ``configurable``)."""
+    ann, bob = (_text(either.invoke(QUESTION, user_id=user)) for user in ("ann", "bob"))
+    assert ann != bob
+    configs = [{route: {"user_id": "ann"}}, {route: {"user_id": "bob"}}]
+    assert [_text(a) for a in either.batch([QUESTION, QUESTION], config=configs)] == [ann, bob]
+    assert [_text(a) for a in asyncio.run(either.abatch([QUESTION, QUESTION], config=configs))] == [ann, bob]
+    assert [_text(a) for a in either.batch([QUESTION, QUESTION], config={route: {"user_id": "bob"}})] == [bob, bob]
+
+
+@pytest.fixture
+def llm_cache():
+    set_llm_cache(InMemoryCache())
+    yield
+    set_llm_cache(None)
+
+
+def test_the_llm_cache_keeps_users_and_settings_apart(either, memory, classifier_folder, llm_cache):
+    """LangChain keys its cache on the model's identifying parameters (a ``BaseLLM``'s only on those): with the
+    model, classifier and top-k alone there, one user's cached answer was served to the next."""
+    ask = {
+        "keyword": lambda user: either.invoke(QUESTION, user_id=user),
+        "configurable": lambda user: either.invoke(QUESTION, config={"configurable": {"user_id": user}}),
+        "metadata": lambda user: either.invoke(QUESTION, config={"metadata": {"user_id": user}}),
+    }
+    set_llm_cache(None)
+    ann, bob = (_text(either.invoke(QUESTION, user_id=user)) for user in ("ann", "bob"))
+    for route, answer in ask.items():
+        set_llm_cache(InMemoryCache())
+        assert [_text(answer(user)) for user in ("ann", "bob", "ann")] == [ann, bob, ann], route
+    memory.set("ann", {"informative": 1.0})  # her cached answer is no longer hers
+    changed = _text(either.invoke(QUESTION, user_id="ann"))
+    set_llm_cache(None)
+    assert changed == _text(either.invoke(QUESTION, user_id="ann")) != ann
+    concise, informative = (
+        type(either)(model="tiny-base", classifier=classifier_folder, weights=weights, max_tokens=10, top_k=8)
+        for weights in ({"concise": 3}, {"informative": 3})
+    )
+    set_llm_cache(None)
+    uncached = _text(informative.invoke(QUESTION))
+    set_llm_cache(InMemoryCache())
+    assert _text(concise.invoke(QUESTION)) != uncached
+    assert _text(informative.invoke(QUESTION)) == uncached
 
 
 # --- tools and structured output on a tiny model that has memorised its answers -------------------

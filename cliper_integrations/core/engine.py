@@ -81,6 +81,17 @@ class WeightsSource(Protocol):
     def weights(self, user_id: str) -> dict[str, float] | None: ...
 
 
+def stored_weights(memory: WeightsSource, user_id: str) -> dict[str, float] | None:
+    """``memory``'s weights for ``user_id``; a database failure becomes ``MemoryUnavailableError``, so that it fails
+    the request that asked, not the batch it is in."""
+    try:
+        return memory.weights(user_id)
+    except CLIPerError:
+        raise
+    except Exception as error:
+        raise MemoryUnavailableError(f"Could not read preferences of user {user_id!r}: {error}") from error
+
+
 @dataclass
 class GenerationRequest:
     """One prompt and how to answer it. ``weights`` override the user's stored preferences.
@@ -642,13 +653,7 @@ class CLIPerEngine:
         if weights is not None:
             return validate_weights(weights, self.classes), "explicit"
         if user_id is not None and memory is not None:
-            try:
-                stored = memory.weights(user_id)
-            except CLIPerError:
-                raise
-            except Exception as error:  # a database failure fails this request, not the batch
-                raise MemoryUnavailableError(f"Could not read preferences of user {user_id!r}: {error}") from error
-            if stored:
+            if stored := stored_weights(memory, user_id):
                 return validate_weights(stored, self.classes), "memory"
             return {}, "none: no stored preferences for this user"
         return {}, "none"

@@ -73,10 +73,10 @@ class GenerationSettings(BaseModel):
         return shared_engine(model, self.classifier, top_k=self.top_k, dtype=self.dtype, batch_window=self.batch_window)
 
     def build_request(
-        self, prompt: Any, stop: list[str] | None, options: dict[str, Any], user_id: str | None = None, **extra: Any
+        self, prompt: Any, stop: list[str] | None, options: dict[str, Any], **extra: Any
     ) -> GenerationRequest:
         """A request from this call's ``options`` (consumed; anything unknown left over is refused)."""
-        user_id = options.pop("user_id", None) or user_id or self.user_id
+        user_id = options.pop("user_id", None) or self.user_id
         weights = options.pop("weights", None)
         if weights is None and user_id is None:
             weights = self.weights

@@ -29,7 +29,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
 from cliper_integrations.core.errors import InvalidRequestError
 from cliper_integrations.core.tools import parse_tool_calls, tool_call_prefix
-from cliper_integrations.langchain._common import CLIPerParams, RunManager
+from cliper_integrations.langchain._common import CLIPerParams
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 
@@ -110,12 +110,12 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "cliper-chat"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "classifier": self.classifier, "top_k": self.top_k}
-
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         return self.ls_params("chat", stop, kwargs)
+
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        """LangChain's cache key for a call: its settings, keywords included, and the weights stored for its user."""
+        return super(ChatCLIPer, self.with_call_settings(kwargs))._get_llm_string(stop, **kwargs)
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """The tokens the model reads for ``messages`` (and ``tools``): rendered by its chat template, as a call
@@ -129,7 +129,7 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
     # --- requests --------------------------------------------------------------------------------
 
     def _chat_request(
-        self, messages: list[BaseMessage], stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any]
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[CLIPerEngine, GenerationRequest]:
         options = dict(kwargs)
         tools = options.pop("tools", None)
@@ -147,7 +147,7 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
             )
             chat = [{"role": "system", "content": rule}, *chat]
             extra.update(guidance=False, response_prefix="{")
-        return self.lc_request(chat, stop, run_manager, options, **extra)
+        return self.lc_request(chat, stop, options, **extra)
 
     def _message(self, engine: CLIPerEngine, request: GenerationRequest, result: GenerationResult) -> AIMessage:
         text = request.response_prefix + result.text
@@ -205,12 +205,8 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         **kwargs: Any,
     ) -> list[BaseMessage]:
         """LangChain's ``batch`` (one ``invoke`` per input in a thread pool), with as many inputs in flight as the
-        engine batches (``max_batch_size``) unless the config sets ``max_concurrency``: the engine decodes the calls
-        that arrive together as one batch, and the executor's default (CPU cores + 4 threads) would split it."""
-        configs = get_config_list(config, len(inputs))
-        if configs and configs[0].get("max_concurrency") is None:
-            in_one_batch = self.engine_for(dict(kwargs)).max_batch_size
-            configs[0] = {**configs[0], "max_concurrency": min(len(inputs), in_one_batch)}
+        engine batches (``in_flight``)."""
+        configs = self.in_flight(get_config_list(config, len(inputs)), kwargs)
         return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
 
     def _generate(
@@ -223,7 +219,7 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         if self.streaming:
             chunks = list(self._stream(messages, stop, run_manager, **kwargs))
             return ChatResult(generations=[_merge(chunks)])
-        engine, request = self._chat_request(messages, stop, run_manager, kwargs)
+        engine, request = self._chat_request(messages, stop, kwargs)
         result = engine.generate(request)
         return ChatResult(generations=[ChatGeneration(message=self._message(engine, request, result))])
 
@@ -237,7 +233,7 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         if self.streaming:
             chunks = [chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)]
             return ChatResult(generations=[_merge(chunks)])
-        engine, request = self._chat_request(messages, stop, run_manager, kwargs)
+        engine, request = self._chat_request(messages, stop, kwargs)
         result = await engine.agenerate(request)
         return ChatResult(generations=[ChatGeneration(message=self._message(engine, request, result))])
 
@@ -248,7 +244,7 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        engine, request = self._chat_request(messages, stop, run_manager, kwargs)
+        engine, request = self._chat_request(messages, stop, kwargs)
         if request.tools:  # tool calls are parsed from the whole text, so a tool turn arrives at once
             yield self._final_chunk(engine, request, engine.generate(request))
             return
@@ -267,7 +263,7 @@ class ChatCLIPer(CLIPerParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        engine, request = self._chat_request(messages, stop, run_manager, kwargs)
+        engine, request = self._chat_request(messages, stop, kwargs)
         if request.tools:
             yield self._final_chunk(engine, request, await engine.agenerate(request))
             return

@@ -6,12 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseLLM
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun, Callbacks
+from langchain_core.language_models import BaseLLM, LanguageModelInput
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import get_config_list
 
 from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, GenerationResult
-from cliper_integrations.langchain._common import CLIPerParams, RunManager
+from cliper_integrations.langchain._common import CLIPerParams, user_from_config
 
 
 class CLIPerLLM(CLIPerParams, BaseLLM):
@@ -29,21 +31,21 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "classifier": self.classifier, "top_k": self.top_k}
+        return {**super()._identifying_params, "raw_prompt": self.raw_prompt}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         return self.ls_params("llm", stop, kwargs)
 
     def _text_request(
-        self, prompt: str, stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any]
+        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[CLIPerEngine, GenerationRequest]:
-        return self.lc_request(prompt, stop, run_manager, kwargs, raw_prompt=self.raw_prompt)
+        return self.lc_request(prompt, stop, kwargs, raw_prompt=self.raw_prompt)
 
     def _batch_requests(
-        self, prompts: list[str], stop: list[str] | None, run_manager: RunManager, kwargs: dict[str, Any]
+        self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[CLIPerEngine, list[GenerationRequest]]:
         """One engine for the whole batch (every prompt shares the call's options) and a request per prompt."""
-        pairs = [self._text_request(prompt, stop, run_manager, kwargs) for prompt in prompts]
+        pairs = [self._text_request(prompt, stop, kwargs) for prompt in prompts]
         return pairs[0][0], [request for _, request in pairs]
 
     def _generation(self, engine: CLIPerEngine, result: GenerationResult) -> list[Generation]:
@@ -71,6 +73,57 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         }
         return LLMResult(generations=[self._generation(engine, r) for r in results], llm_output={"token_usage": usage})
 
+    # --- the protocol: the call's user and settings reach the cache key and every input of a batch ---------------
+
+    def generate(
+        self, prompts: list[str], stop: list[str] | None = None, callbacks: Callbacks = None, **kwargs: Any
+    ) -> LLMResult:
+        """``BaseLLM.generate`` on a copy whose fields carry the call's settings: a ``BaseLLM`` keys its cache on its
+        fields, not on the call's keywords, so one user's cached answer would otherwise be served to another."""
+        return super(CLIPerLLM, self.with_call_settings(kwargs)).generate(prompts, stop, callbacks, **kwargs)
+
+    async def agenerate(
+        self, prompts: list[str], stop: list[str] | None = None, callbacks: Callbacks = None, **kwargs: Any
+    ) -> LLMResult:
+        """``generate`` for async calls."""
+        return await super(CLIPerLLM, self.with_call_settings(kwargs)).agenerate(prompts, stop, callbacks, **kwargs)
+
+    def _users(self, configs: list[RunnableConfig], kwargs: dict[str, Any]) -> set[str | None]:
+        return {user_from_config(config, kwargs).get("user_id") for config in configs}
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Inputs for one user as one engine batch (``BaseLLM.batch``, with the config's user); inputs whose configs
+        name different users as one ``invoke`` each, which the engine's request batcher gathers into one batch:
+        ``BaseLLM.batch`` would answer every input for the first one's user."""
+        configs = get_config_list(config, len(inputs))
+        if len(self._users(configs, kwargs)) > 1:
+            configs = self.in_flight(configs, kwargs)
+            return Runnable.batch(self, inputs, configs, return_exceptions=return_exceptions, **kwargs)
+        kwargs = user_from_config(configs[0], kwargs) if configs else kwargs
+        return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """``batch`` for async calls (one ``ainvoke`` per input where the users differ)."""
+        configs = get_config_list(config, len(inputs))
+        if len(self._users(configs, kwargs)) > 1:
+            return await Runnable.abatch(self, inputs, configs, return_exceptions=return_exceptions, **kwargs)
+        kwargs = user_from_config(configs[0], kwargs) if configs else kwargs
+        return await super().abatch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
+
     def _generate(
         self,
         prompts: list[str],
@@ -78,7 +131,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        engine, requests = self._batch_requests(prompts, stop, run_manager, kwargs)
+        engine, requests = self._batch_requests(prompts, stop, kwargs)
         return self._results(engine, self._answers(engine, requests))
 
     async def _agenerate(
@@ -88,7 +141,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        engine, requests = self._batch_requests(prompts, stop, run_manager, kwargs)
+        engine, requests = self._batch_requests(prompts, stop, kwargs)
         return self._results(engine, await self._aanswers(engine, requests))
 
     def _stream(
@@ -98,7 +151,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        engine, request = self._text_request(prompt, stop, run_manager, kwargs)
+        engine, request = self._text_request(prompt, stop, kwargs)
         stream = engine.stream(request)
         for delta in stream:
             chunk = GenerationChunk(text=delta)
@@ -114,7 +167,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        engine, request = self._text_request(prompt, stop, run_manager, kwargs)
+        engine, request = self._text_request(prompt, stop, kwargs)
         stream = engine.stream(request)
         async for delta in stream:
             chunk = GenerationChunk(text=delta)
