@@ -583,6 +583,41 @@ def test_an_async_stream_whose_task_is_cancelled_stops_decoding(base):
     assert len(calls) <= HOLD_AT + 1
 
 
+def test_a_stream_cancelled_during_a_draft_it_is_not_shown_stops_decoding(base, shared_classifier):
+    """A sampled row's draft past a disclaimer is not its answer, so nothing of it is shown: a client that leaves
+    while it waits for the first delta stops the draft too, not only the answer after it."""
+    plain = CLIPerEngine(base, classifier=None)
+    drafted = plain.generate(PROMPTS[0], max_new_tokens=LONG)
+    assert drafted.completion_tokens == LONG  # the draft runs its whole length unless stopped
+    opening = plain.generate(PROMPTS[0], max_new_tokens=6).text
+    engine = CLIPerEngine(
+        base,
+        classifier=shared_classifier,
+        declines=lambda text: text == opening,
+        disclaims=lambda text: True,
+        disclaimer_lookahead=LONG - 4,
+    )
+    options = {"weights": {"expert": 8}, "temperature": 0.7, "seed": 0, "max_new_tokens": LONG}
+
+    async def run(calls, release):
+        async def read():
+            async for _ in engine.astream(PROMPTS[0], **options):
+                pass
+
+        task = asyncio.create_task(read())
+        while len(calls) < HOLD_AT:  # the look-ahead is done and the draft under way; nothing shown yet
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+
+    with held_forwards(base.model, hold_at=HOLD_AT) as (calls, release):
+        asyncio.run(run(calls, release))
+        join_streams()
+    assert len(calls) <= HOLD_AT + 1
+
+
 class NoThreadsExecutor(ThreadPoolExecutor):
     """An event loop's default executor that fails whoever asks it for a thread."""
 

@@ -361,6 +361,24 @@ class _TokenQueueStreamer(BaseStreamer):
         self._queue(None)
 
 
+class _ReaderWatch(BaseStreamer):
+    """Stands in for a stream's streamer during a draft its reader is not shown (a sampled row's draft past a
+    disclaimer is not its answer): shows nothing, but stops the draft, as the streamer would, once the reader has
+    gone."""
+
+    def __init__(self, streamer: _TokenQueueStreamer) -> None:
+        self.closed = streamer.closed
+
+    def put(self, value: object) -> None:
+        if self.closed.is_set():
+            raise _StreamClosed
+
+    show = put
+
+    def end(self) -> None:
+        """Called by ``generate`` at its end."""
+
+
 class _Deltas:
     """Turns the token chunks of one streamed row into text deltas. It holds back what may still become a stop
     string, half of a multi-byte character, and a guided row's opening until the refusal look-ahead has passed it
@@ -966,10 +984,9 @@ class CLIPerEngine:
             return None, None
         draft = self._draft(input_ids, attention_mask)
         openings = [self._until_end(tokens) for tokens in draft.sequences[:, input_ids.shape[1] :].tolist()]
-        shown = (
-            streamer if len(rows) == 1 and rows[0].request.temperature == 0 and rows[0].unrequested is None else None
-        )
-        judged = self._judge_openings(draft, attention_mask, guided, shown)
+        shown = len(rows) == 1 and rows[0].request.temperature == 0 and rows[0].unrequested is None
+        watched = streamer if shown or streamer is None else _ReaderWatch(streamer)
+        judged = self._judge_openings(draft, attention_mask, guided, watched)
         declined = []  # with the base model's draft: its whole answer where it has ended
         for index, (kind, opening) in zip(guided, judged, strict=True):
             rows[index].disclaimer_opening = opening if kind == "disclaimer" else None
@@ -1014,7 +1031,11 @@ class CLIPerEngine:
                 row.unrequested_opening = opening
 
     def _judge_openings(
-        self, draft, attention_mask: torch.Tensor, rows: list[int], streamer: _TokenQueueStreamer | None = None
+        self,
+        draft,
+        attention_mask: torch.Tensor,
+        rows: list[int],
+        streamer: _TokenQueueStreamer | _ReaderWatch | None = None,
     ) -> list[tuple[Literal["answer", "disclaimer", "refusal"], list[int]]]:
         """Whether each of the ``rows``' drafted opening (``draft``, of the prompts under ``attention_mask``) is an
         answer, a refusal (it ``declines``), or a disclaimer the base model answers after, each with the opening to
@@ -1065,7 +1086,7 @@ class CLIPerEngine:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         length: int | None = None,
-        streamer: _TokenQueueStreamer | None = None,
+        streamer: _TokenQueueStreamer | _ReaderWatch | None = None,
         cache: Cache | None = None,
     ):
         """The first ``length`` (default ``refusal_lookahead``) tokens of each prompt, greedy and unguided, with
