@@ -16,6 +16,11 @@ from cliper_integrations.core.engine import CLIPerEngine, GenerationRequest, Gen
 from cliper_integrations.langchain._common import CLIPerParams, user_from_config
 
 
+def _users(configs: list[RunnableConfig], kwargs: dict[str, Any]) -> set[str | None]:
+    """The users a batch's inputs are for."""
+    return {user_from_config(config, kwargs).get("user_id") for config in configs}
+
+
 class CLIPerLLM(CLIPerParams, BaseLLM):
     """Completion model on a local LLM, steered per user by a preference classifier (CLIPer).
 
@@ -88,9 +93,6 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         """``generate`` for async calls."""
         return await super(CLIPerLLM, self.with_call_settings(kwargs)).agenerate(prompts, stop, callbacks, **kwargs)
 
-    def _users(self, configs: list[RunnableConfig], kwargs: dict[str, Any]) -> set[str | None]:
-        return {user_from_config(config, kwargs).get("user_id") for config in configs}
-
     def batch(
         self,
         inputs: list[LanguageModelInput],
@@ -103,7 +105,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
         name different users as one ``invoke`` each, which the engine's request batcher gathers into one batch:
         ``BaseLLM.batch`` would answer every input for the first one's user."""
         configs = get_config_list(config, len(inputs))
-        if len(self._users(configs, kwargs)) > 1:
+        if len(_users(configs, kwargs)) > 1:
             configs = self.in_flight(configs, kwargs)
             return Runnable.batch(self, inputs, configs, return_exceptions=return_exceptions, **kwargs)
         kwargs = user_from_config(configs[0], kwargs) if configs else kwargs
@@ -119,7 +121,7 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
     ) -> list[str]:
         """``batch`` for async calls (one ``ainvoke`` per input where the users differ)."""
         configs = get_config_list(config, len(inputs))
-        if len(self._users(configs, kwargs)) > 1:
+        if len(_users(configs, kwargs)) > 1:
             return await Runnable.abatch(self, inputs, configs, return_exceptions=return_exceptions, **kwargs)
         kwargs = user_from_config(configs[0], kwargs) if configs else kwargs
         return await super().abatch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
