@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -616,6 +617,42 @@ def test_a_stream_cancelled_during_a_draft_it_is_not_shown_stops_decoding(base, 
         asyncio.run(run(calls, release))
         join_streams()
     assert len(calls) <= HOLD_AT + 1
+
+
+@pytest.mark.parametrize("batch_window", [0.01, None], ids=["batcher", "alone"])
+def test_a_cancelled_async_call_stops_decoding(base, batch_window):
+    """``asyncio.wait_for``'s timeout, or a client gone from an async server: the call's row stops at its next
+    token instead of decoding to ``max_new_tokens`` on the batch's thread."""
+    engine = CLIPerEngine(base, classifier=None, batch_window=batch_window)
+    assert engine.generate(PROMPTS[0], max_new_tokens=LONG).completion_tokens == LONG
+
+    async def run(calls, release):
+        task = asyncio.create_task(engine.agenerate(PROMPTS[0], max_new_tokens=LONG))
+        while len(calls) < HOLD_AT:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+
+    with held_forwards(base.model, hold_at=HOLD_AT) as (calls, release):
+        asyncio.run(run(calls, release))  # which waits for its executor's threads (``batch_window=None``)
+        engine.generate(PROMPTS[1], max_new_tokens=1)  # batches run one at a time: the cancelled one has ended
+    assert len(calls) <= HOLD_AT + 2
+
+
+def test_a_request_cancelled_from_another_thread_ends_there(base):
+    engine = CLIPerEngine(base, classifier=None)
+    cancelled = threading.Event()
+    other = GenerationRequest(PROMPTS[2], max_new_tokens=LONG // 2)
+
+    with held_forwards(base.model, hold_at=HOLD_AT) as (_, release):
+        threading.Timer(0.2, lambda: (cancelled.set(), release.set())).start()
+        results = engine.generate_batch(
+            [GenerationRequest(PROMPTS[0], max_new_tokens=LONG, cancelled=cancelled), other]
+        )
+    assert results[0].finish_reason == "cancelled" and results[0].completion_tokens <= HOLD_AT + 1
+    assert results[1].text == engine.generate(other).text  # the rest of the batch is answered as usual
 
 
 class NoThreadsExecutor(ThreadPoolExecutor):

@@ -77,7 +77,8 @@ class RequestBatcher:
 
     async def aanswer(self, request: GenerationRequest) -> GenerationResult:
         """``answer`` for async callers: awaits the result without holding a thread. A cancelled call that no
-        batch has taken yet leaves the queue; one already taken is answered and its result dropped."""
+        batch has taken yet leaves the queue; one already taken is decoded until its request's ``cancelled`` is set
+        (``CLIPerEngine.agenerate`` sets it) and its result dropped."""
         call = self._enqueue(request, blocking=False)
         try:
             return await asyncio.wrap_future(call.future)

@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -118,6 +118,9 @@ class GenerationRequest:
     raw_prompt: bool = False
     memory: WeightsSource | None = None
     answer_after_tool_result: bool = False
+    cancelled: threading.Event | None = None
+    """Set from any thread to stop the row at its next token (its result then ends there, ``finish_reason``
+    "cancelled"); ``agenerate`` sets it when its task is cancelled, so a client that gives up frees the cores."""
 
     def stop_strings(self) -> tuple[str, ...]:
         return tuple(s for s in self.stop if s)
@@ -134,7 +137,7 @@ class GenerationResult:
     text: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: Literal["stop", "length", "error"] = "stop"
+    finish_reason: Literal["stop", "length", "cancelled", "error"] = "stop"
     weights: dict[str, float] = field(default_factory=dict)
     weights_source: str = "none"
     seconds: float = 0.0
@@ -204,16 +207,19 @@ class _PreparedRow:
 
 
 class _RowStopCriteria(StoppingCriteria):
-    """Per-row ``max_new_tokens`` and stop strings of any token length; remembers where each row stopped."""
+    """Per-row ``max_new_tokens``, stop strings of any token length and cancellation (``GenerationRequest.cancelled``);
+    remembers where each row stopped, and which rows were cancelled."""
 
     def __init__(self, tokenizer, prompt_length: int, rows: list[_PreparedRow]) -> None:
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
         self.max_new = [row.request.max_new_tokens - len(row.opening) for row in rows]
         self.stops = [row.request.stop_strings() for row in rows]
+        self.cancel_events = [row.request.cancelled for row in rows]
         # A token holds at least one character, so this many trailing tokens cover any stop string.
         self.windows = [max((len(s) for s in stops), default=0) + 2 for stops in self.stops]
         self.stopped_at: list[int | None] = [None] * len(rows)
+        self.cancelled: set[int] = set()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         generated = input_ids.shape[1] - self.prompt_length
@@ -223,6 +229,9 @@ class _RowStopCriteria(StoppingCriteria):
                 done[row] = True
                 continue
             hit = generated >= self.max_new[row]
+            if not hit and (event := self.cancel_events[row]) is not None and event.is_set():
+                hit = True
+                self.cancelled.add(row)
             if stops and not hit:
                 tail = self.tokenizer.decode(input_ids[row, -min(self.windows[row], generated) :])
                 hit = any(stop in tail for stop in stops)
@@ -652,11 +661,17 @@ class CLIPerEngine:
 
     async def agenerate(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> GenerationResult:
         """``generate`` without blocking the event loop. With the batcher, waiting holds no thread, so every
-        concurrent call can join one batch (not only as many as the loop's default executor has threads)."""
+        concurrent call can join one batch (not only as many as the loop's default executor has threads).
+        Cancelling the task (a client gone, ``asyncio.wait_for``'s timeout) stops its row at the next token."""
         request = as_request(prompt, options)
-        if self.batcher is None:
-            return (await asyncio.to_thread(self.generate_batch, [request]))[0].raise_for_error()
-        return (await self.batcher.aanswer(request)).raise_for_error()
+        request = request if request.cancelled is not None else replace(request, cancelled=threading.Event())
+        try:
+            if self.batcher is None:
+                return (await asyncio.to_thread(self.generate_batch, [request]))[0].raise_for_error()
+            return (await self.batcher.aanswer(request)).raise_for_error()
+        except asyncio.CancelledError:  # a batch that has taken the call stops its row at the next token
+            request.cancelled.set()
+            raise
 
     async def astream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> AsyncIterator[str]:
         """``stream`` for async code: the deltas are awaited on the event loop, holding no thread."""
@@ -911,7 +926,8 @@ class CLIPerEngine:
             )
         seconds = time.perf_counter() - started
         for index, row in enumerate(rows):
-            self._finish(row, output[index, width:].tolist(), stop_criteria.stopped_at[index], seconds)
+            stopped_at = stop_criteria.stopped_at[index]
+            self._finish(row, output[index, width:].tolist(), stopped_at, seconds, index in stop_criteria.cancelled)
             row.result.prompt_tokens = len(row.prompt_ids) - len(row.opening)
         if opening_check is None or openings is None:
             return []
@@ -1157,7 +1173,9 @@ class CLIPerEngine:
         ending = matrix(config.ending_weights)
         return matrix(config.opposite_weights), ending if ending.any() else None
 
-    def _finish(self, row: _PreparedRow, generated: list[int], stopped_at: int | None, seconds: float) -> None:
+    def _finish(
+        self, row: _PreparedRow, generated: list[int], stopped_at: int | None, seconds: float, cancelled: bool = False
+    ) -> None:
         """Cut the row at its end token, stop point or stop string, and fill in its result (``seconds``
         added to any spent on it before, by an answer that was started again)."""
         generated = row.opening + generated
@@ -1171,7 +1189,7 @@ class CLIPerEngine:
         result = row.result
         result.text = text
         result.completion_tokens = len(tokens)
-        result.finish_reason = "stop" if eos_hit is not None or cut >= 0 else "length"
+        result.finish_reason = "stop" if eos_hit is not None or cut >= 0 else "cancelled" if cancelled else "length"
         result.seconds += seconds
 
 
