@@ -20,6 +20,8 @@ from cliper_integrations.core.engine import (
 from cliper_integrations.core.errors import (
     ClassNotInClassifierError,
     EmptyPromptError,
+    GenerationTimeoutError,
+    InvalidRequestError,
     InvalidWeightError,
     NoClassifierError,
     PromptTooLongError,
@@ -653,6 +655,27 @@ def test_a_request_cancelled_from_another_thread_ends_there(base):
         )
     assert results[0].finish_reason == "cancelled" and results[0].completion_tokens <= HOLD_AT + 1
     assert results[1].text == engine.generate(other).text  # the rest of the batch is answered as usual
+
+
+def test_a_call_past_its_timeout_stops_and_fails_its_own_row(base):
+    engine = CLIPerEngine(base, classifier=None)
+    other = GenerationRequest(PROMPTS[2], max_new_tokens=8)
+    with held_forwards(base.model, hold_at=HOLD_AT) as (_, release):
+        threading.Timer(0.3, release.set).start()  # the 20th step takes past the timeout
+        results = engine.generate_batch([GenerationRequest(PROMPTS[0], max_new_tokens=LONG, timeout=0.2), other])
+    late = results[0]
+    assert isinstance(late.error, GenerationTimeoutError) and isinstance(late.error, TimeoutError)
+    assert late.finish_reason == "error" and late.completion_tokens <= HOLD_AT + 1 and late.text
+    assert results[1].error is None and results[1].text == engine.generate(other).text
+    for ask in (engine.generate, lambda *a, **k: "".join(engine.stream(*a, **k))):
+        with held_forwards(base.model, hold_at=HOLD_AT) as (_, release):
+            threading.Timer(0.3, release.set).start()
+            with pytest.raises(GenerationTimeoutError, match=r"timeout of 0\.2 s"):
+                ask(PROMPTS[0], max_new_tokens=LONG, timeout=0.2)
+    assert engine.generate(PROMPTS[0], max_new_tokens=LONG, timeout=60).completion_tokens == LONG
+    for bad in (0, -1, math.inf, math.nan, "10", True):
+        with pytest.raises(InvalidRequestError, match="timeout"):
+            engine.generate(PROMPTS[0], timeout=bad)
 
 
 class NoThreadsExecutor(ThreadPoolExecutor):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import pytest
 from langchain_core.caches import InMemoryCache
@@ -12,7 +13,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from pydantic import BaseModel, Field
 
-from cliper_integrations.core.errors import InvalidRequestError
+from cliper_integrations.core.errors import GenerationTimeoutError, InvalidRequestError
 from cliper_integrations.core.memory import PreferenceMemory
 from cliper_integrations.core.tools import ToolsNotSupportedError
 from cliper_integrations.langchain import ChatCLIPer, CLIPerLLM
@@ -108,6 +109,19 @@ def test_token_counts_are_the_models_own(base, chat):
     trimmed = trim_messages(conversation, max_tokens=budget, token_counter=chat, strategy="last")
     assert trimmed == conversation[-2:]
     assert ChatCLIPer(model="tiny-base", custom_get_token_ids=lambda text: [0]).get_num_tokens(QUESTION) == 1
+
+
+def test_timeout_bounds_a_call(base, chat):
+    """LangChain's standard ``timeout``: a call past it raises, as a hosted model's would."""
+    with held_forwards(base.model, hold_at=20) as (_, release):
+        threading.Timer(0.3, release.set).start()
+        with pytest.raises(TimeoutError):
+            chat.model_copy(update={"timeout": 0.2}).invoke(QUESTION, max_tokens=60)
+    with held_forwards(base.model, hold_at=20) as (_, release):
+        threading.Timer(0.3, release.set).start()
+        with pytest.raises(GenerationTimeoutError):
+            chat.invoke(QUESTION, max_tokens=60, timeout=0.2)
+    assert chat.invoke(QUESTION, max_tokens=60, timeout=60).usage_metadata["output_tokens"] == 60
 
 
 def test_stream_and_async_forms_match_invoke(chat):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
@@ -11,7 +12,7 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.llms import ChatMessage
 from llama_index.core.tools import FunctionTool
 
-from cliper_integrations.core.errors import InvalidRequestError
+from cliper_integrations.core.errors import GenerationTimeoutError, InvalidRequestError
 from cliper_integrations.core.memory import PreferenceMemory
 from cliper_integrations.langchain import ChatCLIPer
 from cliper_integrations.llama_index import CLIPerLLM
@@ -47,6 +48,13 @@ def test_a_stream_left_early_stops_decoding(base, llm):
         release.set()
         join_streams()
     assert len(calls) <= 21
+
+
+def test_timeout_bounds_a_call(base, llm):
+    with held_forwards(base.model, hold_at=20) as (_, release):
+        threading.Timer(0.3, release.set).start()
+        with pytest.raises(GenerationTimeoutError):
+            llm.complete(QUESTION, max_tokens=60, timeout=0.2)
 
 
 def test_complete_chat_stream_and_async_agree(llm):

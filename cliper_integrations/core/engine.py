@@ -30,6 +30,7 @@ from cliper_integrations.core.classifier import PreferenceClassifier
 from cliper_integrations.core.errors import (
     CLIPerError,
     EmptyPromptError,
+    GenerationTimeoutError,
     InvalidRequestError,
     MemoryUnavailableError,
     NoClassifierError,
@@ -81,6 +82,36 @@ class WeightsSource(Protocol):
     def weights(self, user_id: str) -> dict[str, float] | None: ...
 
 
+class Deadline(threading.Event):
+    """A request's ``cancelled`` event that also counts as set once its ``timeout`` has passed, and while the event
+    the caller gave (``also``) is set."""
+
+    def __init__(self, seconds: float, also: threading.Event | None = None) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.also = also
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.also is not None and self.also.is_set()) or self.expired
+
+
+def _valid_timeout(seconds: object) -> bool:
+    return isinstance(seconds, int | float) and not isinstance(seconds, bool) and 0 < seconds < math.inf
+
+
+def with_deadline(request: GenerationRequest) -> GenerationRequest:
+    """``request`` whose ``cancelled`` also counts as set once its ``timeout`` has passed from now (unchanged without
+    a valid timeout, which ``_prepare`` refuses, or when a ``Deadline`` already runs for it)."""
+    if not _valid_timeout(request.timeout) or isinstance(request.cancelled, Deadline):
+        return request
+    return replace(request, cancelled=Deadline(request.timeout, request.cancelled))
+
+
 def stored_weights(memory: WeightsSource, user_id: str) -> dict[str, float] | None:
     """``memory``'s weights for ``user_id``; a database failure becomes ``MemoryUnavailableError``, so that it fails
     the request that asked, not the batch it is in."""
@@ -121,6 +152,10 @@ class GenerationRequest:
     cancelled: threading.Event | None = None
     """Set from any thread to stop the row at its next token (its result then ends there, ``finish_reason``
     "cancelled"); ``agenerate`` sets it when its task is cancelled, so a client that gives up frees the cores."""
+    timeout: float | None = None
+    """Seconds the call may take from when the engine gets it, waiting for its batch included; past them the row
+    stops at its next token and the call fails with ``GenerationTimeoutError`` (the text so far kept in the result).
+    The refusal look-ahead's drafts are not watched, so a call may overrun by theirs."""
 
     def stop_strings(self) -> tuple[str, ...]:
         return tuple(s for s in self.stop if s)
@@ -638,7 +673,7 @@ class CLIPerEngine:
     def generate(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> GenerationResult:
         """Answer one prompt; raises the request's error if it was refused. Calls from other threads that arrive
         within ``batch_window`` of each other are answered in one batch."""
-        request = as_request(prompt, options)
+        request = with_deadline(as_request(prompt, options))
         result = self.batcher.answer(request) if self.batcher else self.generate_batch([request])[0]
         return result.raise_for_error()
 
@@ -648,7 +683,7 @@ class CLIPerEngine:
         A bad request gets a result with ``error`` set; the other rows are answered as usual. A sampled request
         with a seed draws the same sample whatever else is in its batch (``RowSamplingLogitsProcessor``).
         """
-        rows = [self._prepare(request) for request in requests]
+        rows = [self._prepare(with_deadline(request)) for request in requests]
         valid = [row for row in rows if row.result.error is None]
         for start in range(0, len(valid), self.max_batch_size):
             self._run_group(valid[start : start + self.max_batch_size])
@@ -656,14 +691,14 @@ class CLIPerEngine:
 
     def stream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> TextStream:
         """Stream one answer as text deltas; see ``TextStream``."""
-        request = as_request(prompt, options)
+        request = with_deadline(as_request(prompt, options))
         return TextStream(self, request)
 
     async def agenerate(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> GenerationResult:
         """``generate`` without blocking the event loop. With the batcher, waiting holds no thread, so every
         concurrent call can join one batch (not only as many as the loop's default executor has threads).
         Cancelling the task (a client gone, ``asyncio.wait_for``'s timeout) stops its row at the next token."""
-        request = as_request(prompt, options)
+        request = with_deadline(as_request(prompt, options))
         request = request if request.cancelled is not None else replace(request, cancelled=threading.Event())
         try:
             if self.batcher is None:
@@ -756,6 +791,8 @@ class CLIPerEngine:
                 raise InvalidRequestError(f"temperature must be finite and >= 0, got {request.temperature}")
             if not 0 < request.top_p <= 1:
                 raise InvalidRequestError(f"top_p must be in (0, 1], got {request.top_p}")
+            if request.timeout is not None and not _valid_timeout(request.timeout):
+                raise InvalidRequestError(f"timeout must be a finite number of seconds > 0, got {request.timeout}")
             weights, source = self.resolve_weights(request.weights, request.user_id, request.memory)
             plain = as_messages(request.prompt)
             messages = with_preference_request(plain, weights) if request.preference_prompt else plain
@@ -1191,6 +1228,11 @@ class CLIPerEngine:
         result.completion_tokens = len(tokens)
         result.finish_reason = "stop" if eos_hit is not None or cut >= 0 else "cancelled" if cancelled else "length"
         result.seconds += seconds
+        if cancelled and isinstance(deadline := row.request.cancelled, Deadline) and deadline.expired:
+            result.error = GenerationTimeoutError(
+                f"The answer ran past its timeout of {deadline.seconds:g} s and stopped after {len(tokens)} tokens"
+            )
+            result.finish_reason = "error"
 
 
 _SHARED: dict[tuple, CLIPerEngine] = {}

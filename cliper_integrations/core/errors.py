@@ -54,6 +54,10 @@ class InvalidRequestError(CLIPerError, ValueError):
     """A generation setting out of range (max_new_tokens < 1, negative or NaN temperature, …)."""
 
 
+class GenerationTimeoutError(CLIPerError, TimeoutError):
+    """A call ran past its ``timeout``; its row stopped at the next token (the text so far is in the result)."""
+
+
 class MemoryUnavailableError(CLIPerError, RuntimeError):
     """The preference memory could not be read for this request (its database failed)."""
 

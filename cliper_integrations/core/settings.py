@@ -60,6 +60,9 @@ class GenerationSettings(BaseModel):
     answer_after_tool_result: bool = False
     """Offer no tools when the last message is a tool result, so the model answers in words (the
     0.5B default model otherwise tends to call the same tool again)."""
+    timeout: float | None = None
+    """Seconds a call may take, waiting for its batch included; past them it raises ``GenerationTimeoutError`` (its
+    row stops decoding at the next token)."""
 
     @property
     def engine(self) -> CLIPerEngine:
@@ -92,6 +95,7 @@ class GenerationSettings(BaseModel):
             stop=list(stop or options.pop("stop", None) or self.stop or []),
             preference_prompt=options.pop("preference_prompt", self.preference_prompt),
             answer_after_tool_result=options.pop("answer_after_tool_result", self.answer_after_tool_result),
+            timeout=options.pop("timeout", self.timeout),
             **{"guidance": options.pop("guidance", self.guidance), **extra},
         )
         if options:

@@ -18,8 +18,8 @@ from cliper_integrations.core.settings import GenerationSettings
 _LANGCHAIN_KWARGS = {"ls_structured_output_format", "run_name", "run_id"}
 
 # Settings that change an answer (``memory`` enters the cache key through the preferences it stores for the user;
-# ``batch_window`` changes no answer).
-_ANSWER_SETTINGS = frozenset(GenerationSettings.model_fields) - {"memory", "batch_window"}
+# ``batch_window`` changes no answer, and a call past its ``timeout`` has none to cache).
+_ANSWER_SETTINGS = frozenset(GenerationSettings.model_fields) - {"memory", "batch_window", "timeout"}
 
 
 def user_from_config(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -34,8 +34,6 @@ class CLIPerParams(GenerationSettings):
     """Core settings plus LangChain's standard parameters."""
 
     streaming: bool = False
-    timeout: float | None = None
-    """Accepted for LangChain's standard parameters; a local model has no request timeout."""
     max_retries: int | None = None
     """Accepted for LangChain's standard parameters; local generation is not retried."""
     api_key: SecretStr | None = None
