@@ -361,8 +361,8 @@ class _TokenQueueStreamer(BaseStreamer):
     is called after each item is queued (it wakes an async consumer, which waits on an event, not a thread).
 
     Once ``close`` is called (the reader stopped early: a ``break``, a closed generator, a cancelled task), the next
-    item raises ``_StreamClosed`` on the decoding thread instead: on a 2-core CPU an abandoned answer decoded to its
-    end would halve the speed of every other request for as long as it ran."""
+    item raises ``_StreamClosed`` on the decoding thread instead: an abandoned answer decoded to its end would slow
+    every other request for as long as it ran (docs/performance.md, "A stream its reader left")."""
 
     def __init__(self, on_put: Callable[[], None] | None = None) -> None:
         self.queue: queue.Queue[list[int] | object | None] = queue.Queue()
