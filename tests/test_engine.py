@@ -621,15 +621,17 @@ def test_a_stream_cancelled_during_a_draft_it_is_not_shown_stops_decoding(base, 
     assert len(calls) <= HOLD_AT + 1
 
 
-@pytest.mark.parametrize("batch_window", [0.01, None], ids=["batcher", "alone"])
-def test_a_cancelled_async_call_stops_decoding(base, batch_window):
-    """``asyncio.wait_for``'s timeout, or a client gone from an async server: the call's row stops at its next
+@pytest.mark.parametrize(("batch_window", "rows"), [(0.01, 1), (None, 1), (0.01, 2)], ids=["batcher", "alone", "batch"])
+def test_a_cancelled_async_call_stops_decoding(base, batch_window, rows):
+    """``asyncio.wait_for``'s timeout, or a client gone from an async server: the call's rows stop at their next
     token instead of decoding to ``max_new_tokens`` on the batch's thread."""
     engine = CLIPerEngine(base, classifier=None, batch_window=batch_window)
     assert engine.generate(PROMPTS[0], max_new_tokens=LONG).completion_tokens == LONG
+    requests = [GenerationRequest(PROMPTS[0], max_new_tokens=LONG)] * rows
 
     async def run(calls, release):
-        task = asyncio.create_task(engine.agenerate(PROMPTS[0], max_new_tokens=LONG))
+        answer = engine.agenerate(requests[0]) if rows == 1 else engine.agenerate_batch(requests)
+        task = asyncio.create_task(answer)
         while len(calls) < HOLD_AT:
             await asyncio.sleep(0.01)
         task.cancel()

@@ -14,11 +14,11 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 from transformers import Cache, DynamicCache, StoppingCriteria, StoppingCriteriaList
@@ -76,6 +76,9 @@ DISCLAIMER_WARNING = "The base model opens with a disclaimer and then answers"
 PACKAGED_CLASSIFIERS = Path(__file__).resolve().parent.parent / "classifiers"
 
 
+T = TypeVar("T")
+
+
 class WeightsSource(Protocol):
     """Anything that maps a user id to guidance weights (``PreferenceMemory`` does)."""
 
@@ -110,6 +113,24 @@ def with_deadline(request: GenerationRequest) -> GenerationRequest:
     if not _valid_timeout(request.timeout) or isinstance(request.cancelled, Deadline):
         return request
     return replace(request, cancelled=Deadline(request.timeout, request.cancelled))
+
+
+def _cancellable(request: GenerationRequest) -> GenerationRequest:
+    """``request`` with a deadline (``with_deadline``) and a ``cancelled`` event to set."""
+    request = with_deadline(request)
+    return request if request.cancelled is not None else replace(request, cancelled=threading.Event())
+
+
+async def _stopping_on_cancel(requests: Sequence[GenerationRequest], answer: Awaitable[T]) -> T:
+    """``answer``'s result; if the awaiting task is cancelled, every request's ``cancelled`` is set first, so a batch
+    that has taken them stops their rows at the next token instead of decoding them for no one."""
+    try:
+        return await answer
+    except asyncio.CancelledError:
+        for request in requests:
+            assert request.cancelled is not None  # ``_cancellable``
+            request.cancelled.set()
+        raise
 
 
 def stored_weights(memory: WeightsSource, user_id: str) -> dict[str, float] | None:
@@ -698,15 +719,16 @@ class CLIPerEngine:
         """``generate`` without blocking the event loop. With the batcher, waiting holds no thread, so every
         concurrent call can join one batch (not only as many as the loop's default executor has threads).
         Cancelling the task (a client gone, ``asyncio.wait_for``'s timeout) stops its row at the next token."""
-        request = with_deadline(as_request(prompt, options))
-        request = request if request.cancelled is not None else replace(request, cancelled=threading.Event())
-        try:
-            if self.batcher is None:
-                return (await asyncio.to_thread(self.generate_batch, [request]))[0].raise_for_error()
-            return (await self.batcher.aanswer(request)).raise_for_error()
-        except asyncio.CancelledError:  # a batch that has taken the call stops its row at the next token
-            request.cancelled.set()
-            raise
+        request = _cancellable(as_request(prompt, options))
+        if self.batcher is None:
+            return (await self.agenerate_batch([request]))[0].raise_for_error()
+        return (await _stopping_on_cancel([request], self.batcher.aanswer(request))).raise_for_error()
+
+    async def agenerate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """``generate_batch`` on a thread of its own, without blocking the event loop; cancelling the task stops
+        every row at its next token."""
+        requests = [_cancellable(request) for request in requests]
+        return await _stopping_on_cancel(requests, asyncio.to_thread(self.generate_batch, requests))
 
     async def astream(self, prompt: str | Sequence[Message] | GenerationRequest, **options: Any) -> AsyncIterator[str]:
         """``stream`` for async code: the deltas are awaited on the event loop, holding no thread."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -64,10 +63,11 @@ class CLIPerLLM(CLIPerParams, BaseLLM):
 
     @staticmethod
     async def _aanswers(engine: CLIPerEngine, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """``_answers`` for async calls: a lone prompt awaits its row without holding a thread."""
+        """``_answers`` for async calls: a lone prompt awaits its row without holding a thread; cancelling the task
+        stops every row at its next token."""
         if len(requests) == 1:
             return [await engine.agenerate(requests[0])]
-        return await asyncio.to_thread(engine.generate_batch, requests)
+        return await engine.agenerate_batch(requests)
 
     def _results(self, engine: CLIPerEngine, results: list[GenerationResult]) -> LLMResult:
         for result in results:
