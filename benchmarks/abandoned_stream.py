@@ -23,14 +23,14 @@ import threading
 import time
 from collections.abc import Iterator
 
-from cliper_integrations.core.engine import CLIPerEngine
+from cliper_integrations.core.engine import STREAM_THREAD, CLIPerEngine
 from cliper_integrations.evaluation.bench import batch_of_eight, timed_batch
 
 LONG_PROMPT = "Write a detailed history of the Roman Empire, from its founding to its fall."
 
 
 def stream_running() -> bool:
-    return any(thread.name == "cliper-stream" and thread.is_alive() for thread in threading.enumerate())
+    return any(thread.name == STREAM_THREAD and thread.is_alive() for thread in threading.enumerate())
 
 
 def main() -> None:

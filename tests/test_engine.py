@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -28,7 +29,7 @@ from cliper_integrations.core.errors import (
     UnknownClassError,
 )
 from cliper_integrations.core.prompting import as_messages, render_chat
-from tests.tiny import held_forwards, join_streams, tiny_loaded
+from tests.tiny import HOLD_AT, forwards_when_left, held_forwards, join_streams, tiny_loaded
 
 PROMPTS = ["Explain rain to a child", "Hi", "What is the capital of France?"]
 
@@ -542,23 +543,30 @@ def test_async_generate_and_stream(engine):
 
 
 LONG = 60
-HOLD_AT = 20  # past a guided stream's first delta (its 6-token opening is checked before it is shown)
+
+
+async def cancel_when_held(work: Awaitable, calls: list[int], release: threading.Event) -> None:
+    """Run ``work`` as a task, cancel it once decoding has reached the held forward pass (``held_forwards``), then
+    let decoding go on."""
+    task = asyncio.ensure_future(work)
+    while len(calls) < HOLD_AT:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
 
 
 @pytest.mark.parametrize("weights", [{}, {"informative": 2}])
 def test_a_stream_left_early_stops_decoding(base, shared_classifier, weights):
     """A chat UI's "stop" button or a reader that breaks: the answer is not decoded on to its end behind the next
-    request's back (on two cores it would halve that request's speed)."""
+    request's back (which it slowed to about 0.8 of its speed: docs/performance.md)."""
     engine = CLIPerEngine(base, classifier=shared_classifier, top_k=8)
     options = {"weights": weights, "max_new_tokens": LONG}
     assert engine.generate(PROMPTS[0], **options).completion_tokens == LONG  # else the test would prove nothing
-    with held_forwards(base.model, hold_at=HOLD_AT) as (calls, release):
-        deltas = iter(engine.stream(PROMPTS[0], **options))
-        assert next(deltas)
-        deltas.close()
-        release.set()
-        join_streams()
-    assert len(calls) <= HOLD_AT + 1
+    forwards, first = forwards_when_left(base.model, engine.stream(PROMPTS[0], **options))
+    assert first
+    assert forwards <= HOLD_AT + 1
 
 
 def test_an_async_stream_whose_task_is_cancelled_stops_decoding(base):
@@ -580,7 +588,7 @@ def test_an_async_stream_whose_task_is_cancelled_stops_decoding(base):
             await task
         release.set()
 
-    with held_forwards(base.model, hold_at=HOLD_AT) as (calls, release):
+    with held_forwards(base.model) as (calls, release):
         asyncio.run(run(release))
         join_streams()
     assert len(calls) <= HOLD_AT + 1
@@ -602,21 +610,12 @@ def test_a_stream_cancelled_during_a_draft_it_is_not_shown_stops_decoding(base, 
     )
     options = {"weights": {"expert": 8}, "temperature": 0.7, "seed": 0, "max_new_tokens": LONG}
 
-    async def run(calls, release):
-        async def read():
-            async for _ in engine.astream(PROMPTS[0], **options):
-                pass
+    async def read():
+        async for _ in engine.astream(PROMPTS[0], **options):
+            pass
 
-        task = asyncio.create_task(read())
-        while len(calls) < HOLD_AT:  # the look-ahead is done and the draft under way; nothing shown yet
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        release.set()
-
-    with held_forwards(base.model, hold_at=HOLD_AT) as (calls, release):
-        asyncio.run(run(calls, release))
+    with held_forwards(base.model) as (calls, release):  # held where the look-ahead is done, the draft under way
+        asyncio.run(cancel_when_held(read(), calls, release))
         join_streams()
     assert len(calls) <= HOLD_AT + 1
 
@@ -629,18 +628,9 @@ def test_a_cancelled_async_call_stops_decoding(base, batch_window, rows):
     assert engine.generate(PROMPTS[0], max_new_tokens=LONG).completion_tokens == LONG
     requests = [GenerationRequest(PROMPTS[0], max_new_tokens=LONG)] * rows
 
-    async def run(calls, release):
-        answer = engine.agenerate(requests[0]) if rows == 1 else engine.agenerate_batch(requests)
-        task = asyncio.create_task(answer)
-        while len(calls) < HOLD_AT:
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        release.set()
-
-    with held_forwards(base.model, hold_at=HOLD_AT) as (calls, release):
-        asyncio.run(run(calls, release))  # which waits for its executor's threads (``batch_window=None``)
+    answer = engine.agenerate(requests[0]) if rows == 1 else engine.agenerate_batch(requests)
+    with held_forwards(base.model) as (calls, release):
+        asyncio.run(cancel_when_held(answer, calls, release))  # which waits for its executor's threads (alone)
         engine.generate(PROMPTS[1], max_new_tokens=1)  # batches run one at a time: the cancelled one has ended
     assert len(calls) <= HOLD_AT + 2
 
@@ -650,7 +640,7 @@ def test_a_request_cancelled_from_another_thread_ends_there(base):
     cancelled = threading.Event()
     other = GenerationRequest(PROMPTS[2], max_new_tokens=LONG // 2)
 
-    with held_forwards(base.model, hold_at=HOLD_AT) as (_, release):
+    with held_forwards(base.model) as (_, release):
         threading.Timer(0.2, lambda: (cancelled.set(), release.set())).start()
         results = engine.generate_batch(
             [GenerationRequest(PROMPTS[0], max_new_tokens=LONG, cancelled=cancelled), other]
@@ -662,18 +652,16 @@ def test_a_request_cancelled_from_another_thread_ends_there(base):
 def test_a_call_past_its_timeout_stops_and_fails_its_own_row(base):
     engine = CLIPerEngine(base, classifier=None)
     other = GenerationRequest(PROMPTS[2], max_new_tokens=8)
-    with held_forwards(base.model, hold_at=HOLD_AT) as (_, release):
-        threading.Timer(0.3, release.set).start()  # the 20th step takes past the timeout
+    with held_forwards(base.model, release_after=0.3):  # the held step takes past the timeout
         results = engine.generate_batch([GenerationRequest(PROMPTS[0], max_new_tokens=LONG, timeout=0.2), other])
     late = results[0]
     assert isinstance(late.error, GenerationTimeoutError) and isinstance(late.error, TimeoutError)
     assert late.finish_reason == "error" and late.completion_tokens <= HOLD_AT + 1 and late.text
     assert results[1].error is None and results[1].text == engine.generate(other).text
     for ask in (engine.generate, lambda *a, **k: "".join(engine.stream(*a, **k))):
-        with held_forwards(base.model, hold_at=HOLD_AT) as (_, release):
-            threading.Timer(0.3, release.set).start()
-            with pytest.raises(GenerationTimeoutError, match=r"timeout of 0\.2 s"):
-                ask(PROMPTS[0], max_new_tokens=LONG, timeout=0.2)
+        late_error = pytest.raises(GenerationTimeoutError, match=r"timeout of 0\.2 s")
+        with held_forwards(base.model, release_after=0.3), late_error:
+            ask(PROMPTS[0], max_new_tokens=LONG, timeout=0.2)
     assert engine.generate(PROMPTS[0], max_new_tokens=LONG, timeout=60).completion_tokens == LONG
     for bad in (0, -1, math.inf, math.nan, "10", True):
         with pytest.raises(InvalidRequestError, match="timeout"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import pytest
 from langchain_core.caches import InMemoryCache
@@ -17,7 +16,7 @@ from cliper_integrations.core.errors import GenerationTimeoutError, InvalidReque
 from cliper_integrations.core.memory import PreferenceMemory
 from cliper_integrations.core.tools import ToolsNotSupportedError
 from cliper_integrations.langchain import ChatCLIPer, CLIPerLLM
-from tests.tiny import held_forwards, join_streams, loop_turns_while, tiny_classifier, tools_model
+from tests.tiny import HOLD_AT, forwards_when_left, held_forwards, loop_turns_while, tiny_classifier, tools_model
 
 QUESTION = "Explain rain to a child"
 JSON_RULE = "Respond only with one JSON object that follows this JSON schema: "
@@ -84,12 +83,8 @@ def test_default_weights_apply_without_a_user(base, classifier_folder):
 
 def test_a_stream_left_early_stops_decoding(base, chat):
     assert chat.invoke(QUESTION, max_tokens=60).usage_metadata["output_tokens"] == 60
-    with held_forwards(base.model, hold_at=20) as (calls, release):
-        for _ in chat.stream(QUESTION, max_tokens=60):
-            break
-        release.set()
-        join_streams()
-    assert len(calls) <= 21
+    forwards, _ = forwards_when_left(base.model, chat.stream(QUESTION, max_tokens=60))
+    assert forwards <= HOLD_AT + 1
 
 
 def test_token_counts_are_the_models_own(base, chat):
@@ -113,14 +108,10 @@ def test_token_counts_are_the_models_own(base, chat):
 
 def test_timeout_bounds_a_call(base, chat):
     """LangChain's standard ``timeout``: a call past it raises, as a hosted model's would."""
-    with held_forwards(base.model, hold_at=20) as (_, release):
-        threading.Timer(0.3, release.set).start()
-        with pytest.raises(TimeoutError):
-            chat.model_copy(update={"timeout": 0.2}).invoke(QUESTION, max_tokens=60)
-    with held_forwards(base.model, hold_at=20) as (_, release):
-        threading.Timer(0.3, release.set).start()
-        with pytest.raises(GenerationTimeoutError):
-            chat.invoke(QUESTION, max_tokens=60, timeout=0.2)
+    with held_forwards(base.model, release_after=0.3), pytest.raises(TimeoutError):
+        chat.model_copy(update={"timeout": 0.2}).invoke(QUESTION, max_tokens=60)
+    with held_forwards(base.model, release_after=0.3), pytest.raises(GenerationTimeoutError):
+        chat.invoke(QUESTION, max_tokens=60, timeout=0.2)
     assert chat.invoke(QUESTION, max_tokens=60, timeout=60).usage_metadata["output_tokens"] == 60
 
 

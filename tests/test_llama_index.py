@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
@@ -16,7 +15,15 @@ from cliper_integrations.core.errors import GenerationTimeoutError, InvalidReque
 from cliper_integrations.core.memory import PreferenceMemory
 from cliper_integrations.langchain import ChatCLIPer
 from cliper_integrations.llama_index import CLIPerLLM
-from tests.tiny import held_forwards, join_streams, loop_turns_while, tiny_classifier, tiny_loaded, tools_model
+from tests.tiny import (
+    HOLD_AT,
+    forwards_when_left,
+    held_forwards,
+    loop_turns_while,
+    tiny_classifier,
+    tiny_loaded,
+    tools_model,
+)
 
 QUESTION = "Explain rain to a child"
 
@@ -42,19 +49,13 @@ def test_metadata(llm):
 def test_a_stream_left_early_stops_decoding(base, llm):
     messages = [ChatMessage(role="user", content=QUESTION)]
     assert llm.chat(messages, max_tokens=60).raw["usage"]["output_tokens"] == 60
-    with held_forwards(base.model, hold_at=20) as (calls, release):
-        for _ in llm.stream_chat(messages, max_tokens=60):
-            break
-        release.set()
-        join_streams()
-    assert len(calls) <= 21
+    forwards, _ = forwards_when_left(base.model, llm.stream_chat(messages, max_tokens=60))
+    assert forwards <= HOLD_AT + 1
 
 
 def test_timeout_bounds_a_call(base, llm):
-    with held_forwards(base.model, hold_at=20) as (_, release):
-        threading.Timer(0.3, release.set).start()
-        with pytest.raises(GenerationTimeoutError):
-            llm.complete(QUESTION, max_tokens=60, timeout=0.2)
+    with held_forwards(base.model, release_after=0.3), pytest.raises(GenerationTimeoutError):
+        llm.complete(QUESTION, max_tokens=60, timeout=0.2)
 
 
 def test_complete_chat_stream_and_async_agree(llm):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from cliper_integrations.core.classifier import PreferenceClassifier
+from cliper_integrations.core.engine import STREAM_THREAD
 from cliper_integrations.core.models import LoadedModel, register_model
 from cliper_integrations.core.preferences import DEFAULT_CLASSES
 
@@ -180,12 +182,24 @@ async def loop_turns_while(work: Awaitable) -> int:
     return turns
 
 
+T = TypeVar("T")
+
+HOLD_AT = 20
+"""The forward pass a test holds decoding at: past a guided stream's first delta (its 6-token opening is checked
+before it is shown), far from the 60-token answers the tests ask for."""
+
+
 @contextmanager
-def held_forwards(model: torch.nn.Module, hold_at: int) -> Iterator[tuple[list[int], threading.Event]]:
-    """Counts ``model``'s forward passes; the ``hold_at``-th waits until the yielded event is set (at the latest
-    when the block ends), so a test can act while decoding is known to be under way and far from its end."""
+def held_forwards(
+    model: torch.nn.Module, hold_at: int = HOLD_AT, release_after: float | None = None
+) -> Iterator[tuple[list[int], threading.Event]]:
+    """Counts ``model``'s forward passes; the ``hold_at``-th waits until the yielded event is set (``release_after``
+    seconds into the block if given, at the latest when it ends), so a test can act while decoding is known to be
+    under way and far from its end, or make a call outlast a timeout."""
     calls: list[int] = []
     release = threading.Event()
+    if release_after is not None:
+        threading.Timer(release_after, release.set).start()
 
     def count(module: torch.nn.Module, args: tuple) -> None:
         calls.append(len(calls))
@@ -203,5 +217,17 @@ def held_forwards(model: torch.nn.Module, hold_at: int) -> Iterator[tuple[list[i
 def join_streams(timeout: float = 60) -> None:
     """Wait until every stream's decoding thread has ended."""
     for thread in threading.enumerate():
-        if thread.name == "cliper-stream":
+        if thread.name == STREAM_THREAD:
             thread.join(timeout)
+
+
+def forwards_when_left(model: torch.nn.Module, stream: Iterable[T]) -> tuple[int, T]:
+    """The forward passes ``model`` makes for a stream whose reader takes its first item and leaves (decoding held
+    at ``HOLD_AT`` until then), counted once its decoding thread has ended; and that first item."""
+    with held_forwards(model) as (calls, release):
+        items = iter(stream)  # a generator, as every stream's iterator is
+        first = next(items)
+        items.close()
+        release.set()
+        join_streams()
+    return len(calls), first

@@ -369,6 +369,9 @@ def as_request(prompt: str | Sequence[Message] | GenerationRequest, options: dic
     return prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(prompt, **options)
 
 
+STREAM_THREAD = "cliper-stream"
+"""The name of the thread each ``TextStream`` decodes on."""
+
 RESTART = object()
 """Queued by ``_TokenQueueStreamer.restart``: the tokens received so far are no longer the answer."""
 
@@ -513,7 +516,7 @@ class TextStream:
             finally:
                 streamer.finish()
 
-        threading.Thread(target=run, name="cliper-stream", daemon=True).start()
+        threading.Thread(target=run, name=STREAM_THREAD, daemon=True).start()
         return streamer, state
 
     def _finish(self, state: dict[str, Any], deltas: _Deltas | None) -> str:
@@ -719,9 +722,10 @@ class CLIPerEngine:
         """``generate`` without blocking the event loop. With the batcher, waiting holds no thread, so every
         concurrent call can join one batch (not only as many as the loop's default executor has threads).
         Cancelling the task (a client gone, ``asyncio.wait_for``'s timeout) stops its row at the next token."""
-        request = _cancellable(as_request(prompt, options))
+        request = as_request(prompt, options)
         if self.batcher is None:
             return (await self.agenerate_batch([request]))[0].raise_for_error()
+        request = _cancellable(request)
         return (await _stopping_on_cancel([request], self.batcher.aanswer(request))).raise_for_error()
 
     async def agenerate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
